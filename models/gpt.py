@@ -1,0 +1,148 @@
+"""GPT-2 and GPT-J: their configs and weights, from Hugging Face names into `Params`.
+
+The compute is the shared transformer (`models/transformer.py`); what makes a
+family is its switches in `ModelConfig` and where its checkpoint keeps each
+weight. `get(name, shape)` returns a float32 numpy array in the checkpoint's
+own layout and raises if the tensor is missing or has another shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.layers import AttentionWeights, MlpWeights, NormWeights
+from models.transformer import LayerWeights, Params
+
+TensorGetter = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+def _eos_ids(hf: dict) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _check_activation(hf: dict, family: str) -> None:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{family}: activation_function={act!r} is unsupported (gelu_new only)")
+
+
+def gpt2_config(hf: dict) -> ModelConfig:
+    _check_activation(hf, "gpt2")
+    d, heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=d // heads,
+        d_ff=hf.get("n_inner") or 4 * d,
+        max_positions=hf["n_positions"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        positions="learned",
+        activation="gelu_tanh",
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+    )
+
+
+def gptj_config(hf: dict) -> ModelConfig:
+    _check_activation(hf, "gptj")
+    d, heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        family="gptj",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=d // heads,
+        d_ff=hf.get("n_inner") or 4 * d,
+        max_positions=hf["n_positions"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        positions="rope_interleaved",
+        rotary_dim=hf.get("rotary_dim") or 0,
+        parallel_residual=True,
+        activation="gelu_tanh",
+        mlp_bias=True,
+        lm_head_bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+    )
+
+
+def _layernorm(get: TensorGetter, prefix: str, d: int) -> NormWeights:
+    return NormWeights(scale=get(f"{prefix}.weight", (d,)), bias=get(f"{prefix}.bias", (d,)))
+
+
+def gpt2_params(get: TensorGetter, cfg: ModelConfig) -> Params:
+    d, f, h, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_dim
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"h.{i}"
+        # GPT-2's Conv1D already stores (in, out); c_attn packs q, k, v along out.
+        qkv_w = get(f"{p}.attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, h, e)
+        qkv_b = get(f"{p}.attn.c_attn.bias", (3 * d,)).reshape(3, h, e)
+        attn = AttentionWeights(
+            wq=qkv_w[:, 0], wk=qkv_w[:, 1], wv=qkv_w[:, 2],
+            wo=get(f"{p}.attn.c_proj.weight", (d, d)).reshape(h, e, d),
+            bq=qkv_b[0], bk=qkv_b[1], bv=qkv_b[2],
+            bo=get(f"{p}.attn.c_proj.bias", (d,)),
+        )
+        mlp = MlpWeights(
+            w_in=get(f"{p}.mlp.c_fc.weight", (d, f)), b_in=get(f"{p}.mlp.c_fc.bias", (f,)),
+            w_out=get(f"{p}.mlp.c_proj.weight", (f, d)), b_out=get(f"{p}.mlp.c_proj.bias", (d,)),
+        )
+        layers.append(LayerWeights(
+            attn_norm=_layernorm(get, f"{p}.ln_1", d), attn=attn,
+            mlp_norm=_layernorm(get, f"{p}.ln_2", d), mlp=mlp,
+        ))
+    embed = get("wte.weight", (cfg.vocab_size, d))
+    return Params(
+        embed=embed,
+        pos_embed=get("wpe.weight", (cfg.max_positions, d)),
+        layers=layers,
+        final_norm=_layernorm(get, "ln_f", d),
+        lm_head=np.ascontiguousarray(embed.T),
+    )
+
+
+def gptj_params(get: TensorGetter, cfg: ModelConfig) -> Params:
+    d, f, h, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_dim
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"h.{i}"
+        # torch Linear stores (out, in): transpose to (in, out).
+        attn = AttentionWeights(
+            wq=get(f"{p}.attn.q_proj.weight", (d, d)).T.reshape(d, h, e),
+            wk=get(f"{p}.attn.k_proj.weight", (d, d)).T.reshape(d, h, e),
+            wv=get(f"{p}.attn.v_proj.weight", (d, d)).T.reshape(d, h, e),
+            wo=get(f"{p}.attn.out_proj.weight", (d, d)).T.reshape(h, e, d),
+        )
+        mlp = MlpWeights(
+            w_in=get(f"{p}.mlp.fc_in.weight", (f, d)).T, b_in=get(f"{p}.mlp.fc_in.bias", (f,)),
+            w_out=get(f"{p}.mlp.fc_out.weight", (d, f)).T, b_out=get(f"{p}.mlp.fc_out.bias", (d,)),
+        )
+        layers.append(LayerWeights(attn_norm=_layernorm(get, f"{p}.ln_1", d), attn=attn, mlp=mlp))
+    embed = get("wte.weight", (cfg.vocab_size, d))
+    head = embed if cfg.tie_embeddings else get("lm_head.weight", (cfg.vocab_size, d))
+    return Params(
+        embed=embed,
+        layers=layers,
+        final_norm=_layernorm(get, "ln_f", d),
+        lm_head=np.ascontiguousarray(head.T),
+        lm_head_bias=get("lm_head.bias", (cfg.vocab_size,)),
+    )

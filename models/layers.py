@@ -1,0 +1,131 @@
+"""Building blocks shared by every family: norms, rotary embeddings, attention, MLPs.
+
+Weights are stored in the layout that streams fast for `x @ W` on CPU: inputs
+first, outputs last ((in, out); per head where heads exist). Shapes use
+b = batch, t = query positions, s = key positions, d = model width,
+h = query heads, k = KV heads, g = query heads per KV head, e = head dim,
+f = MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+
+def pytree_dataclass(cls):
+    """A frozen dataclass whose fields are all pytree children (None = absent)."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@pytree_dataclass
+class NormWeights:
+    scale: jax.Array  # [d]
+    bias: jax.Array | None = None  # [d]; LayerNorm only
+
+
+@pytree_dataclass
+class AttentionWeights:
+    wq: jax.Array  # [d, h, e]
+    wk: jax.Array  # [d, k, e]
+    wv: jax.Array  # [d, k, e]
+    wo: jax.Array  # [h, e, d]
+    bq: jax.Array | None = None  # [h, e]
+    bk: jax.Array | None = None  # [k, e]
+    bv: jax.Array | None = None  # [k, e]
+    bo: jax.Array | None = None  # [d]
+
+
+@pytree_dataclass
+class MlpWeights:
+    w_in: jax.Array  # [d, f]  (LLaMA: "up")
+    w_out: jax.Array  # [f, d]  (LLaMA: "down")
+    w_gate: jax.Array | None = None  # [d, f]; gated MLPs only
+    b_in: jax.Array | None = None  # [f]
+    b_out: jax.Array | None = None  # [d]
+
+
+def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig) -> jax.Array:
+    """LayerNorm or RMSNorm, computed in float32 like the reference implementations."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        return w.scale * y.astype(x.dtype)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    return (y * w.scale + w.bias).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary position embedding of x [b, t, heads, e] at integer positions [b, t].
+
+    `rope_half` (LLaMA, GPT-NeoX) pairs dim i with dim i + n/2; `rope_interleaved`
+    (GPT-J) pairs dims 2i and 2i + 1. Only the first `cfg.rope_dims` dims turn.
+    """
+    n = cfg.rope_dims
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, n, 2, dtype=jnp.float32) / n))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, n/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    rot, rest = x[..., :n].astype(jnp.float32), x[..., n:]
+    if cfg.positions == "rope_interleaved":
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        turned = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        turned = turned.reshape(rot.shape)
+    else:
+        x1, x2 = rot[..., : n // 2], rot[..., n // 2 :]
+        turned = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([turned.astype(x.dtype), rest], axis=-1)
+
+
+def project_qkv(
+    x: jax.Array, w: AttentionWeights, positions: jax.Array, cfg: ModelConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [b, t, d] -> q [b, t, h, e], k and v [b, t, k, e], rotary applied."""
+    q = jnp.einsum("btd,dhe->bthe", x, w.wq)
+    k = jnp.einsum("btd,dke->btke", x, w.wk)
+    v = jnp.einsum("btd,dke->btke", x, w.wv)
+    if w.bq is not None:
+        q, k, v = q + w.bq, k + w.bk, v + w.bv
+    if cfg.positions != "learned":
+        q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    return q, k, v
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
+) -> jax.Array:
+    """The one attention of the project: q [b, t, h, e] over k, v [b, s, k, e].
+
+    mask [b, t, s] is True where query t may read key s. Grouped-query heads
+    are a reshape, never a copy of K/V. Softmax runs in float32.
+    """
+    b, t, h, e = q.shape
+    q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (e**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(b, t, h, e)
+
+
+def attention_output(o: jax.Array, w: AttentionWeights) -> jax.Array:
+    """o [b, t, h, e] -> [b, t, d]."""
+    y = jnp.einsum("bthe,hed->btd", o, w.wo)
+    return y if w.bo is None else y + w.bo
+
+
+def mlp(x: jax.Array, w: MlpWeights, cfg: ModelConfig) -> jax.Array:
+    act = jax.nn.silu if cfg.activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+    hidden = x @ w.w_in
+    if w.b_in is not None:
+        hidden = hidden + w.b_in
+    hidden = act(x @ w.w_gate) * hidden if w.w_gate is not None else act(hidden)
+    y = hidden @ w.w_out
+    return y if w.b_out is None else y + w.b_out
