@@ -8,6 +8,7 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def save(
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", params, force=True)
+        checkpointer.save(directory / "params", _stored(cfg, params), force=True)
     if tokenizer is not None:
         tokenizer.save(directory)
     # config.json last: its presence marks a complete checkpoint.
@@ -60,6 +61,11 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _stored(cfg: ModelConfig, params: Params) -> Params:
+    """What goes to disk: a tied LM head is the embedding transposed, so it is not stored."""
+    return dataclasses.replace(params, lm_head=None) if cfg.tie_embeddings else params
+
+
 def abstract_params(cfg: ModelConfig, shardings=None) -> Params:
     """Shapes and dtypes (and, optionally, target shardings) of `cfg`'s params, no memory."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
@@ -74,12 +80,14 @@ def restore(directory: str | Path, shardings=None) -> tuple[ModelConfig, Params,
     """Read a checkpoint; with `shardings` (a Params-shaped pytree) each array lands sharded."""
     directory = Path(directory).absolute()
     cfg = load_config(directory)
-    target = abstract_params(cfg, shardings)
+    target = _stored(cfg, abstract_params(cfg, shardings))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(directory / "params", target)
     except Exception as e:
         raise CheckpointError(f"{directory / 'params'}: cannot restore ({e})") from None
+    if cfg.tie_embeddings:
+        params = dataclasses.replace(params, lm_head=params.embed.T)
     tokenizer = Tokenizer.from_file(directory) if (directory / "tokenizer.json").exists() else None
     return cfg, params, tokenizer
 

@@ -1,0 +1,44 @@
+"""Small sets of static shapes. Every jitted verb is compiled once per bucket it meets, so
+the number of compiles is bounded by these sets and never by traffic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2lo, 4lo, ... below hi, then hi itself: (4, 16) -> (4, 8, 16); (4, 12) -> (4, 8, 12)."""
+    sizes, size = [], lo
+    while size < hi:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, hi)
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest size >= n."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The shape buckets of one engine (max_slots slots of max_len tokens)."""
+
+    windows: tuple[int, ...]  # decode-step widths (slots computed)
+    kv_lengths: tuple[int, ...]  # cache positions the decode step reads
+    prompt_lengths: tuple[int, ...]  # padded prefill lengths
+    prefill_batches: tuple[int, ...]  # prompts per prefill call
+    moves: tuple[int, ...]  # entries per compact / release call
+
+    @classmethod
+    def for_engine(cls, max_slots: int, max_len: int, max_prefill_batch: int = 8) -> Buckets:
+        return cls(
+            windows=powers_of_two(1, max_slots),
+            kv_lengths=powers_of_two(min(64, max_len), max_len),
+            prompt_lengths=powers_of_two(min(16, max_len), max_len),
+            prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
+            moves=powers_of_two(1, max_slots),
+        )

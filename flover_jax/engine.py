@@ -1,0 +1,140 @@
+"""Engine: the public API. A model, a DeviceExecutor and a Scheduler behind a few calls.
+
+    engine = Engine.from_pretrained("smollm2-135m", max_slots=32, max_len=1024)
+    out = engine.generate(["Hello", [1, 2, 3]], SamplingParams(max_new_tokens=32))
+    out[0].token_ids, out[0].text, out[0].finish_reason
+
+The engine is single-threaded: `generate`, `stream` and `run` drive the loop
+on the caller's thread; `submit` and `cancel` only record intent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from flover_jax.buckets import Buckets
+from flover_jax.executor import DeviceExecutor
+from flover_jax.loader import DEFAULT_MODEL, load_model
+from flover_jax.request import RequestOutput, StreamDelta
+from flover_jax.sampling import SamplingParams
+from flover_jax.scheduler import POLICIES, Scheduler, Stats
+from flover_jax.tokenizer import Tokenizer
+from models.config import ModelConfig
+from models.transformer import Params
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class TimedRequest:
+    """One request of a workload: what to generate and when it arrives (seconds from start)."""
+
+    prompt: Prompt
+    params: SamplingParams
+    arrival_s: float = 0.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    outputs: list[RequestOutput]  # in workload order
+    stats: Stats
+    policy: str
+    wall_s: float  # from the run's start to its last completion
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_slots: int = 32,
+        max_len: int = 1024,
+        policy: str = "flover",
+        max_prefill_batch: int = 8,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
+        self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
+        self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
+        buckets = Buckets.for_engine(max_slots, max_len, max_prefill_batch)
+        self.executor = DeviceExecutor(params, cfg, max_slots, max_len, self.eos_ids, buckets)
+        self.scheduler = self._new_scheduler(policy)
+        self._outputs: dict[int, RequestOutput] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path = DEFAULT_MODEL, *, dtype: str | None = None, **engine_options
+    ) -> Engine:
+        """A preset name, Hugging Face directory, .gguf file or orbax checkpoint directory."""
+        cfg, params, tokenizer = load_model(source, dtype=dtype)
+        return cls(cfg, params, tokenizer, **engine_options)
+
+    def _new_scheduler(self, policy: str) -> Scheduler:
+        return Scheduler(self.executor, policy, self.tokenizer, self.eos_ids)
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def chat_prompt(self, user_message: str) -> str:
+        """The model's chat template around one user message, ready for generation."""
+        if self.tokenizer is None:
+            raise ValueError("chat: this model has no tokenizer")
+        messages = [{"role": "user", "content": user_message}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. Invalid requests end at once with "error"."""
+        return self.scheduler.submit(prompt, params)
+
+    def cancel(self, request_id: int) -> None:
+        self.scheduler.cancel(request_id)
+
+    def stream(self, request_id: int) -> Iterator[StreamDelta]:
+        """Drive the loop and yield the request's new tokens and text as they come."""
+        yield from self.scheduler.stream(request_id)
+        self._collect()
+
+    def result(self, request_id: int) -> RequestOutput:
+        """The output of a finished request (drives the loop until it finishes)."""
+        while request_id not in self._outputs:
+            self._collect()
+            if request_id in self._outputs:
+                break
+            self.scheduler.iteration()
+        return self._outputs[request_id]
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or ids), each with its own or a shared SamplingParams."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        return [self.result(i) for i in ids]
+
+    def run(self, workload: Sequence[TimedRequest], policy: str | None = None) -> RunResult:
+        """Replay arrival-timed requests through a fresh scheduler (clock starts now)."""
+        if self.scheduler.has_work():
+            raise RuntimeError("run: the engine still has submitted requests; finish them first")
+        scheduler = self.scheduler = self._new_scheduler(policy or self.policy)
+        self._outputs = {}
+        ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
+        start = time.perf_counter()
+        scheduler.run_until_idle()
+        wall = time.perf_counter() - start
+        self._collect()
+        return RunResult([self._outputs[i] for i in ids], scheduler.stats, scheduler.policy.name, wall)
+
+    def _collect(self) -> None:
+        for output in self.scheduler.pop_finished():
+            self._outputs[output.request_id] = output

@@ -1,0 +1,405 @@
+"""Per-request token sampling for the fused decode step.
+
+Flover fuses every live request into one decode step over a fixed-capacity
+array of S slots, so the sampler must serve a batch in which each row may use
+different settings (greedy next to top-p next to a penalised row).  Design:
+
+* Settings are data, not static configuration.  `SamplingParams` is the public,
+  host-side, per-request object; `SlotSampling` holds the same settings as [S]
+  device arrays.  `sample_tokens` reads them as arrays, so ONE compiled function
+  serves every mix of per-request settings and admitting a request with new
+  settings never recompiles.
+
+* Reproducible random streams.  Row b samples with
+  `fold_in(key(seed[b]), step[b])`, where `step` counts the tokens that request
+  has generated.  A request's output therefore depends only on its own logits,
+  seed and progress - never on which slot it landed in or on the other rows of
+  the batch - so results are stable under continuous batching and
+  preempt/resume.  The sampler is written so that no row's result depends on
+  another row, including through the batch-level `lax.cond` fast paths below.
+
+* Pipeline per row (HF / vLLM order): repetition penalty -> presence penalty ->
+  (temperature == 0: argmax, lowest index on ties) or (divide by temperature ->
+  top-k -> top-p over the top-k-renormalised distribution -> sample).  Tokens
+  tied with the top-k / top-p boundary value are all kept (HF semantics), so a
+  filter can keep more than k tokens only when logits tie exactly.
+
+* CPU cost.  Decode logits are up to [64, 49152] per step; elementwise passes
+  are cheap (~15 ms), a full per-row sort is not (~0.6 s on CPU).  Batch-level
+  `lax.cond`s skip work that no row needs: all sampling when every row is
+  greedy, all filtering when no sampling row uses top-k / top-p, and the
+  larger top-k / top-p candidate sets (`lax.top_k` of 256, then 4096, then a
+  full sort) when the smaller one already decides every row.  Each row takes
+  its result from a choice that depends on that row alone, so the fast paths
+  never leak one row's settings into another row's token.  (Under an outer
+  `vmap` the conds become selects and every branch runs, so call the sampler
+  on the whole batch rather than vmapping it.)
+
+* Sampling draws ONE uniform per row and inverts the CDF of the filtered
+  distribution (a cumsum), instead of `jax.random.categorical`'s Gumbel trick,
+  which generates and transforms V random numbers per row: ~6 ms against
+  ~45 ms for [64, 49152] on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "DEFAULT_CANDIDATE_TIERS",
+    "SamplingParams",
+    "SlotSampling",
+    "apply_penalties",
+    "mark_tokens",
+    "sample_tokens",
+]
+
+MAX_SEED = 2**31 - 1  # seeds live in an int32 device array
+_MIN_TEMPERATURE = 1e-6
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass but `top_k=True` is a bug, not a setting.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Public per-request sampling settings (host side, hashable).
+
+    `repetition_penalty` follows HF: logits of tokens seen in the prompt or the
+    output are divided by it when positive and multiplied when negative.
+    `presence_penalty` follows OpenAI / vLLM: it is subtracted from the logits
+    of tokens already generated (output only, not the prompt).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples: frozen + hashable.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its bad value and what is allowed."""
+
+        def bad(name: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"{name}={value!r}: {allowed}")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", self.max_new_tokens, "must be an int >= 1")
+        # `not (x >= 0)` also rejects NaN.
+        if not _is_real(self.temperature) or not (0 <= self.temperature < math.inf):
+            raise bad("temperature", self.temperature, "must be >= 0 and finite (0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be an int >= 0 (0 disables)")
+        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
+            raise bad("top_p", self.top_p, "must be in (0, 1] (1 disables)")
+        if not _is_real(self.repetition_penalty) or not (
+            0 < self.repetition_penalty < math.inf
+        ):
+            raise bad(
+                "repetition_penalty", self.repetition_penalty, "must be > 0 and finite (1 disables)"
+            )
+        if not _is_real(self.presence_penalty) or not math.isfinite(self.presence_penalty):
+            raise bad("presence_penalty", self.presence_penalty, "must be a finite number")
+        if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
+            raise bad("seed", self.seed, f"must be an int in [0, {MAX_SEED}]")
+        if not isinstance(self.stop, tuple):
+            raise bad("stop", self.stop, "must be a tuple or list of strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise bad("stop", self.stop, f"entries must be non-empty strings, got {s!r}")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be a tuple or list of ints")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise bad(
+                    "stop_token_ids", self.stop_token_ids, f"entries must be ints >= 0, got {t!r}"
+                )
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", self.ignore_eos, "must be a bool")
+
+
+_GREEDY = SamplingParams()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotSampling:
+    """Per-slot sampling settings as arrays (a pytree), one entry per slot.
+
+    Only the settings the device needs live here; stop strings, stop ids and
+    `max_new_tokens` are checked by the host scheduler.  Free slots hold the
+    greedy defaults.
+    """
+
+    temperature: jax.Array  # f32[S]; 0 = greedy
+    top_k: jax.Array  # i32[S]; 0 = off
+    top_p: jax.Array  # f32[S]; 1 = off
+    repetition_penalty: jax.Array  # f32[S]; 1 = off
+    presence_penalty: jax.Array  # f32[S]; 0 = off
+    seed: jax.Array  # i32[S]
+
+    @classmethod
+    def from_params(
+        cls, params: Sequence[SamplingParams], num_slots: int | None = None
+    ) -> SlotSampling:
+        """Host-side (numpy) build; slot i gets params[i], slots beyond use greedy defaults."""
+        n = len(params) if num_slots is None else num_slots
+        if len(params) > n:
+            raise ValueError(f"num_slots={n}: fewer than the {len(params)} params given")
+        for p in params:
+            p.validate()
+        rows = list(params) + [_GREEDY] * (n - len(params))
+        return cls(
+            temperature=np.array([p.temperature for p in rows], np.float32),
+            top_k=np.array([p.top_k for p in rows], np.int32),
+            top_p=np.array([p.top_p for p in rows], np.float32),
+            repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in rows], np.float32),
+            seed=np.array([p.seed for p in rows], np.int32),
+        )
+
+    @classmethod
+    def greedy(cls, num_slots: int) -> SlotSampling:
+        """All-greedy settings for `num_slots` empty slots."""
+        return cls.from_params((), num_slots)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.temperature.shape[0])
+
+    def with_slot(self, slot: int | jax.Array, params: SamplingParams) -> SlotSampling:
+        """Copy with `slot` set to `params` (jittable in `slot`; params are host values)."""
+        params.validate()
+        values = {
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+            "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "seed": params.seed,
+        }
+        return SlotSampling(
+            **{
+                name: jnp.asarray(getattr(self, name)).at[slot].set(value)
+                for name, value in values.items()
+            }
+        )
+
+
+def apply_penalties(
+    logits: jax.Array, params: SlotSampling, seen: jax.Array, generated: jax.Array
+) -> jax.Array:
+    """Repetition (HF) then presence (OpenAI/vLLM) penalties; f32[B, V] -> f32[B, V].
+
+    `seen`: bool[B, V], tokens in the prompt or output; `generated`: bool[B, V],
+    tokens in the output.  A penalty of 1 (resp. 0) leaves logits bit-exact.
+    """
+    rep = params.repetition_penalty[:, None]
+    # Dividing a negative logit would *raise* its probability, hence the sign split.
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalised, logits)
+    return jnp.where(generated, logits - params.presence_penalty[:, None], logits)
+
+
+# Candidate-set sizes tried before falling back to a full sort (see _filter_thresholds).
+DEFAULT_CANDIDATE_TIERS: tuple[int, ...] = (256, 4096)
+
+
+def _tier_thresholds(
+    scaled: jax.Array,
+    top: jax.Array,
+    z_full: jax.Array,
+    k_eff: jax.Array,
+    top_p: jax.Array,
+    size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k/top-p threshold of each row from its `size` largest logits.
+
+    The kept set is always a prefix of the descending order, so one threshold
+    value per row (the last kept value) masks the original, unsorted logits
+    without a scatter.  Returns (threshold f32[B, 1], resolved bool[B]);
+    `resolved` is False where the answer needs values beyond the candidates.
+    """
+    vocab = scaled.shape[-1]
+    if size >= vocab:
+        size = vocab
+        desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # sorting values only: no indices
+    else:
+        desc = lax.top_k(scaled, size)[0]  # f32[B, size], descending
+    in_top_k = jnp.arange(size)[None, :] < k_eff[:, None]
+    weights = jnp.where(in_top_k, jnp.exp(desc - top), 0.0)
+    # top-p sees the distribution renormalised over the top-k set (HF order).
+    # With top-k off the normaliser is the whole row's, which the candidates
+    # alone cannot give; with k <= size it is the candidates' own sum.
+    z = jnp.where(k_eff >= vocab, z_full, jnp.sum(weights, axis=-1))
+    probs = weights / z[:, None]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumsum
+    # Keep position i iff the mass strictly above it is < p: the smallest prefix
+    # reaching p.  Position 0 has mass 0 < p, so at least the top token stays.
+    n_p = jnp.sum(mass_before < top_p[:, None], axis=-1)
+    # p = 1 is exactly "off" whatever the rounding; n_p == size means the
+    # nucleus may run past the candidates (only the full sort can tell).
+    n_p = jnp.where((top_p >= 1.0) | (n_p >= size), vocab, n_p)
+    cutoff = jnp.clip(jnp.minimum(k_eff, n_p), 1, vocab)  # i32[B], tokens kept
+    z_known = (k_eff <= size) | (k_eff >= vocab)
+    resolved = z_known & (cutoff <= size)
+    threshold = jnp.take_along_axis(desc, jnp.minimum(cutoff, size)[:, None] - 1, axis=-1)
+    return threshold, resolved
+
+
+def _filter_thresholds(
+    scaled: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    filtered: jax.Array,
+    tiers: Sequence[int],
+) -> jax.Array:
+    """Per-row top-k-then-top-p threshold, f32[B, 1] (meaningful where `filtered`).
+
+    A full descending sort per row gives both filters at once, but on CPU it
+    costs ~0.6 s for [64, 49152] (a comparator merge sort), while `lax.top_k`
+    with a small k costs ~10 ms.  So the thresholds come from the top `tiers[0]`
+    logits when those suffice (top_k <= tier, or the nucleus ends inside them -
+    the usual case for real LM logits), else from the next tier, and only as a
+    last resort from a full sort; each larger tier runs under `lax.cond` only
+    if some filtered row still needs it.  A row always takes its answer from
+    the smallest tier that resolves it, a fact about the row alone, so the
+    result does not depend on which other rows forced the larger tiers.
+    """
+    vocab = scaled.shape[-1]
+    sizes = sorted({t for t in tiers if 0 < t < vocab}) + [vocab]
+    k_eff = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(jnp.int32)
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all -inf row must not make NaNs
+    z_full = jnp.sum(jnp.exp(scaled - top), axis=-1)
+
+    threshold, resolved = _tier_thresholds(scaled, top, z_full, k_eff, top_p, sizes[0])
+    for size in sizes[1:]:
+
+        def refine(
+            threshold: jax.Array = threshold, resolved: jax.Array = resolved, size: int = size
+        ) -> tuple[jax.Array, jax.Array]:
+            t, r = _tier_thresholds(scaled, top, z_full, k_eff, top_p, size)
+            return jnp.where(resolved[:, None], threshold, t), resolved | r
+
+        def keep(
+            threshold: jax.Array = threshold, resolved: jax.Array = resolved
+        ) -> tuple[jax.Array, jax.Array]:
+            return threshold, resolved
+
+        threshold, resolved = lax.cond(jnp.any(filtered & ~resolved), refine, keep)
+    return threshold
+
+
+def _inverse_cdf_sample(masked: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
+    """One uniform per row, inverted through the row's CDF; i32[B].
+
+    Never returns a token whose logit is -inf, even under cumsum rounding.
+    """
+    def uniform(s: jax.Array, t: jax.Array) -> jax.Array:
+        # Stream depends on (seed, step) only: not on the slot or the batch.
+        return jax.random.uniform(jax.random.fold_in(jax.random.key(s), t), (), jnp.float32)
+
+    u = jax.vmap(uniform)(seed, step)  # f32[B] in [0, 1)
+    top = jnp.max(masked, axis=-1, keepdims=True)
+    weights = jnp.exp(masked - jnp.where(jnp.isfinite(top), top, 0.0))  # 0 where masked
+    cdf = jnp.cumsum(weights, axis=-1)  # unnormalised; top token weighs 1
+    target = u[:, None] * cdf[:, -1:]
+    # cumsum may be a tree scan on CPU/GPU, so the CDF need not be exactly flat
+    # over zero-weight tokens: require weight > 0 explicitly.
+    hit = (cdf > target) & (weights > 0)
+    first = jnp.argmax(hit, axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), first, jnp.argmax(masked, axis=-1)).astype(jnp.int32)
+
+
+def sample_tokens(
+    logits: jax.Array,
+    params: SlotSampling,
+    step: jax.Array,
+    seen: jax.Array,
+    generated: jax.Array,
+    *,
+    candidate_tiers: Sequence[int] = DEFAULT_CANDIDATE_TIERS,
+) -> jax.Array:
+    """Pick the next token of every row in one vectorised, jittable call.
+
+    Args:
+      logits: f32[B, V] next-token logits.
+      params: SlotSampling with fields of shape [B].
+      step: i32[B] tokens generated so far by each row's request (the PRNG
+        stream position: key = fold_in(key(seed), step)).
+      seen: bool[B, V] tokens in the prompt or output (repetition penalty).
+      generated: bool[B, V] tokens in the output (presence penalty).
+      candidate_tiers: static; candidate-set sizes tried for top-k / top-p
+        before a full sort (a speed knob only: results do not depend on it
+        beyond float rounding at the top-p boundary).
+
+    Returns:
+      i32[B] token ids.  Rows with temperature 0 get the argmax of the
+      penalised logits (lowest index on ties).
+    """
+    logits = apply_penalties(logits.astype(jnp.float32), params, seen, generated)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = params.temperature > 0  # bool[B]
+
+    def sample() -> jax.Array:
+        # Greedy rows divide by 1 (no 0-division); a tiny temperature is floored
+        # so logits / T cannot overflow to inf (and the softmax to NaN) - at the
+        # floor the distribution is already one-hot to f32 precision.
+        temperature = jnp.where(sampling, jnp.maximum(params.temperature, _MIN_TEMPERATURE), 1.0)
+        scaled = logits / temperature[:, None]
+        filtered = sampling & ((params.top_k > 0) | (params.top_p < 1.0))  # bool[B]
+
+        def mask() -> jax.Array:
+            threshold = _filter_thresholds(
+                scaled, params.top_k, params.top_p, filtered, candidate_tiers
+            )
+            return jnp.where(filtered[:, None] & (scaled < threshold), -jnp.inf, scaled)
+
+        # Skip all filter work when no sampling row filters; unfiltered rows
+        # are left as they are on both sides, bit for bit.
+        masked = lax.cond(jnp.any(filtered), mask, lambda: scaled)
+        drawn = _inverse_cdf_sample(masked, params.seed, step.astype(jnp.int32))
+        return jnp.where(sampling, drawn, greedy)
+
+    # All-greedy batches (the common default) skip the sampling work entirely.
+    return lax.cond(jnp.any(sampling), sample, lambda: greedy)
+
+
+def mark_tokens(mask: jax.Array, tokens: jax.Array, rows_active: jax.Array) -> jax.Array:
+    """Return `mask` (bool[B, V]) with mask[b, tokens[b]] set for active rows.
+
+    Used by the decode step to grow `seen` / `generated`.  Inactive rows are
+    left untouched whatever their token (free slots may carry garbage ids).
+    """
+    rows = jnp.arange(mask.shape[0])
+    cols = jnp.where(rows_active, tokens, 0)  # an in-range column for inactive rows
+    # Rows are distinct, so this scatter has no colliding writes.
+    return mask.at[rows, cols].set(mask[rows, cols] | rows_active)

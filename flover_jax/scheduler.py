@@ -1,0 +1,375 @@
+"""The host loop: queue -> admit -> decode -> read one step late -> evict -> compact.
+
+Single-threaded and model-agnostic: it drives an `Executor` (the device verbs
+bound to a model and a DecodeState, or a fake in tests) and never imports a
+model. One call to `iteration()` is one Flover iteration:
+
+1. intake: requests whose arrival time has come join the queue; cancels apply.
+2. admit: queued requests take free slots; their prompts are prefilled (several
+   per call, grouped by length bucket) and inserted. Any number may join.
+3. compact: when holes left by finished requests make the decode window wider
+   than the live count needs, Flover's plan moves the fewest slots.
+4. dispatch one decode step over the window of live slots.
+5. read the previous step's tokens (and this iteration's first tokens) while the
+   step just dispatched runs: the device never waits for the host.
+6. stop checks; finished requests free their slots for the next iteration.
+
+The same loop runs four policies that differ only in when requests may join,
+which slots are computed and whether slots are compacted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from flover_jax.buckets import Buckets, bucket
+from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
+from flover_jax.sampling import SamplingParams
+from flover_jax.slots import SlotTable, plan_compaction
+from flover_jax.tokenizer import Tokenizer
+
+
+class Executor(Protocol):
+    """The device side as the scheduler sees it. Calls dispatch work and return at once;
+    `read` blocks until a dispatched result is ready."""
+
+    num_slots: int
+    max_len: int
+    vocab_size: int
+    buckets: Buckets
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]],
+                params: Sequence[SamplingParams]) -> Any: ...  # -> handle of first tokens [b]
+
+    def decode(self, start: int, width: int, kv_len: int) -> Any: ...  # -> handle of tokens [width]
+
+    def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None: ...
+
+    def release(self, slots: Sequence[int]) -> None: ...
+
+    def read(self, handle: Any) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    name: str
+    admit_while_running: bool  # False: a batch runs until all its members finish
+    compact: bool  # Flover's memory shuffle
+    full_window: bool  # compute every slot, live or not (JetStream-style)
+    max_batch: int | None = None  # requests in flight at once (None: all slots)
+
+
+POLICIES = {
+    "flover": Policy("flover", admit_while_running=True, compact=True, full_window=False),
+    "fused": Policy("fused", admit_while_running=True, compact=False, full_window=True),
+    "static": Policy("static", admit_while_running=False, compact=False, full_window=False),
+    "sequential": Policy(
+        "sequential", admit_while_running=False, compact=False, full_window=False, max_batch=1
+    ),
+}
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of one run (the fused-equals-solo tests assert that each event happened)."""
+
+    iterations: int = 0
+    decode_steps: int = 0
+    prefill_calls: int = 0
+    admitted: int = 0
+    joins: int = 0  # requests admitted while others were decoding
+    mid_window_finishes: int = 0  # finishes strictly inside the live span (leave a hole)
+    compactions: int = 0
+    moves: int = 0
+    inflight_sum: int = 0  # sum over decode steps of live requests (mean = / decode_steps)
+    computed_rows: int = 0  # sum over decode steps of the window width
+    windows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def mean_inflight(self) -> float:
+        return self.inflight_sum / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclasses.dataclass
+class _DecodeInFlight:
+    handle: Any
+    rows: list[Request | None]  # the owner of each window row when the step was dispatched
+
+
+class Scheduler:
+    def __init__(
+        self,
+        executor: Executor,
+        policy: str | Policy = "flover",
+        tokenizer: Tokenizer | None = None,
+        eos_ids: Sequence[int] = (),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.executor = executor
+        self.policy = POLICIES[policy] if isinstance(policy, str) else policy
+        self.tokenizer = tokenizer
+        self.eos_ids = tuple(eos_ids)
+        self._clock = clock
+        self._t0 = clock()
+        self.table = SlotTable(executor.num_slots)
+        self.stats = Stats()
+        self._ids = itertools.count()
+        self._arrivals: list[tuple[float, int, Request]] = []  # heap by arrival time
+        self._queue: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
+        self._positions: dict[int, int] = {}  # request_id -> next cache position (upper bound)
+        self._cancels: set[int] = set()
+        self._requests: dict[int, Request] = {}
+        self._finished: list[Request] = []  # finished, not yet collected by `pop_finished`
+        self._in_flight: _DecodeInFlight | None = None
+        self.on_event: Callable[[str, Request], None] | None = None  # "added" / "finished"
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Seconds since the scheduler started (arrival times use the same clock)."""
+        return self._clock() - self._t0
+
+    # -- requests in ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        arrival_s: float | None = None,
+    ) -> int:
+        """Queue a request; returns its id. An invalid request ends at once with "error"."""
+        request_id = next(self._ids)
+        params = params or SamplingParams()
+        arrival = self.now() if arrival_s is None else arrival_s
+        request = Request(request_id, [], params, arrival, self.tokenizer, self.eos_ids)
+        self._requests[request_id] = request
+        try:
+            request.prompt_ids = self._prompt_ids(prompt)
+            params.validate()
+            self._check_fits(request)
+        except (ValueError, TypeError) as e:
+            request.finish(FinishReason.ERROR, max(arrival, self.now()), error=str(e))
+            self._finished.append(request)
+            return request_id
+        heapq.heappush(self._arrivals, (arrival, request_id, request))
+        return request_id
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text given but this model has no tokenizer; pass ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: empty; at least one token is required")
+        vocab = self.executor.vocab_size
+        for i, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                raise ValueError(f"prompt_ids[{i}]={token!r}: must be an int token id")
+            if not 0 <= token < vocab:
+                raise ValueError(f"prompt_ids[{i}]={token}: must be in [0, {vocab})")
+        return [int(t) for t in ids]
+
+    def _check_fits(self, request: Request) -> None:
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if total > self.executor.max_len:
+            raise ValueError(
+                f"max_new_tokens={request.params.max_new_tokens}: prompt "
+                f"({len(request.prompt_ids)} tokens) + max_new_tokens = {total} exceeds "
+                f"max_len={self.executor.max_len}"
+            )
+
+    def cancel(self, request_id: int) -> None:
+        """Cancel a request; its slot is free by the end of the next iteration."""
+        if request_id not in self._requests:
+            raise KeyError(f"request_id={request_id}: no such request")
+        if not self._requests[request_id].finished:
+            self._cancels.add(request_id)
+
+    # -- results out ------------------------------------------------------------------------
+
+    def request(self, request_id: int) -> Request:
+        return self._requests[request_id]
+
+    def pop_finished(self) -> list[RequestOutput]:
+        """Outputs of the requests finished since the last call (each exactly once)."""
+        done, self._finished = self._finished, []
+        return [r.output() for r in done]
+
+    def has_work(self) -> bool:
+        return bool(self._arrivals or self._queue or self._running or self._in_flight)
+
+    def next_arrival_s(self) -> float | None:
+        return self._arrivals[0][0] if self._arrivals else None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def iteration(self) -> None:
+        """One Flover iteration (see the module docstring)."""
+        self.stats.iterations += 1
+        self._intake()
+        first_tokens = self._admit()
+        self._compact()
+        previous, self._in_flight = self._in_flight, self._dispatch_decode()
+        released: list[int] = []
+        if previous is not None:
+            tokens = self.executor.read(previous.handle)
+            now = self.now()
+            for request, token in zip(previous.rows, tokens):
+                if request is not None and not request.finished and token >= 0:
+                    self._add_token(request, int(token), now, released)
+        for handle, requests in first_tokens:
+            tokens = self.executor.read(handle)
+            now = self.now()
+            for request, token in zip(requests, tokens):
+                self._add_token(request, int(token), now, released)
+        if released:
+            self.executor.release(released)
+
+    def run_until_idle(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Iterate until every submitted request has finished, waiting for future arrivals."""
+        while self.has_work():
+            if not (self._queue or self._running or self._in_flight):
+                sleep(max(0.0, self.next_arrival_s() - self.now()))
+            self.iteration()
+
+    def stream(self, request_id: int) -> Iterator[StreamDelta]:
+        """Drive the loop and yield the request's new tokens and text as they come."""
+        request = self._requests[request_id]
+        while True:
+            delta = request.take_delta()
+            if delta is not None:
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+            elif request.finished:
+                return
+            else:
+                if not (self._queue or self._running or self._in_flight):
+                    time.sleep(max(0.0, (self.next_arrival_s() or 0.0) - self.now()))
+                self.iteration()
+
+    # -- steps of an iteration --------------------------------------------------------------
+
+    def _intake(self) -> None:
+        now = self.now()
+        while self._arrivals and self._arrivals[0][0] <= now:
+            self._queue.append(heapq.heappop(self._arrivals)[2])
+        for request_id in self._cancels:
+            request = self._requests[request_id]
+            if request.finished:
+                continue
+            if request_id in self._running:
+                self.executor.release([self._free_slot(request)])
+            elif request in self._queue:
+                self._queue.remove(request)
+            else:  # not arrived yet
+                self._arrivals = [a for a in self._arrivals if a[2] is not request]
+                heapq.heapify(self._arrivals)
+            request.finish(FinishReason.CANCELLED, now)
+            self._finished.append(request)
+        self._cancels.clear()
+
+    def _admit(self) -> list[tuple[Any, list[Request]]]:
+        if not self._queue or (self._running and not self.policy.admit_while_running):
+            return []
+        room = self.table.num_free
+        if self.policy.max_batch is not None:
+            room = min(room, self.policy.max_batch - len(self._running))
+        joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+        if not joining:
+            return []
+        buckets = self.executor.buckets
+        if self._running:
+            self.stats.joins += len(joining)
+        self.stats.admitted += len(joining)
+        # Prompts of one length bucket share a prefill call, up to the largest batch bucket.
+        by_length: dict[int, list[Request]] = collections.defaultdict(list)
+        for request in joining:
+            by_length[bucket(len(request.prompt_ids), buckets.prompt_lengths)].append(request)
+        calls = []
+        for group in by_length.values():
+            for i in range(0, len(group), buckets.prefill_batches[-1]):
+                chunk = group[i : i + buckets.prefill_batches[-1]]
+                slots = [self.table.allocate(r.request_id) for r in chunk]
+                for request in chunk:
+                    self._running[request.request_id] = request
+                    self._positions[request.request_id] = len(request.prompt_ids)
+                    if self.on_event:
+                        self.on_event("added", request)
+                handle = self.executor.prefill(
+                    slots, [r.prompt_ids for r in chunk], [r.params for r in chunk]
+                )
+                self.stats.prefill_calls += 1
+                calls.append((handle, chunk))
+        return calls
+
+    def _window(self, live: int) -> tuple[int, int]:
+        """(start, width) of the decode window for the current slot table."""
+        capacity = self.table.capacity
+        if self.policy.full_window:
+            return 0, capacity
+        lo, hi = self.table.span()
+        width = bucket(max(hi - lo, live), self.executor.buckets.windows)
+        return min(lo, capacity - width), width
+
+    def _kv_len(self, requests: Sequence[Request]) -> int:
+        longest = max((self._positions[r.request_id] for r in requests), default=0)
+        return bucket(min(longest + 1, self.executor.max_len), self.executor.buckets.kv_lengths)
+
+    def _compact(self) -> None:
+        live = len(self.table)
+        if not self.policy.compact or not live or self.table.is_contiguous():
+            return
+        lo, hi = self.table.span()
+        windows = self.executor.buckets.windows
+        # Moving costs copies; do it only when it narrows the computed window.
+        if bucket(hi - lo, windows) == bucket(live, windows):
+            return
+        moves = plan_compaction(self.table.owned())
+        self.executor.compact(moves, self._kv_len(list(self._running.values())))
+        self.table.apply_moves(moves)
+        self.stats.compactions += 1
+        self.stats.moves += len(moves)
+
+    def _dispatch_decode(self) -> _DecodeInFlight | None:
+        if not self._running:
+            return None
+        live = len(self.table)
+        start, width = self._window(live)
+        rows = [self._running.get(self.table.owner(s)) for s in range(start, start + width)]
+        live_rows = [r for r in rows if r is not None]
+        handle = self.executor.decode(start, width, self._kv_len(live_rows))
+        for request in live_rows:
+            self._positions[request.request_id] += 1
+        self.stats.decode_steps += 1
+        self.stats.inflight_sum += live
+        self.stats.computed_rows += width
+        self.stats.windows[width] += 1
+        return _DecodeInFlight(handle, rows)
+
+    def _add_token(self, request: Request, token: int, now: float, released: list[int]) -> None:
+        if request.add_token(token, now, self.executor.max_len):
+            lo, hi = self.table.span()
+            slot = self._free_slot(request)
+            if lo < slot < hi - 1:
+                self.stats.mid_window_finishes += 1
+            released.append(slot)
+            self._finished.append(request)
+            if self.on_event:
+                self.on_event("finished", request)
+
+    def _free_slot(self, request: Request) -> int:
+        del self._running[request.request_id]
+        del self._positions[request.request_id]
+        return self.table.release(request.request_id)

@@ -1,0 +1,180 @@
+"""The device verbs: pure, jitted, DecodeState donated. Everything the host dispatches.
+
+- `prefill`:  right-padded prompts [b, t] -> their K/V and first sampled token.
+- `insert`:   write a prefill into chosen slots (padding rows carry slot = S and drop).
+- `decode_step`: one token for every active slot in the window [start, start + width).
+- `compact`:  move whole slots src -> dst (the memory shuffle), in place.
+- `release`:  deactivate slots the host finished (stop strings, stop ids, cancel).
+
+Static arguments (width, kv_len, t, and the move / release list lengths) come
+from small bucket sets chosen by the host, so the number of compiles is
+bounded by those sets and never by traffic. Index arrays padded with the
+out-of-range slot S make scatters drop the padding rows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from flover_jax.sampling import SlotSampling, mark_tokens, sample_tokens
+from flover_jax.state import DecodeState
+from models import transformer
+from models.config import ModelConfig
+from models.layers import pytree_dataclass
+from models.transformer import KVCache, Params
+
+
+@pytree_dataclass
+class Prefilled:
+    k: jax.Array  # [layers, b, t, kv_heads, head_dim]
+    v: jax.Array  # [layers, b, t, kv_heads, head_dim]
+    first_token: jax.Array  # [b] int32
+    seen: jax.Array  # [b, vocab] bool: the prompt's tokens
+
+
+def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    hit = jnp.zeros(tokens.shape, bool)
+    for eos in eos_ids:
+        hit = hit | (tokens == eos)
+    return hit
+
+
+@partial(jax.jit, static_argnums=(1,))
+def prefill(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    sampling: SlotSampling,
+) -> Prefilled:
+    """tokens [b, t] right-padded, lengths [b] >= 1, sampling fields [b]."""
+    b, t = tokens.shape
+    hidden, k, v = transformer.prefill(params, cfg, tokens)
+    last = hidden[jnp.arange(b), lengths - 1]  # [b, d]: only the last real position matters
+    logits = transformer.logits(params, last, cfg)
+    real = jnp.arange(t)[None, :] < lengths[:, None]
+    seen = jnp.zeros((b, cfg.vocab_size), bool)
+    seen = seen.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
+    no_output = jnp.zeros_like(seen)
+    first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
+    return Prefilled(k=k, v=v, first_token=first, seen=seen)
+
+
+@partial(jax.jit, static_argnames=("eos_ids",), donate_argnames=("state",))
+def insert(
+    state: DecodeState,
+    prefilled: Prefilled,
+    slots: jax.Array,
+    lengths: jax.Array,
+    max_new_tokens: jax.Array,
+    ignore_eos: jax.Array,
+    sampling: SlotSampling,
+    eos_ids: tuple[int, ...],
+) -> DecodeState:
+    """Give each prefilled prompt its slot; all arrays [b], slots = S for padding rows."""
+    t = prefilled.k.shape[2]
+    cache = KVCache(
+        state.cache.k.at[:, slots, :t].set(prefilled.k, mode="drop"),
+        state.cache.v.at[:, slots, :t].set(prefilled.v, mode="drop"),
+    )
+    first = prefilled.first_token
+    done = (max_new_tokens <= 1) | (_is_eos(first, eos_ids) & ~ignore_eos)
+    done = done | (lengths >= state.max_len)
+    everyone = jnp.ones_like(first, bool)
+    first_seen = mark_tokens(jnp.zeros_like(prefilled.seen), first, everyone)
+
+    def put(array, values):
+        return array.at[slots].set(values, mode="drop")
+
+    return DecodeState(
+        cache=cache,
+        tokens=put(state.tokens, first),
+        pos=put(state.pos, lengths),
+        active=put(state.active, ~done),
+        remaining=put(state.remaining, max_new_tokens - 1),
+        generated=put(state.generated, jnp.ones_like(first)),
+        ignore_eos=put(state.ignore_eos, ignore_eos),
+        sampling=jax.tree.map(put, state.sampling, sampling),
+        seen=put(state.seen, prefilled.seen | first_seen),
+        output_seen=put(state.output_seen, first_seen),
+    )
+
+
+@partial(
+    jax.jit,
+    static_argnames=("cfg", "width", "kv_len", "eos_ids"),
+    donate_argnames=("state",),
+)
+def decode_step(
+    params: Params,
+    state: DecodeState,
+    start: jax.Array,
+    *,
+    cfg: ModelConfig,
+    width: int,
+    kv_len: int,
+    eos_ids: tuple[int, ...],
+) -> tuple[DecodeState, jax.Array]:
+    """One token for each active slot of [start, start + width); -1 for the others.
+
+    Rows outside the window are not computed. kv_len must exceed the position
+    of every active slot in the window.
+    """
+
+    def window(array):
+        return jax.lax.dynamic_slice_in_dim(array, start, width, axis=0)
+
+    def put(array, rows):
+        return jax.lax.dynamic_update_slice_in_dim(array, rows, start, axis=0)
+
+    active, pos = window(state.active), window(state.pos)
+    logits, cache = transformer.decode(
+        params, cfg, state.cache, window(state.tokens), pos, active, start, kv_len
+    )
+    sampling = jax.tree.map(window, state.sampling)
+    seen, output_seen = window(state.seen), window(state.output_seen)
+    new = sample_tokens(logits, sampling, window(state.generated), seen, output_seen)
+    remaining = window(state.remaining) - active
+    stop = (remaining <= 0) | (_is_eos(new, eos_ids) & ~window(state.ignore_eos))
+    stop = stop | (pos + 1 >= state.max_len)
+    state = state.replace(
+        cache=cache,
+        tokens=put(state.tokens, jnp.where(active, new, window(state.tokens))),
+        pos=put(state.pos, pos + active),
+        active=put(state.active, active & ~stop),
+        remaining=put(state.remaining, remaining),
+        generated=put(state.generated, window(state.generated) + active),
+        seen=put(state.seen, mark_tokens(seen, new, active)),
+        output_seen=put(state.output_seen, mark_tokens(output_seen, new, active)),
+    )
+    return state, jnp.where(active, new, -1)
+
+
+@partial(jax.jit, static_argnames=("kv_len",), donate_argnames=("state",))
+def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> DecodeState:
+    """Move slot src[i] to dst[i] (whole rows; KV up to kv_len), src slots become inactive.
+
+    dst must be free and distinct from every src (Flover's plan guarantees it).
+    Padding entries carry src = dst = S. The cost grows with the number of
+    moves, not with the capacity: rows are scattered into the donated buffers.
+    """
+    src_read = jnp.clip(src, 0, state.num_slots - 1)
+
+    def move(array):
+        return array.at[dst].set(array.at[src_read].get(), mode="drop")
+
+    def move_kv(array):
+        return array.at[:, dst, :kv_len].set(array[:, src_read, :kv_len], mode="drop")
+
+    moved = jax.tree.map(move, state.replace(cache=None))
+    cache = KVCache(move_kv(state.cache.k), move_kv(state.cache.v))
+    return moved.replace(cache=cache).deactivate(src)
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def release(state: DecodeState, slots: jax.Array) -> DecodeState:
+    """Deactivate slots (padding entries = S)."""
+    return state.deactivate(slots)
