@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from flover_jax.buckets import Buckets
 from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
-from flover_jax.request import RequestOutput, StreamDelta
+from flover_jax.request import Request, RequestOutput, StreamDelta
 from flover_jax.sampling import SamplingParams
 from flover_jax.scheduler import POLICIES, Scheduler, Stats
 from flover_jax.tokenizer import Tokenizer
@@ -100,14 +100,16 @@ class Engine:
         yield from self.scheduler.stream(request_id)
         self._collect()
 
+    def poll(self, request_id: int) -> RequestOutput | None:
+        """The output of a request if it has finished, else None (never blocks)."""
+        self._collect()
+        return self._outputs.get(request_id)
+
     def result(self, request_id: int) -> RequestOutput:
         """The output of a finished request (drives the loop until it finishes)."""
-        while request_id not in self._outputs:
-            self._collect()
-            if request_id in self._outputs:
-                break
+        while (output := self.poll(request_id)) is None:
             self.scheduler.iteration()
-        return self._outputs[request_id]
+        return output
 
     def generate(
         self,
@@ -122,15 +124,26 @@ class Engine:
         ids = [self.submit(p, sp) for p, sp in zip(prompts, params)]
         return [self.result(i) for i in ids]
 
-    def run(self, workload: Sequence[TimedRequest], policy: str | None = None) -> RunResult:
-        """Replay arrival-timed requests through a fresh scheduler (clock starts now)."""
+    def run(
+        self,
+        workload: Sequence[TimedRequest],
+        policy: str | None = None,
+        on_event: Callable[[str, Request], None] | None = None,
+        on_iteration: Callable[[Scheduler], None] | None = None,
+    ) -> RunResult:
+        """Replay arrival-timed requests through a fresh scheduler (clock starts now).
+
+        on_event(kind, request) hears "added" / "finished"; on_iteration(scheduler)
+        runs after each iteration (the live view uses both).
+        """
         if self.scheduler.has_work():
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
         scheduler = self.scheduler = self._new_scheduler(policy or self.policy)
+        scheduler.on_event = on_event
         self._outputs = {}
         ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
         start = time.perf_counter()
-        scheduler.run_until_idle()
+        scheduler.run_until_idle(on_iteration=on_iteration)
         wall = time.perf_counter() - start
         self._collect()
         return RunResult([self._outputs[i] for i in ids], scheduler.stats, scheduler.policy.name, wall)

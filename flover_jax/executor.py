@@ -59,6 +59,13 @@ class DeviceExecutor:
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = prompt
             lengths[i] = len(prompt)
+        return self._prefill_insert(tokens, lengths, self._pad_slots(slots, b), params)
+
+    def _prefill_insert(
+        self, tokens: np.ndarray, lengths: np.ndarray, slots: np.ndarray,
+        params: Sequence[SamplingParams],
+    ) -> jax.Array:
+        b = len(slots)
         sampling = SlotSampling.from_params(list(params), b)
         max_new = np.ones(b, np.int32)
         max_new[: len(params)] = [p.max_new_tokens for p in params]
@@ -66,8 +73,8 @@ class DeviceExecutor:
         ignore_eos[: len(params)] = [p.ignore_eos for p in params]
         prefilled = step.prefill(self.params, self.cfg, tokens, lengths, sampling)
         self.state = step.insert(
-            self.state, prefilled, self._pad_slots(slots, b), lengths, max_new, ignore_eos,
-            sampling, eos_ids=self.eos_ids,
+            self.state, prefilled, slots, lengths, max_new, ignore_eos, sampling,
+            eos_ids=self.eos_ids,
         )
         return prefilled.first_token
 
@@ -85,8 +92,31 @@ class DeviceExecutor:
         self.state = step.compact(self.state, src, dst, kv_len=kv_len)
 
     def release(self, slots: Sequence[int]) -> None:
-        padded = self._pad_slots(slots, bucket(len(slots), self.buckets.moves))
-        self.state = step.release(self.state, padded)
+        self.state = step.release(self.state, self._pad_slots(slots, bucket(len(slots), self.buckets.moves)))
 
     def read(self, handle: jax.Array) -> np.ndarray:
         return np.asarray(handle)
+
+    def warmup(
+        self,
+        windows: Sequence[int] | None = None,
+        kv_lengths: Sequence[int] | None = None,
+        prompt_lengths: Sequence[int] | None = None,
+    ) -> None:
+        """Compile the given buckets (all by default) by running every verb on padding rows
+        only: no slot changes, so a warm-up never disturbs the state."""
+        b = self.buckets
+        kv_lengths = kv_lengths or b.kv_lengths
+        for t in prompt_lengths or b.prompt_lengths:
+            for size in b.prefill_batches:
+                tokens = np.zeros((size, t), np.int32)
+                self._prefill_insert(tokens, np.full(size, t, np.int32), self._pad_slots([], size), [])
+        for width in windows or b.windows:
+            for kv_len in kv_lengths:
+                self.decode(0, width, kv_len)
+        for size in b.moves:
+            padding = self._pad_slots([], size)
+            for kv_len in kv_lengths:
+                self.state = step.compact(self.state, padding, padding, kv_len=kv_len)
+            self.state = step.release(self.state, padding)
+        jax.block_until_ready(self.state)

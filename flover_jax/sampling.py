@@ -365,7 +365,12 @@ def sample_tokens(
       i32[B] token ids.  Rows with temperature 0 get the argmax of the
       penalised logits (lowest index on ties).
     """
-    logits = apply_penalties(logits.astype(jnp.float32), params, seen, generated)
+    logits = logits.astype(jnp.float32)
+    # Penalties read two [B, V] masks: skip them when no row uses one (the default).
+    penalised = jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
+    logits = lax.cond(
+        penalised, lambda: apply_penalties(logits, params, seen, generated), lambda: logits
+    )
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = params.temperature > 0  # bool[B]
 

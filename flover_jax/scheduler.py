@@ -236,12 +236,22 @@ class Scheduler:
         if released:
             self.executor.release(released)
 
-    def run_until_idle(self, sleep: Callable[[float], None] = time.sleep) -> None:
+    def run_until_idle(
+        self,
+        sleep: Callable[[float], None] = time.sleep,
+        on_iteration: Callable[[Scheduler], None] | None = None,
+    ) -> None:
         """Iterate until every submitted request has finished, waiting for future arrivals."""
         while self.has_work():
             if not (self._queue or self._running or self._in_flight):
                 sleep(max(0.0, self.next_arrival_s() - self.now()))
             self.iteration()
+            if on_iteration:
+                on_iteration(self)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
 
     def stream(self, request_id: int) -> Iterator[StreamDelta]:
         """Drive the loop and yield the request's new tokens and text as they come."""

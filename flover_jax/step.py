@@ -14,6 +14,7 @@ out-of-range slot S make scatters drop the padding rows.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -134,7 +135,12 @@ def decode_step(
     logits, cache = transformer.decode(
         params, cfg, state.cache, window(state.tokens), pos, active, start, kv_len
     )
+    # Finished rows sample greedily: their token is dropped, and a sampling row
+    # would otherwise keep the whole window on the slower sampling path.
     sampling = jax.tree.map(window, state.sampling)
+    sampling = dataclasses.replace(
+        sampling, temperature=jnp.where(active, sampling.temperature, 0.0)
+    )
     seen, output_seen = window(state.seen), window(state.output_seen)
     new = sample_tokens(logits, sampling, window(state.generated), seen, output_seen)
     remaining = window(state.remaining) - active

@@ -92,10 +92,12 @@ def test_greedy_ties_pick_lowest_index():
 
 def test_tiny_temperature_is_finite_and_near_greedy():
     logits = np.zeros((B, V), np.float32)
-    logits[:, :3] = [30.0, 31.0, 30.5]
-    temps = [1e-45, 1e-37, 1e-20, 1e-6] * 2  # the first two overflow logits / T without a floor
-    params = [SamplingParams(temperature=t, top_p=0.9 if i % 2 else 1.0, seed=i)
-              for i, t in enumerate(temps)]
+    logits[:, :3] = [300.0, 310.0, 305.0]
+    temps = [1e-45, 1e-37, 1e-20, 1e-6] * 2  # 1e-37 overflows logits / T to inf without a floor
+    params = [
+        SamplingParams(temperature=t, top_p=0.9 if i % 2 else 1.0, seed=i)
+        for i, t in enumerate(temps)
+    ]
     np.testing.assert_array_equal(run(logits, params, step=np.arange(B)), np.ones(B))
 
 
@@ -387,8 +389,12 @@ def test_mark_tokens_sets_only_active_rows():
 
 
 def test_slot_sampling_build_and_update():
-    ps = [SamplingParams(temperature=0.5, top_k=7, top_p=0.9, repetition_penalty=1.1,
-                         presence_penalty=0.2, seed=42)]
+    ps = [
+        SamplingParams(
+            temperature=0.5, top_k=7, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.2,
+            seed=42,
+        )
+    ]
     slots = SlotSampling.from_params(ps, num_slots=3)
     assert slots.num_slots == 3
     np.testing.assert_allclose(slots.temperature, [0.5, 0.0, 0.0])

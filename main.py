@@ -1,0 +1,245 @@
+"""flover_jax command line: run a workload live, generate from prompts, benchmark, convert.
+
+  python main.py                                   # a Flover workload on the default model
+  python main.py --mode=generate --prompt="Hi" --chat --max_new_tokens=32
+  python main.py --mode=generate --prompts_file=in.jsonl --output=out.jsonl
+  python main.py --mode=bench --workload=constant --num_requests=32 --output_json=r.json
+  python main.py --mode=convert --src=model.gguf --dst=checkpoints/name
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert"], "What to do.")
+flags.DEFINE_string("model", "smollm2-135m", "Preset, Hugging Face directory, .gguf or checkpoint.")
+flags.DEFINE_string("dtype", None, "Override the weights' dtype (float32 on CPU, bfloat16 on GPU).")
+flags.DEFINE_integer("max_slots", 16, "Requests decoded at once (slot capacity).")
+flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
+flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
+# generate
+flags.DEFINE_string("prompt", None, "One prompt (generate mode).")
+flags.DEFINE_string("prompts_file", None, 'JSONL: {"prompt": ...} or {"prompt_ids": [...]} a line.')
+flags.DEFINE_string("output", None, "JSONL results (generate mode); stdout when unset.")
+flags.DEFINE_bool("chat", False, "Wrap text prompts in the model's chat template.")
+flags.DEFINE_integer("max_new_tokens", 64, "Default tokens to generate per request.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "0 = off.")
+flags.DEFINE_float("top_p", 1.0, "1 = off.")
+flags.DEFINE_float("repetition_penalty", 1.0, "1 = off.")
+flags.DEFINE_float("presence_penalty", 0.0, "0 = off.")
+flags.DEFINE_integer("seed", 0, "Sampling seed (and the workload's random seed).")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_bool("ignore_eos", False, "Decode to max_new_tokens whatever the model says.")
+# run / bench
+flags.DEFINE_enum("workload", "poisson", ["constant", "poisson", "burst", "trace"], "Arrivals.")
+flags.DEFINE_integer("num_requests", 24, "Requests in the workload.")
+flags.DEFINE_float("interval_s", 0.5, "Gap between arrivals (constant workload).")
+flags.DEFINE_float("rate", 4.0, "Requests per second (poisson workload).")
+flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the gaps: 1 = Poisson, < 1 burstier.")
+flags.DEFINE_string("trace", None, "JSONL trace (trace workload).")
+flags.DEFINE_integer("prompt_len", 8, "Random-token prompt length (bench).")
+flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens: N or uniform:LO:HI (bench).")
+flags.DEFINE_string("output_json", None, "Write the bench summary here.")
+flags.DEFINE_bool("warmup", True, "Compile every bucket before timing (bench).")
+# convert
+flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face directory).")
+flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
+
+
+def _sampling_from_flags(overrides: dict | None = None):
+    from flover_jax.sampling import SamplingParams
+
+    fields = dict(
+        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty,
+        presence_penalty=FLAGS.presence_penalty, seed=FLAGS.seed, stop=tuple(FLAGS.stop),
+        ignore_eos=FLAGS.ignore_eos,
+    )
+    allowed = set(fields) | {"stop_token_ids"}
+    for key, value in (overrides or {}).items():
+        if key not in allowed:
+            raise ValueError(f"{key}={value!r}: unknown field; allowed: {sorted(allowed)}")
+        fields[key] = value
+    return SamplingParams(**fields)
+
+
+def _engine():
+    from flover_jax.engine import Engine
+
+    return Engine.from_pretrained(
+        FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
+        policy=FLAGS.policy,
+    )
+
+
+def _parse_line(number: int, line: str):
+    """(prompt, overrides) of one prompts-file line, or raise ValueError naming the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {number}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
+    if "prompt" in record:
+        prompt = record.pop("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"line {number}: prompt={prompt!r}: must be a string")
+    elif "prompt_ids" in record:
+        prompt = record.pop("prompt_ids")
+        if not isinstance(prompt, list):
+            raise ValueError(f"line {number}: prompt_ids={prompt!r}: must be a list of ints")
+    else:
+        raise ValueError(f'line {number}: no "prompt" or "prompt_ids"')
+    return prompt, record
+
+
+def generate_mode() -> int:
+    from flover_jax.request import FinishReason
+
+    if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
+        raise app.UsageError("generate: give exactly one of --prompt or --prompts_file")
+    lines = (
+        [json.dumps({"prompt": FLAGS.prompt})] if FLAGS.prompt
+        else Path(FLAGS.prompts_file).read_text().splitlines()
+    )
+    engine = _engine()
+    ids: list[int | None] = []
+    errors: dict[int, str] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            prompt, overrides = _parse_line(number, line)
+            if FLAGS.chat and isinstance(prompt, str):
+                prompt = engine.chat_prompt(prompt)
+            ids.append(engine.submit(prompt, _sampling_from_flags(overrides)))
+        except (ValueError, TypeError) as e:
+            ids.append(None)
+            errors[len(ids) - 1] = f"line {number}: {e}" if not str(e).startswith("line") else str(e)
+    outputs = {}
+    interrupted = False
+    try:
+        for request_id in ids:
+            if request_id is not None:
+                outputs[request_id] = engine.result(request_id)
+    except KeyboardInterrupt:  # write what finished
+        interrupted = True
+        for request_id in ids:
+            if request_id is not None and (output := engine.poll(request_id)) is not None:
+                outputs[request_id] = output
+    out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
+    try:
+        for index, request_id in enumerate(ids):
+            if request_id is None:
+                record = {"index": index, "prompt_ids": [], "token_ids": [], "text": None,
+                          "finish_reason": FinishReason.ERROR.value, "error": errors[index],
+                          "ttft_s": None, "latency_s": 0.0}
+            elif request_id in outputs:
+                o = outputs[request_id]
+                record = {"index": index, "prompt_ids": o.prompt_ids, "token_ids": o.token_ids,
+                          "text": o.text, "finish_reason": o.finish_reason, "error": o.error,
+                          "ttft_s": o.ttft_s, "latency_s": o.latency_s}
+            else:
+                continue  # unfinished when interrupted
+            out.write(json.dumps(record) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 130 if interrupted else 0
+
+
+def _workload(engine):
+    from flover_jax import workload
+
+    if FLAGS.workload == "trace":
+        if not FLAGS.trace:
+            raise app.UsageError("--workload=trace needs --trace=FILE")
+        return workload.read_trace(FLAGS.trace)
+    return workload.synthetic(
+        FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len, FLAGS.output_len,
+        engine.cfg.vocab_size, ignore_eos=FLAGS.ignore_eos, seed=FLAGS.seed,
+        interval_s=FLAGS.interval_s, rate=FLAGS.rate, burstiness=FLAGS.burstiness,
+    )
+
+
+def run_mode() -> int:
+    """The main job: chat requests arriving over a few seconds, shown live, then a summary."""
+    from rich.console import Console
+
+    from flover_jax import metrics, viz, workload
+
+    console = Console()
+    with console.status(f"loading {FLAGS.model}"):
+        engine = _engine()
+    requests = workload.demo(engine.chat_prompt, FLAGS.num_requests, FLAGS.rate, FLAGS.seed)
+    with console.status("compiling the decode buckets (cached in .cache/jax after the first run)"):
+        engine.executor.warmup(kv_lengths=[k for k in engine.executor.buckets.kv_lengths if k <= 256],
+                               prompt_lengths=[k for k in engine.executor.buckets.prompt_lengths if k <= 64])
+    title = f"flover_jax · {FLAGS.model} · policy={FLAGS.policy} · {FLAGS.max_slots} slots"
+    view = viz.LiveView(len(requests), FLAGS.max_slots, title, console)
+    with view:
+        result = engine.run(requests, on_event=view.event, on_iteration=view.iteration)
+    console.print(viz.summary_table(metrics.summarize(result)))
+    sample = result.outputs[0]
+    console.print(f"[dim]request 0 answered:[/dim] {sample.text!r}")
+    return 0
+
+
+def bench_mode() -> int:
+    from rich.console import Console
+
+    from flover_jax import metrics, viz
+
+    engine = _engine()
+    requests = _workload(engine)
+    import time
+
+    start = time.perf_counter()
+    if FLAGS.warmup:
+        engine.executor.warmup()
+    compile_s = time.perf_counter() - start
+    result = engine.run(requests)
+    summary = metrics.summarize(result) | {"compile_s": compile_s, **metrics.memory(engine)}
+    Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
+    text = json.dumps(summary, indent=2)
+    if FLAGS.output_json:
+        Path(FLAGS.output_json).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def convert_mode() -> int:
+    import time
+
+    from flover_jax import checkpoint
+    from flover_jax.loader import convert
+
+    if not FLAGS.src or not FLAGS.dst:
+        raise app.UsageError("convert: --src and --dst are required")
+    start = time.perf_counter()
+    cfg, params, tokenizer = convert(FLAGS.src)
+    path = checkpoint.save(FLAGS.dst, cfg, params, tokenizer)
+    print(f"converted {FLAGS.src} -> {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file it opens at INFO
+
+    # Compiled programs persist across runs: the second `make run` starts at once.
+    jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent / ".cache" / "jax"))
+    modes = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode}
+    return modes[FLAGS.mode]()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,296 @@
+"""FakeExecutor: the scheduler's `Executor` protocol in pure numpy, with the device's semantics.
+
+It mirrors `step.py` (insert / decode_step / compact / release) slot by slot, with no model:
+the token a request samples next is a hash of its seed and of everything in its "KV cache"
+(prompt + the tokens fed back so far). So a request's output depends only on its own prompt,
+seed and progress, exactly as on the device, and `expected_tokens` tells what a request must
+produce when run alone. Because tokens are read back from the per-slot cache, a compaction
+that moves too little of the cache (kv_len too small) or that moves the wrong row changes
+the tokens and the tests see it.
+
+On top of mirroring the device, every verb CHECKS the contract the real device silently
+relies on and raises `DeviceContractError` when the host breaks it:
+
+- decode: the window lies in [0, num_slots), width is a window bucket, kv_len is a kv bucket
+  and exceeds the position of every active slot in the window, and (by default) no active
+  slot lies outside the window (it would never progress);
+- prefill: targets distinct free slots (never a live one), batch and prompt lengths fit the
+  buckets, prompts are in-vocab and shorter than max_len, params validate;
+- compact: sources are occupied (inserted, not released, possibly device-finished), targets
+  are free, all distinct and no target is a source; kv_len is a kv bucket covering the
+  cache of every active moved slot; the list fits the move buckets;
+- release: distinct occupied slots; the list fits the move buckets.
+
+"Occupied" = inserted and neither released nor moved away: the slots the host owns. The
+device itself only knows `active` (a subset); `occupied` is the fake's bookkeeping.
+It counts calls and logs what each verb saw, for the tests' policy and stats checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from flover_jax.buckets import Buckets, bucket
+from flover_jax.sampling import SamplingParams
+
+STALE = -7  # cache cells holding padding / nothing written (never read by a correct host)
+
+
+class DeviceContractError(AssertionError):
+    """The host broke an invariant the real device relies on."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise DeviceContractError(message)
+
+
+def next_token(seed: int, sequence: Sequence[int], vocab_size: int) -> int:
+    """The token a request with this seed samples after `sequence` (prompt + output so far)."""
+    data = np.asarray([seed, *sequence], np.int64).tobytes()
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") % vocab_size
+
+
+def expected_tokens(
+    prompt: Sequence[int],
+    params: SamplingParams,
+    eos_ids: Sequence[int],
+    max_len: int,
+    vocab_size: int,
+) -> tuple[list[int], str]:
+    """(tokens, finish_reason) that a valid request produces when it runs alone to the end."""
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+    sequence, out = list(prompt), []
+    while True:
+        token = next_token(params.seed, sequence, vocab_size)
+        out.append(token)
+        sequence.append(token)
+        if token in stop_ids:
+            return out, "stop"
+        if len(out) >= params.max_new_tokens or len(prompt) + len(out) >= max_len:
+            return out, "length"
+
+
+@dataclasses.dataclass
+class Handle:
+    kind: str  # "prefill" / "decode"
+    tokens: np.ndarray
+    owner: int  # id() of the executor that issued it
+
+
+@dataclasses.dataclass
+class DecodeLog:
+    start: int
+    width: int
+    kv_len: int
+    occupied: int  # occupied slots when the step was dispatched
+    active: int
+
+
+@dataclasses.dataclass
+class PrefillLog:
+    slots: list[int]
+    occupied_before: int
+    mark: int  # the value of `executor.mark` at the call (tests set it to the iteration)
+
+
+@dataclasses.dataclass
+class CompactLog:
+    moves: list[tuple[int, int]]
+    kv_len: int
+    span_before: tuple[int, int]
+    occupied: int
+    contiguous_after: bool
+
+
+def _span(mask: np.ndarray) -> tuple[int, int]:
+    idx = np.flatnonzero(mask)
+    return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+
+
+class FakeExecutor:
+    def __init__(
+        self,
+        num_slots: int,
+        max_len: int,
+        vocab_size: int = 32,
+        eos_ids: Sequence[int] = (),
+        buckets: Buckets | None = None,
+        max_prefill_batch: int = 8,
+        require_window_covers_active: bool = True,
+    ) -> None:
+        self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, vocab_size
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.buckets = buckets or Buckets.for_engine(num_slots, max_len, max_prefill_batch)
+        self.require_window_covers_active = require_window_covers_active
+        s = num_slots
+        self.cache = np.full((s, max_len), STALE, np.int64)  # token id at each cache position
+        self.tokens = np.zeros(s, np.int64)  # last sampled token = next step's input
+        self.pos = np.zeros(s, np.int64)  # tokens in the cache
+        self.active = np.zeros(s, bool)
+        self.occupied = np.zeros(s, bool)
+        self.remaining = np.zeros(s, np.int64)
+        self.generated = np.zeros(s, np.int64)
+        self.ignore_eos = np.zeros(s, bool)
+        self.seed = np.zeros(s, np.int64)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.decodes: list[DecodeLog] = []
+        self.prefills: list[PrefillLog] = []
+        self.compactions: list[CompactLog] = []
+        self.releases: list[list[int]] = []
+        self.mark = 0  # free for tests: e.g. the iteration number, recorded by prefill
+
+    _ROW_FIELDS = ("tokens", "pos", "active", "occupied", "remaining", "generated",
+                   "ignore_eos", "seed")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _slot_ok(self, slot) -> bool:
+        return isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and (
+            0 <= slot < self.num_slots
+        )
+
+    def _handle(self, kind: str, tokens: np.ndarray) -> Handle:
+        return Handle(kind, tokens, id(self))
+
+    def _check_invariants(self) -> None:
+        _check(not np.any(self.active & ~self.occupied), "an active slot is not occupied")
+
+    def occupied_slots(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self.occupied)]
+
+    def active_slots(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self.active)]
+
+    # -- the Executor protocol ----------------------------------------------------------------
+
+    def prefill(
+        self, slots: Sequence[int], prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+    ) -> Handle:
+        self.calls["prefill"] += 1
+        _check(len(slots) == len(prompts) == len(params) >= 1,
+               f"prefill: {len(slots)} slots, {len(prompts)} prompts, {len(params)} params")
+        bucket(len(prompts), self.buckets.prefill_batches)  # raises like the real executor
+        bucket(max(len(p) for p in prompts), self.buckets.prompt_lengths)
+        _check(len(set(int(s) for s in slots)) == len(slots), f"prefill: repeated slot {slots}")
+        for slot in slots:
+            _check(self._slot_ok(slot), f"prefill: slot {slot!r} out of range")
+            _check(not self.active[slot], f"prefill: slot {slot} is active (a live request)")
+            _check(not self.occupied[slot], f"prefill: slot {slot} is occupied (not released)")
+        for prompt, p in zip(prompts, params):
+            p.validate()
+            _check(1 <= len(prompt) < self.max_len, f"prefill: prompt length {len(prompt)}")
+            _check(all(0 <= t < self.vocab_size for t in prompt), f"prefill: bad ids {prompt}")
+        self.prefills.append(PrefillLog([int(s) for s in slots], int(self.occupied.sum()),
+                                        self.mark))
+        first = np.zeros(len(slots), np.int64)
+        for i, (slot, prompt, p) in enumerate(zip(slots, prompts, params)):
+            length = len(prompt)
+            padded = bucket(length, self.buckets.prompt_lengths)
+            self.cache[slot, :length] = prompt
+            self.cache[slot, length:padded] = STALE  # the padding's K/V: garbage
+            token = next_token(p.seed, prompt, self.vocab_size)
+            first[i] = token
+            done = (
+                p.max_new_tokens <= 1
+                or (token in self.eos_ids and not p.ignore_eos)
+                or length >= self.max_len
+            )
+            self.tokens[slot], self.pos[slot] = token, length
+            self.active[slot], self.occupied[slot] = not done, True
+            self.remaining[slot], self.generated[slot] = p.max_new_tokens - 1, 1
+            self.ignore_eos[slot], self.seed[slot] = p.ignore_eos, p.seed
+        self._check_invariants()
+        return self._handle("prefill", first)
+
+    def decode(self, start: int, width: int, kv_len: int) -> Handle:
+        self.calls["decode"] += 1
+        _check(width in self.buckets.windows, f"decode: width {width} not in {self.buckets.windows}")
+        _check(kv_len in self.buckets.kv_lengths,
+               f"decode: kv_len {kv_len} not in {self.buckets.kv_lengths}")
+        _check(0 <= start and start + width <= self.num_slots,
+               f"decode: window [{start}, {start + width}) outside [0, {self.num_slots})")
+        window = range(start, start + width)
+        if self.require_window_covers_active:
+            outside = [s for s in self.active_slots() if s not in window]
+            _check(not outside, f"decode: active slots {outside} outside window "
+                                f"[{start}, {start + width}) would never progress")
+        for s in window:
+            if self.active[s]:
+                _check(kv_len > self.pos[s],
+                       f"decode: kv_len {kv_len} <= position {self.pos[s]} of slot {s}")
+        self.decodes.append(DecodeLog(start, width, kv_len, int(self.occupied.sum()),
+                                      int(self.active.sum())))
+        out = np.full(width, -1, np.int64)
+        for row, s in enumerate(window):
+            if not self.active[s]:
+                continue
+            p = self.pos[s]
+            self.cache[s, p] = self.tokens[s]  # the input token's K/V lands at position p
+            new = next_token(int(self.seed[s]), self.cache[s, : p + 1].tolist(), self.vocab_size)
+            self.remaining[s] -= 1
+            stop = (
+                self.remaining[s] <= 0
+                or (new in self.eos_ids and not self.ignore_eos[s])
+                or p + 1 >= self.max_len
+            )
+            self.tokens[s], self.pos[s] = new, p + 1
+            self.generated[s] += 1
+            self.active[s] = not stop
+            out[row] = new
+        return self._handle("decode", out)
+
+    def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
+        self.calls["compact"] += 1
+        moves = [(int(a), int(b)) for a, b in moves]
+        bucket(len(moves), self.buckets.moves)  # raises like the real executor
+        _check(kv_len in self.buckets.kv_lengths,
+               f"compact: kv_len {kv_len} not in {self.buckets.kv_lengths}")
+        srcs, dsts = [a for a, _ in moves], [b for _, b in moves]
+        _check(len(set(srcs)) == len(srcs), f"compact: repeated source in {moves}")
+        _check(len(set(dsts)) == len(dsts), f"compact: repeated target in {moves}")
+        _check(not set(srcs) & set(dsts), f"compact: a target is also a source in {moves}")
+        for src, dst in moves:
+            _check(self._slot_ok(src) and self._slot_ok(dst), f"compact: {src}->{dst} out of range")
+            _check(self.occupied[src], f"compact: source {src} is not occupied")
+            _check(not self.occupied[dst] and not self.active[dst],
+                   f"compact: target {dst} is live (would be overwritten)")
+            if self.active[src]:
+                _check(kv_len >= self.pos[src],
+                       f"compact: kv_len {kv_len} < position {self.pos[src]} of slot {src}")
+        span_before = _span(self.occupied)
+        # Simultaneous gather/scatter like the device: read every source, then write.
+        rows = {f: getattr(self, f)[srcs].copy() for f in self._ROW_FIELDS}
+        kv = self.cache[srcs, :kv_len].copy()
+        for f in self._ROW_FIELDS:
+            getattr(self, f)[dsts] = rows[f]
+        self.cache[dsts, :kv_len] = kv  # beyond kv_len the target keeps its stale cache
+        self.active[srcs] = False
+        self.occupied[srcs] = False
+        self._check_invariants()
+        lo, hi = _span(self.occupied)
+        n = int(self.occupied.sum())
+        self.compactions.append(CompactLog(moves, kv_len, span_before, n, hi - lo == n))
+
+    def release(self, slots: Sequence[int]) -> None:
+        self.calls["release"] += 1
+        slots = [int(s) for s in slots]
+        bucket(len(slots), self.buckets.moves)  # raises like the real executor
+        _check(len(set(slots)) == len(slots), f"release: repeated slot in {slots}")
+        for s in slots:
+            _check(self._slot_ok(s), f"release: slot {s} out of range")
+            _check(self.occupied[s], f"release: slot {s} is not occupied (double release?)")
+        self.releases.append(slots)
+        self.active[slots] = False
+        self.occupied[slots] = False
+
+    def read(self, handle: Handle) -> np.ndarray:
+        self.calls["read"] += 1
+        _check(isinstance(handle, Handle) and handle.owner == id(self), f"read: bad handle {handle!r}")
+        return handle.tokens.copy()
