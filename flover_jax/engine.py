@@ -74,8 +74,13 @@ class Engine:
         cfg, params, tokenizer = load_model(source, dtype=dtype)
         return cls(cfg, params, tokenizer, **engine_options)
 
-    def _new_scheduler(self, policy: str) -> Scheduler:
-        return Scheduler(self.executor, policy, self.tokenizer, self.eos_ids)
+    def _new_scheduler(
+        self,
+        policy: str,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Scheduler:
+        return Scheduler(self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep)
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -130,20 +135,23 @@ class Engine:
         policy: str | None = None,
         on_event: Callable[[str, Request], None] | None = None,
         on_iteration: Callable[[Scheduler], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> RunResult:
         """Replay arrival-timed requests through a fresh scheduler (clock starts now).
 
         on_event(kind, request) hears "added" / "finished"; on_iteration(scheduler)
-        runs after each iteration (the live view uses both).
+        runs after each iteration (the live view uses both). Tests pass a fake
+        clock and sleep to make arrivals deterministic.
         """
         if self.scheduler.has_work():
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
-        scheduler = self.scheduler = self._new_scheduler(policy or self.policy)
+        scheduler = self.scheduler = self._new_scheduler(policy or self.policy, clock, sleep)
         scheduler.on_event = on_event
         self._outputs = {}
         ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
         start = time.perf_counter()
-        scheduler.run_until_idle(on_iteration=on_iteration)
+        scheduler.run_until_idle(on_iteration)
         wall = time.perf_counter() - start
         self._collect()
         return RunResult([self._outputs[i] for i in ids], scheduler.stats, scheduler.policy.name, wall)

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -112,12 +113,13 @@ class Scheduler:
         tokenizer: Tokenizer | None = None,
         eos_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.executor = executor
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
-        self._clock = clock
+        self._clock, self._sleep = clock, sleep
         self._t0 = clock()
         self.table = SlotTable(executor.num_slots)
         self.stats = Stats()
@@ -149,15 +151,21 @@ class Scheduler:
         """Queue a request; returns its id. An invalid request ends at once with "error"."""
         request_id = next(self._ids)
         params = params or SamplingParams()
-        arrival = self.now() if arrival_s is None else arrival_s
-        request = Request(request_id, [], params, arrival, self.tokenizer, self.eos_ids)
+        now = self.now()
+        arrival = now if arrival_s is None else arrival_s
+        valid_arrival = isinstance(arrival, (int, float)) and math.isfinite(arrival)
+        request = Request(
+            request_id, [], params, arrival if valid_arrival else now, self.tokenizer, self.eos_ids
+        )
         self._requests[request_id] = request
         try:
+            if not valid_arrival:
+                raise ValueError(f"arrival_s={arrival!r}: must be a finite number of seconds")
             request.prompt_ids = self._prompt_ids(prompt)
             params.validate()
             self._check_fits(request)
         except (ValueError, TypeError) as e:
-            request.finish(FinishReason.ERROR, max(arrival, self.now()), error=str(e))
+            request.finish(FinishReason.ERROR, max(request.arrival_s, now), error=str(e))
             self._finished.append(request)
             return request_id
         heapq.heappush(self._arrivals, (arrival, request_id, request))
@@ -235,16 +243,13 @@ class Scheduler:
                 self._add_token(request, int(token), now, released)
         if released:
             self.executor.release(released)
+        if not self._running:
+            self._in_flight = None  # its rows all belong to finished requests
 
-    def run_until_idle(
-        self,
-        sleep: Callable[[float], None] = time.sleep,
-        on_iteration: Callable[[Scheduler], None] | None = None,
-    ) -> None:
+    def run_until_idle(self, on_iteration: Callable[[Scheduler], None] | None = None) -> None:
         """Iterate until every submitted request has finished, waiting for future arrivals."""
         while self.has_work():
-            if not (self._queue or self._running or self._in_flight):
-                sleep(max(0.0, self.next_arrival_s() - self.now()))
+            self._wait_for_arrival()
             self.iteration()
             if on_iteration:
                 on_iteration(self)
@@ -265,9 +270,13 @@ class Scheduler:
             elif request.finished:
                 return
             else:
-                if not (self._queue or self._running or self._in_flight):
-                    time.sleep(max(0.0, (self.next_arrival_s() or 0.0) - self.now()))
+                self._wait_for_arrival()
                 self.iteration()
+
+    def _wait_for_arrival(self) -> None:
+        """When nothing runs or waits, sleep until the next request arrives."""
+        if self._arrivals and not (self._queue or self._running or self._in_flight):
+            self._sleep(max(0.0, self.next_arrival_s() - self.now()))
 
     # -- steps of an iteration --------------------------------------------------------------
 
@@ -286,8 +295,10 @@ class Scheduler:
             else:  # not arrived yet
                 self._arrivals = [a for a in self._arrivals if a[2] is not request]
                 heapq.heapify(self._arrivals)
-            request.finish(FinishReason.CANCELLED, now)
+            request.finish(FinishReason.CANCELLED, max(now, request.arrival_s))
             self._finished.append(request)
+            if self.on_event:
+                self.on_event("finished", request)
         self._cancels.clear()
 
     def _admit(self) -> list[tuple[Any, list[Request]]]:

@@ -103,10 +103,23 @@ class SlotTable:
         return slot
 
     def apply_moves(self, moves: Sequence[tuple[int, int]]) -> None:
-        """Relabel after the device moved slot src to dst for each (src, dst)."""
+        """Relabel after the device moved slot src to dst for each (src, dst), all at once.
+
+        Like the device's compaction, every move reads the table as it was before
+        any move: sources must be distinct owned slots, targets distinct free ones.
+        Nothing changes if any move is invalid.
+        """
+        sources, targets = [src for src, _ in moves], [dst for _, dst in moves]
         for src, dst in moves:
-            owner = self._owner[src]
-            if owner is None or self._owner[dst] is not None:
+            if not (0 <= src < self.capacity and 0 <= dst < self.capacity):
+                raise ValueError(f"move {src} -> {dst}: slots must be in [0, {self.capacity})")
+            if self._owner[src] is None or self._owner[dst] is not None:
                 raise ValueError(f"move {src} -> {dst}: source must be owned and target free")
-            self._owner[dst], self._owner[src] = owner, None
+        if len(set(sources)) < len(sources) or len(set(targets)) < len(targets):
+            raise ValueError(f"moves {list(moves)}: sources and targets must be distinct")
+        owners = [self._owner[src] for src in sources]
+        for src in sources:
+            self._owner[src] = None
+        for owner, dst in zip(owners, targets):
+            self._owner[dst] = owner
             self._slot_of[owner] = dst

