@@ -99,6 +99,12 @@ def _parse_line(number: int, line: str):
     return prompt, record
 
 
+def _log_finished(kind: str, request) -> None:
+    if kind == "finished":
+        print(f"request {request.request_id} finished: {request.finish_reason.value}, "
+              f"{len(request.token_ids)} tokens", file=sys.stderr, flush=True)
+
+
 def generate_mode() -> int:
     from flover_jax.request import FinishReason
 
@@ -109,6 +115,7 @@ def generate_mode() -> int:
         else Path(FLAGS.prompts_file).read_text().splitlines()
     )
     engine = _engine()
+    engine.scheduler.on_event = _log_finished
     ids: list[int | None] = []
     errors: dict[int, str] = {}
     for number, line in enumerate(lines, 1):
@@ -238,7 +245,11 @@ def main(argv: list[str]) -> int:
     # Compiled programs persist across runs: the second `make run` starts at once.
     jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent / ".cache" / "jax"))
     modes = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode}
-    return modes[FLAGS.mode]()
+    try:
+        return modes[FLAGS.mode]()
+    except ValueError as e:  # bad flag values and unreadable models: say what, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ class Buckets:
     kv_lengths: tuple[int, ...]  # cache positions the decode step reads
     prompt_lengths: tuple[int, ...]  # padded prefill lengths
     prefill_batches: tuple[int, ...]  # prompts per prefill call
-    moves: tuple[int, ...]  # entries per compact / release call
 
     @classmethod
     def for_engine(cls, max_slots: int, max_len: int, max_prefill_batch: int = 8) -> Buckets:
@@ -40,5 +39,4 @@ class Buckets:
             kv_lengths=powers_of_two(min(64, max_len), max_len),
             prompt_lengths=powers_of_two(min(16, max_len), max_len),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
-            moves=powers_of_two(1, max_slots),
         )

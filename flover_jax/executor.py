@@ -85,14 +85,14 @@ class DeviceExecutor:
         )
         return tokens
 
+    # Move and release lists are padded to the capacity: one shape, one compile per kv_len.
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
-        size = bucket(len(moves), self.buckets.moves)
-        src = self._pad_slots([s for s, _ in moves], size)
-        dst = self._pad_slots([d for _, d in moves], size)
+        src = self._pad_slots([s for s, _ in moves], self.num_slots)
+        dst = self._pad_slots([d for _, d in moves], self.num_slots)
         self.state = step.compact(self.state, src, dst, kv_len=kv_len)
 
     def release(self, slots: Sequence[int]) -> None:
-        self.state = step.release(self.state, self._pad_slots(slots, bucket(len(slots), self.buckets.moves)))
+        self.state = step.release(self.state, self._pad_slots(slots, self.num_slots))
 
     def read(self, handle: jax.Array) -> np.ndarray:
         return np.asarray(handle)
@@ -114,9 +114,7 @@ class DeviceExecutor:
         for width in windows or b.windows:
             for kv_len in kv_lengths:
                 self.decode(0, width, kv_len)
-        for size in b.moves:
-            padding = self._pad_slots([], size)
-            for kv_len in kv_lengths:
-                self.state = step.compact(self.state, padding, padding, kv_len=kv_len)
-            self.state = step.release(self.state, padding)
+        for kv_len in kv_lengths:
+            self.compact([], kv_len)
+        self.release([])
         jax.block_until_ready(self.state)

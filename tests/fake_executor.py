@@ -251,7 +251,7 @@ class FakeExecutor:
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
         self.calls["compact"] += 1
         moves = [(int(a), int(b)) for a, b in moves]
-        bucket(len(moves), self.buckets.moves)  # raises like the real executor
+        _check(len(moves) <= self.num_slots, f"compact: {len(moves)} moves > capacity")
         _check(kv_len in self.buckets.kv_lengths,
                f"compact: kv_len {kv_len} not in {self.buckets.kv_lengths}")
         srcs, dsts = [a for a, _ in moves], [b for _, b in moves]
@@ -283,7 +283,7 @@ class FakeExecutor:
     def release(self, slots: Sequence[int]) -> None:
         self.calls["release"] += 1
         slots = [int(s) for s in slots]
-        bucket(len(slots), self.buckets.moves)  # raises like the real executor
+        _check(len(slots) <= self.num_slots, f"release: {len(slots)} slots > capacity")
         _check(len(set(slots)) == len(slots), f"release: repeated slot in {slots}")
         for s in slots:
             _check(self._slot_ok(s), f"release: slot {s} out of range")

@@ -85,7 +85,6 @@ def scenarios(draw, busy: bool = False) -> Scenario:
             kv_lengths=powers_of_two(min(draw(st.sampled_from([2, 4, 8])), max_len), max_len),
             prompt_lengths=powers_of_two(min(2, max_len), max_len),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
-            moves=powers_of_two(1, num_slots),
         )
     specs = []
     for index in range(draw(st.integers(4, 14) if busy else st.integers(1, 12))):
@@ -578,8 +577,7 @@ def test_stream_yields_every_token_once():
 def test_fake_executor_enforces_device_contract():
     ex = FakeExecutor(num_slots=4, max_len=16, vocab_size=20,
                       buckets=Buckets(windows=(1, 2, 4), kv_lengths=(4, 8, 16),
-                                      prompt_lengths=(4, 8, 16), prefill_batches=(1, 2),
-                                      moves=(1, 2, 4)))
+                                      prompt_lengths=(4, 8, 16), prefill_batches=(1, 2)))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
     handle = ex.prefill([1, 2], [[1, 2, 3], [4]], [sp, sp])
     first = ex.read(handle)

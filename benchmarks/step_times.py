@@ -1,0 +1,117 @@
+"""Decode-step time against live slots, compaction time against moved slots, and prefill time
+per prompt bucket, on the default model (SmolLM2-135M, fp32). One command:
+
+    .venv/bin/python benchmarks/step_times.py
+
+Prints Markdown tables: medians of --repeats calls, tokens/s, and the bytes each decode
+step must read (weights + the live slots' KV) per second against --bandwidth_gbs.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from flover_jax.buckets import bucket
+from flover_jax.engine import Engine
+from flover_jax.sampling import SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model to time.")
+flags.DEFINE_integer("max_slots", 64, "Slot capacity (live slots go 1, 2, 4, ... up to it).")
+flags.DEFINE_integer("max_len", 1024, "Tokens per slot.")
+flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot while timing.")
+flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
+flags.DEFINE_float("bandwidth_gbs", 25.0, "Measured memory bandwidth of the machine (MACHINE.md).")
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # compile / warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def decode_table(engine: Engine) -> None:
+    ex, cfg = engine.executor, engine.cfg
+    slots = ex.num_slots
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ex.params)) - ex.params.embed.nbytes
+    kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+    contexts = [int(c) for c in FLAGS.contexts]
+    print(f"{weight_bytes / 1e6:.0f} MB of weights read per step (embedding table excluded), "
+          f"{kv_token / 1e3:.1f} kB of KV per cached token\n")
+    header = " | ".join(f"ctx {c}: ms | tok/s | GB/s (% of {FLAGS.bandwidth_gbs:.0f})" for c in contexts)
+    print(f"| live slots | {header} |")
+    print("|---:|" + "---:|---:|---:|" * len(contexts))
+    n = 1
+    while n <= slots:
+        cells = []
+        for context in contexts:
+            kv_len = bucket(context + FLAGS.repeats + 2, ex.buckets.kv_lengths)
+            ex.state = ex.state.replace(
+                active=jnp.asarray(np.arange(slots) < n), pos=jnp.full((slots,), context, jnp.int32),
+                remaining=jnp.full((slots,), 1 << 30, jnp.int32),
+            )
+            ms = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
+            rate = (weight_bytes + n * context * kv_token) / (ms / 1e3) / 1e9
+            roofline = 100 * rate / FLAGS.bandwidth_gbs
+            cells.append(f"{ms:.1f} | {n / ms * 1e3:.0f} | {rate:.1f} ({roofline:.0f}%)")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+        n *= 2
+    ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
+
+
+def compaction_table(engine: Engine) -> None:
+    ex = engine.executor
+    half = ex.num_slots // 2
+    print("\n| moved slots | " + " | ".join(f"compact ms (kv {k})" for k in (256, 1024)) + " |")
+    print("|---:|---:|---:|")
+    n = 1
+    while n <= half:
+        moves = [(half + i, i) for i in range(n)]
+        cells = []
+        for kv_len in (256, 1024):
+            def move(kv_len=kv_len):
+                ex.compact(moves, kv_len)
+                jax.block_until_ready(ex.state)
+
+            cells.append(f"{median_ms(move, FLAGS.repeats):.2f}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+        n *= 2
+
+
+def prefill_table(engine: Engine) -> None:
+    ex = engine.executor
+    print("\n| prompt bucket | prefill + insert ms (1 prompt) | (8 prompts) |")
+    print("|---:|---:|---:|")
+    params = SamplingParams(max_new_tokens=1)
+    for t in [t for t in ex.buckets.prompt_lengths if t <= 512]:
+        prompt = list(range(3, 3 + t))
+        one = median_ms(lambda: ex.read(ex.prefill([0], [prompt], [params])), 3)
+        eight = median_ms(lambda: ex.read(ex.prefill(list(range(8)), [prompt] * 8, [params] * 8)), 3)
+        print(f"| {t} | {one:.1f} | {eight:.1f} |")
+
+
+def main(argv):
+    del argv
+    print(f"# {FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+    engine = Engine.from_pretrained(FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
+    decode_table(engine)
+    prefill_table(engine)
+    del engine
+    gc.collect()
+    # Twice the slots, so that up to max_slots of them can move into the other half.
+    compaction_table(Engine.from_pretrained(
+        FLAGS.model, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))
+
+
+if __name__ == "__main__":
+    app.run(main)
