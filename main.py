@@ -22,6 +22,10 @@ flags.DEFINE_string("dtype", None, "Override the weights' dtype (float32 on CPU,
 flags.DEFINE_integer("max_slots", 16, "Requests decoded at once (slot capacity).")
 flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
+flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: devices (across all processes) per model.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 # generate
 flags.DEFINE_string("prompt", None, "One prompt (generate mode).")
 flags.DEFINE_string("prompts_file", None, 'JSONL: {"prompt": ...} or {"prompt_ids": [...]} a line.')
@@ -69,13 +73,29 @@ def _sampling_from_flags(overrides: dict | None = None):
     return SamplingParams(**fields)
 
 
+class _Follower(Exception):
+    """Raised on processes other than 0 once they have replayed process 0's run."""
+
+
+_ENGINES = []
+
+
 def _engine():
+    """The engine every mode uses. In a multi-process run, processes other than 0 follow
+    process 0's device calls here and then leave the mode."""
+    import jax
+
     from flover_jax.engine import Engine
 
-    return Engine.from_pretrained(
+    engine = Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
-        policy=FLAGS.policy,
+        policy=FLAGS.policy, tp=FLAGS.tp,
     )
+    if jax.process_index() > 0:
+        engine.follow()
+        raise _Follower
+    _ENGINES.append(engine)
+    return engine
 
 
 def _parse_line(number: int, line: str):
@@ -245,11 +265,22 @@ def main(argv: list[str]) -> int:
     # Compiled programs persist across runs: the second `make run` starts at once.
     jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent / ".cache" / "jax"))
     modes = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode}
+    if FLAGS.num_processes > 1:
+        from flover_jax import distributed
+
+        if not FLAGS.coordinator_address:
+            raise app.UsageError("--num_processes > 1 needs --coordinator_address=host:port")
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         return modes[FLAGS.mode]()
+    except _Follower:
+        return 0
     except ValueError as e:  # bad flag values and unreadable models: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for engine in _ENGINES:
+            engine.close()
 
 
 if __name__ == "__main__":

@@ -15,12 +15,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import jax
+from jax.sharding import Mesh
+
 from flover_jax.buckets import Buckets
+from flover_jax.distributed import BroadcastExecutor, follow
 from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
 from flover_jax.request import Request, RequestOutput, StreamDelta
 from flover_jax.sampling import SamplingParams
 from flover_jax.scheduler import POLICIES, Scheduler, Stats
+from flover_jax.sharding import make_mesh
 from flover_jax.tokenizer import Tokenizer
 from models.config import ModelConfig
 from models.transformer import Params
@@ -56,23 +61,46 @@ class Engine:
         max_len: int = 1024,
         policy: str = "flover",
         max_prefill_batch: int = 8,
+        mesh: Mesh | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
         self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
         buckets = Buckets.for_engine(max_slots, max_len, max_prefill_batch)
-        self.executor = DeviceExecutor(params, cfg, max_slots, max_len, self.eos_ids, buckets)
+        self.executor = DeviceExecutor(
+            params, cfg, max_slots, max_len, self.eos_ids, buckets, mesh
+        )
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            # Process 0 schedules for everyone; the others call `follow` (distributed.py).
+            self.executor = BroadcastExecutor(self.executor)
         self.scheduler = self._new_scheduler(policy)
         self._outputs: dict[int, RequestOutput] = {}
 
     @classmethod
     def from_pretrained(
-        cls, source: str | Path = DEFAULT_MODEL, *, dtype: str | None = None, **engine_options
+        cls,
+        source: str | Path = DEFAULT_MODEL,
+        *,
+        dtype: str | None = None,
+        tp: int = 1,
+        **engine_options,
     ) -> Engine:
-        """A preset name, Hugging Face directory, .gguf file or orbax checkpoint directory."""
-        cfg, params, tokenizer = load_model(source, dtype=dtype)
-        return cls(cfg, params, tokenizer, **engine_options)
+        """A preset name, Hugging Face directory, .gguf file or orbax checkpoint directory,
+        served with tensor parallelism over `tp` devices (of every process)."""
+        mesh = make_mesh(tp)
+        cfg, params, tokenizer = load_model(source, dtype=dtype, mesh=mesh)
+        return cls(cfg, params, tokenizer, mesh=mesh, **engine_options)
+
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-process run: replay process 0's device calls
+        until it calls `close`."""
+        follow(self.executor)
+
+    def close(self) -> None:
+        """On process 0 of a multi-process run: release the followers (a no-op otherwise)."""
+        if isinstance(self.executor, BroadcastExecutor):
+            self.executor.close()
 
     def _new_scheduler(
         self,

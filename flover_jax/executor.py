@@ -1,4 +1,4 @@
-"""DeviceExecutor: the device verbs of `step.py` bound to one model and one DecodeState.
+"""DeviceExecutor: the device verbs of `step.py` bound to one model, mesh and DecodeState.
 
 It pads every host list to its bucket (prompts, batches, moves) so that the
 verbs see only bucketed shapes, and hands back device arrays without waiting
@@ -8,17 +8,27 @@ for them: JAX's async dispatch lets the host run ahead of the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from flover_jax import step
+from flover_jax import sharding, step
 from flover_jax.buckets import Buckets, bucket
 from flover_jax.sampling import SamplingParams, SlotSampling
 from flover_jax.state import DecodeState
 from models.config import ModelConfig
 from models.transformer import Params
+
+
+def _place(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Put a param on its shards. Across processes, a local array goes through the host:
+    every process holds the same values and sends only its own shards."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+        x = np.asarray(x)
+    return jax.device_put(x, sharding)
 
 
 class DeviceExecutor:
@@ -30,6 +40,7 @@ class DeviceExecutor:
         max_len: int,
         eos_ids: Sequence[int] = (),
         buckets: Buckets | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
@@ -37,11 +48,19 @@ class DeviceExecutor:
             raise ValueError(
                 f"max_len={max_len}: must be in [2, {cfg.max_positions}] (the model's positions)"
             )
-        self.params, self.cfg = params, cfg
+        self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.buckets = buckets or Buckets.for_engine(num_slots, max_len)
-        self.state = DecodeState.empty(cfg, num_slots, max_len)
+        params_sharding = sharding.param_shardings(params, cfg, self.mesh)
+        self.params = jax.tree.map(_place, params, params_sharding)
+        empty = partial(DecodeState.empty, cfg, num_slots, max_len)
+        state_sharding = sharding.state_shardings(jax.eval_shape(empty), cfg, self.mesh)
+        self.state = jax.jit(empty, out_shardings=state_sharding)()
+        self.verbs = step.Verbs(
+            cfg, self.eos_ids, params_sharding, state_sharding,
+            sharding.kv_sharding(cfg, self.mesh), sharding.replicated(self.mesh),
+        )
 
     def _pad_slots(self, slots: Sequence[int], size: int) -> np.ndarray:
         """Slot ids padded with the out-of-range slot S, which every scatter drops."""
@@ -71,17 +90,15 @@ class DeviceExecutor:
         max_new[: len(params)] = [p.max_new_tokens for p in params]
         ignore_eos = np.zeros(b, bool)
         ignore_eos[: len(params)] = [p.ignore_eos for p in params]
-        prefilled = step.prefill(self.params, self.cfg, tokens, lengths, sampling)
-        self.state = step.insert(
-            self.state, prefilled, slots, lengths, max_new, ignore_eos, sampling,
-            eos_ids=self.eos_ids,
+        prefilled = self.verbs.prefill(self.params, tokens, lengths, sampling)
+        self.state = self.verbs.insert(
+            self.state, prefilled, slots, lengths, max_new, ignore_eos, sampling
         )
         return prefilled.first_token
 
     def decode(self, start: int, width: int, kv_len: int) -> jax.Array:
-        self.state, tokens = step.decode_step(
-            self.params, self.state, jnp.int32(start), cfg=self.cfg, width=width,
-            kv_len=kv_len, eos_ids=self.eos_ids,
+        self.state, tokens = self.verbs.decode_step(
+            self.params, self.state, jnp.int32(start), width, kv_len
         )
         return tokens
 
@@ -89,13 +106,14 @@ class DeviceExecutor:
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
         src = self._pad_slots([s for s, _ in moves], self.num_slots)
         dst = self._pad_slots([d for _, d in moves], self.num_slots)
-        self.state = step.compact(self.state, src, dst, kv_len=kv_len)
+        self.state = self.verbs.compact(self.state, src, dst, kv_len)
 
     def release(self, slots: Sequence[int]) -> None:
-        self.state = step.release(self.state, self._pad_slots(slots, self.num_slots))
+        self.state = self.verbs.release(self.state, self._pad_slots(slots, self.num_slots))
 
     def read(self, handle: jax.Array) -> np.ndarray:
-        return np.asarray(handle)
+        # Outputs are replicated: this process's copy is the whole array, even across hosts.
+        return np.asarray(handle.addressable_data(0))
 
     def warmup(
         self,

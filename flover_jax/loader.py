@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from flover_jax import checkpoint
+from flover_jax import checkpoint, sharding
 from flover_jax.convert.gguf import load_gguf, open_gguf
 from flover_jax.convert.huggingface import load_hf
 from flover_jax.convert.tensors import CheckpointError
@@ -35,9 +35,7 @@ def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
         reader = open_gguf(path)
         cfg, params = load_gguf(path, reader)
         return cfg, params, Tokenizer.from_gguf(reader)
-    if path.is_dir() and checkpoint.is_checkpoint(path):
-        return checkpoint.restore(path)
-    if path.is_dir():
+    if path.is_dir() and not checkpoint.is_checkpoint(path):
         cfg, params = load_hf(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
         return cfg, params, tokenizer
@@ -45,35 +43,45 @@ def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
         raise CheckpointError(
             f"{source}: no such file, directory or preset; presets: {', '.join(PRESETS)}"
         )
-    raise CheckpointError(f"{source}: expected a .gguf file or a model directory")
+    raise CheckpointError(f"{source}: expected a .gguf file or a Hugging Face model directory")
 
 
-def _preset(name: str) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    if PRESETS[name] == "tiny":
-        cfg = tiny_config(name.removeprefix("tiny-"))
-        return cfg, init_params(cfg, jax.random.key(0)), None
-    converted = CHECKPOINT_DIR / name
-    if not checkpoint.is_checkpoint(converted):
-        cfg, params, tokenizer = convert(smollm2_gguf_path())
-        checkpoint.save(converted, cfg, params, tokenizer)
-    return checkpoint.restore(converted)
+def _restore(directory: Path, mesh: Mesh | None):
+    """An orbax checkpoint, each array read straight into its shard of `mesh` when given."""
+    if mesh is None:
+        return checkpoint.restore(directory)
+    cfg = checkpoint.load_config(directory)
+    shardings = sharding.param_shardings(checkpoint.abstract_params(cfg), cfg, mesh)
+    return checkpoint.restore(directory, shardings)
 
 
 def load_model(
-    source: str | Path = DEFAULT_MODEL, dtype: str | None = None
+    source: str | Path = DEFAULT_MODEL, dtype: str | None = None, mesh: Mesh | None = None
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    """(config, device params, tokenizer or None) for a preset, directory or file.
+    """(config, params, tokenizer or None) for a preset, directory or file.
 
     dtype overrides the weights' and activations' dtype ("float32" on CPU,
-    "bfloat16" on GPU/TPU); softmax, norms and logits stay float32.
+    "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. With a mesh,
+    orbax checkpoints (the default model included) restore straight into their
+    shards; imported files stay on the host until the engine places them.
     """
-    if str(source) in PRESETS:
-        cfg, params, tokenizer = _preset(str(source))
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    name = str(source)
+    if PRESETS.get(name) == "tiny":
+        cfg = tiny_config(name.removeprefix("tiny-"))
+        # Weights large enough for varied greedy continuations (small ones repeat a token).
+        cfg, params, tokenizer = cfg, init_params(cfg, jax.random.key(0), scale=0.3), None
     else:
-        cfg, params, tokenizer = convert(source)
+        if PRESETS.get(name) == "gguf":
+            source = CHECKPOINT_DIR / name
+            if not checkpoint.is_checkpoint(source):
+                checkpoint.save(source, *convert(smollm2_gguf_path()))
+        if checkpoint.is_checkpoint(source):
+            cfg, params, tokenizer = _restore(Path(source), mesh)
+        else:
+            cfg, params, tokenizer = convert(source)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
         cfg = cfg.replace(dtype=dtype)
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+    params = jax.tree.map(lambda x: x.astype(cfg.jnp_dtype), params)
     return cfg, params, tokenizer

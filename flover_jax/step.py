@@ -6,10 +6,11 @@
 - `compact`:  move whole slots src -> dst (the memory shuffle), in place.
 - `release`:  deactivate slots the host finished (stop strings, stop ids, cancel).
 
-Static arguments (width, kv_len, t, and the move / release list lengths) come
-from small bucket sets chosen by the host, so the number of compiles is
-bounded by those sets and never by traffic. Index arrays padded with the
-out-of-range slot S make scatters drop the padding rows.
+The functions are pure; `Verbs` jits them for one model and mesh with explicit
+in/out shardings and the state donated. Static arguments (width, kv_len and the
+prompt shapes) come from small bucket sets chosen by the host, so the number of
+compiles is bounded by those sets and never by traffic. Index arrays padded
+with the out-of-range slot S make scatters drop the padding rows.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return hit
 
 
-@partial(jax.jit, static_argnums=(1,))
 def prefill(
     params: Params,
-    cfg: ModelConfig,
     tokens: jax.Array,
     lengths: jax.Array,
     sampling: SlotSampling,
+    *,
+    cfg: ModelConfig,
 ) -> Prefilled:
     """tokens [b, t] right-padded, lengths [b] >= 1, sampling fields [b]."""
     b, t = tokens.shape
@@ -64,7 +65,6 @@ def prefill(
     return Prefilled(k=k, v=v, first_token=first, seen=seen)
 
 
-@partial(jax.jit, static_argnames=("eos_ids",), donate_argnames=("state",))
 def insert(
     state: DecodeState,
     prefilled: Prefilled,
@@ -73,6 +73,7 @@ def insert(
     max_new_tokens: jax.Array,
     ignore_eos: jax.Array,
     sampling: SlotSampling,
+    *,
     eos_ids: tuple[int, ...],
 ) -> DecodeState:
     """Give each prefilled prompt its slot; all arrays [b], slots = S for padding rows."""
@@ -104,19 +105,14 @@ def insert(
     )
 
 
-@partial(
-    jax.jit,
-    static_argnames=("cfg", "width", "kv_len", "eos_ids"),
-    donate_argnames=("state",),
-)
 def decode_step(
     params: Params,
     state: DecodeState,
     start: jax.Array,
-    *,
-    cfg: ModelConfig,
     width: int,
     kv_len: int,
+    *,
+    cfg: ModelConfig,
     eos_ids: tuple[int, ...],
 ) -> tuple[DecodeState, jax.Array]:
     """One token for each active slot of [start, start + width); -1 for the others.
@@ -159,7 +155,6 @@ def decode_step(
     return state, jnp.where(active, new, -1)
 
 
-@partial(jax.jit, static_argnames=("kv_len",), donate_argnames=("state",))
 def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> DecodeState:
     """Move slot src[i] to dst[i] (whole rows; KV up to kv_len), src slots become inactive.
 
@@ -191,7 +186,56 @@ def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> 
     return moved.replace(cache=cache).deactivate(src)
 
 
-@partial(jax.jit, donate_argnames=("state",))
 def release(state: DecodeState, slots: jax.Array) -> DecodeState:
     """Deactivate slots (padding entries = S)."""
     return state.deactivate(slots)
+
+
+class Verbs:
+    """The verbs jitted for one model and mesh, with explicit in/out shardings.
+
+    The state is donated everywhere; host arrays (tokens, slot ids, sampling
+    settings) are replicated. width, kv_len (and the prompt shapes) stay static.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        eos_ids: tuple[int, ...],
+        params_sharding,
+        state_sharding,
+        kv_sharding,
+        replicated,
+    ) -> None:
+        prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first_token=replicated, seen=replicated)
+        self.prefill = jax.jit(
+            partial(prefill, cfg=cfg),
+            in_shardings=(params_sharding, replicated, replicated, replicated),
+            out_shardings=prefilled,
+        )
+        self.insert = jax.jit(
+            partial(insert, eos_ids=eos_ids),
+            in_shardings=(state_sharding, prefilled) + (replicated,) * 5,
+            out_shardings=state_sharding,
+            donate_argnums=0,
+        )
+        self.decode_step = jax.jit(
+            partial(decode_step, cfg=cfg, eos_ids=eos_ids),
+            static_argnums=(3, 4),  # width, kv_len
+            in_shardings=(params_sharding, state_sharding, replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=1,
+        )
+        self.compact = jax.jit(
+            compact,
+            static_argnums=3,  # kv_len
+            in_shardings=(state_sharding, replicated, replicated),
+            out_shardings=state_sharding,
+            donate_argnums=0,
+        )
+        self.release = jax.jit(
+            release,
+            in_shardings=(state_sharding, replicated),
+            out_shardings=state_sharding,
+            donate_argnums=0,
+        )

@@ -8,3 +8,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+from jax import monitoring  # noqa: E402
+
+_BACKEND_COMPILES: list[str] = []
+monitoring.register_event_duration_secs_listener(
+    lambda name, *_args, **_kwargs: _BACKEND_COMPILES.append(name)
+    if name == "/jax/core/compile/backend_compile_duration" else None
+)
+
+
+@pytest.fixture
+def compiles():
+    """`with compiles() as n: ...` then `n()` is the number of XLA compiles inside the block."""
+
+    @contextlib.contextmanager
+    def counting():
+        start = len(_BACKEND_COMPILES)
+        end = []
+        yield lambda: (end[0] if end else len(_BACKEND_COMPILES)) - start
+        end.append(len(_BACKEND_COMPILES))
+
+    return counting

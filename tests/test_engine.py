@@ -4,7 +4,6 @@ compaction, bounded compiles, cancel, and bad input through the API."""
 import jax
 import numpy as np
 import pytest
-from jax import monitoring
 
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling import SamplingParams
@@ -145,16 +144,11 @@ def test_compaction_moves_every_slot_array_bitwise(engine):
         assert output.token_ids == alone.token_ids
 
 
-def test_compiles_are_bounded_by_buckets(tiny):
+def test_compiles_are_bounded_by_buckets(tiny, compiles):
     cfg, params = tiny
     engine = Engine(cfg, params, max_slots=8, max_len=128)
     b = engine.executor.buckets
     engine.executor.warmup()
-    compiles = []
-    monitoring.register_event_duration_secs_listener(
-        lambda name, _d, **_kw: compiles.append(name)
-        if name == "/jax/core/compile/backend_compile_duration" else None
-    )
     rng = np.random.default_rng(7)
     workload = [
         TimedRequest(
@@ -166,10 +160,11 @@ def test_compiles_are_bounded_by_buckets(tiny):
         )
         for i in range(200)
     ]
-    result = run_with_fake_clock(engine, workload)
+    with compiles() as count:
+        result = run_with_fake_clock(engine, workload)
     assert len(result.outputs) == 200
     assert result.stats.compactions > 0
-    assert compiles == [], f"{len(compiles)} compiles after warming every bucket"
+    assert count() == 0, f"{count()} compiles after warming every bucket"
     assert set(result.stats.windows) <= set(b.windows)
 
 

@@ -1,0 +1,128 @@
+"""Tensor parallelism over a Mesh: logical axes on every array, one rules object to the mesh.
+
+Every param and state array names its dims with logical axes (`heads`, `kv_heads`,
+`mlp`, `vocab`, `slots`); `ShardingRules` maps them to mesh axes ("model" for
+tensor parallelism). Megatron's split follows: q/k/v and MLP up/gate split by
+columns (heads / features), the attention output and MLP down by rows, the LM
+head by vocabulary, the KV cache by KV heads; XLA inserts the all-reduces. The
+embedding table stays replicated (a token lookup, not a matmul). Where tp does
+not divide the KV heads (or the vocabulary) those arrays are replicated instead.
+
+The mesh is built before any compile, and a mesh that cannot work fails here
+with a message naming the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.config import ModelConfig
+
+MODEL, DATA = "model", "data"
+
+# Logical axes of each param leaf, by the leaf's field name (models/layers.py, transformer.py).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": (None, None),
+    "pos_embed": (None, None),
+    "lm_head": (None, "vocab"),
+    "lm_head_bias": ("vocab",),
+    "scale": (None,),
+    "bias": (None,),
+    "wq": (None, "heads", None),
+    "wk": (None, "kv_heads", None),
+    "wv": (None, "kv_heads", None),
+    "wo": ("heads", None, None),
+    "bq": ("heads", None),
+    "bk": ("kv_heads", None),
+    "bv": ("kv_heads", None),
+    "bo": (None,),
+    "w_in": (None, "mlp"),
+    "w_gate": (None, "mlp"),
+    "w_out": ("mlp", None),
+    "b_in": ("mlp",),
+    "b_out": (None,),
+}
+
+# Logical axes of each DecodeState leaf (flover_jax/state.py); sampling fields are per slot.
+STATE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": (None, "slots", None, "kv_heads", None),
+    "v": (None, "slots", None, "kv_heads", None),
+    "seen": ("slots", None),
+    "output_seen": ("slots", None),
+}
+PER_SLOT = ("slots",)
+
+
+def make_mesh(tp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data=1, model=tp) mesh over the first tp devices (of every process)."""
+    devices = jax.devices() if devices is None else devices
+    if tp < 1:
+        raise ValueError(f"tp={tp}: must be >= 1")
+    if tp > len(devices):
+        raise ValueError(f"tp={tp}: more devices asked than exist ({len(devices)} available)")
+    grid = np.asarray(devices[:tp]).reshape(1, tp)
+    return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (None = replicated)."""
+
+    rules: dict[str, str | None]
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> ShardingRules:
+        tp = mesh.shape[MODEL]
+        if cfg.n_heads % tp:
+            divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
+            raise ValueError(
+                f"tp={tp}: does not divide n_heads={cfg.n_heads}; allowed tp: {divisors}"
+            )
+        if cfg.d_ff % tp:
+            raise ValueError(f"tp={tp}: does not divide the MLP width d_ff={cfg.d_ff}")
+        return cls({
+            "heads": MODEL,
+            "kv_heads": MODEL if cfg.n_kv_heads % tp == 0 else None,  # else replicate KV heads
+            "mlp": MODEL,
+            "vocab": MODEL if cfg.vocab_size % tp == 0 else None,
+            "slots": None,
+        })
+
+    def spec(self, axes: tuple[str | None, ...]) -> P:
+        return P(*(self.rules.get(a) if a else None for a in axes))
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "name", getattr(path[-1], "key", path[-1])))
+
+
+def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
+    """A Params-shaped pytree of NamedShardings (params may be abstract)."""
+    rules = ShardingRules.for_model(cfg, mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, rules.spec(PARAM_AXES[_leaf_name(path)])), params
+    )
+
+
+def state_shardings(state, cfg: ModelConfig, mesh: Mesh):
+    """A DecodeState-shaped pytree of NamedShardings (state may be abstract)."""
+    rules = ShardingRules.for_model(cfg, mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, rules.spec(STATE_AXES.get(_leaf_name(path), PER_SLOT))),
+        state,
+    )
+
+
+def kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Prefill K/V [layers, b, t, kv_heads, head_dim]: split like the cache."""
+    rules = ShardingRules.for_model(cfg, mesh)
+    return NamedSharding(mesh, rules.spec((None, None, None, "kv_heads", None)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,51 @@
+"""Two processes on 127.0.0.1 (2 fake CPU devices each) run one generation at tp=4 through
+jax.distributed and produce the tokens of a single process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_tp4_equal_one_process(tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    lines = [{"prompt_ids": [3 + i, 40 + 7 * i, 9], "max_new_tokens": 6 + 3 * i} for i in range(5)]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    common = ["--mode=generate", "--model=tiny-llama", "--max_slots=2", "--max_len=64",
+              f"--prompts_file={prompts}"]
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "main.py", *common, "--tp=4", f"--output={tmp_path / f'out{i}.jsonl'}",
+             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert not (tmp_path / "out1.jsonl").exists()  # outputs are gathered on process 0
+    two = [json.loads(line) for line in (tmp_path / "out0.jsonl").read_text().splitlines()]
+
+    single = subprocess.run([sys.executable, "main.py", *common], cwd=REPO, capture_output=True,
+                            text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    one = [json.loads(line) for line in single.stdout.splitlines() if line.startswith("{")]
+    assert len(two) == len(one) == len(lines)
+    assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
+    assert all(r["finish_reason"] == "length" for r in two)
