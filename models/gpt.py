@@ -32,11 +32,12 @@ def _check_activation(hf: dict, family: str) -> None:
         raise ValueError(f"{family}: activation_function={act!r} is unsupported (gelu_new only)")
 
 
-def gpt2_config(hf: dict) -> ModelConfig:
-    _check_activation(hf, "gpt2")
+def _gpt_fields(hf: dict, family: str) -> dict:
+    """What GPT-2 and GPT-J share: LayerNorm, GELU (tanh), MLP biases, multi-head attention."""
+    _check_activation(hf, family)
     d, heads = hf["n_embd"], hf["n_head"]
-    return ModelConfig(
-        family="gpt2",
+    return dict(
+        family=family,
         vocab_size=hf["vocab_size"],
         d_model=d,
         n_layers=hf["n_layer"],
@@ -47,40 +48,29 @@ def gpt2_config(hf: dict) -> ModelConfig:
         max_positions=hf["n_positions"],
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        positions="learned",
         activation="gelu_tanh",
-        attention_bias=True,
         mlp_bias=True,
-        tie_embeddings=True,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
     )
 
 
-def gptj_config(hf: dict) -> ModelConfig:
-    _check_activation(hf, "gptj")
-    d, heads = hf["n_embd"], hf["n_head"]
+def gpt2_config(hf: dict) -> ModelConfig:
+    """Learned positions, biases everywhere, LM head tied to the embedding."""
     return ModelConfig(
-        family="gptj",
-        vocab_size=hf["vocab_size"],
-        d_model=d,
-        n_layers=hf["n_layer"],
-        n_heads=heads,
-        n_kv_heads=heads,
-        head_dim=d // heads,
-        d_ff=hf.get("n_inner") or 4 * d,
-        max_positions=hf["n_positions"],
-        norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **_gpt_fields(hf, "gpt2"), positions="learned", attention_bias=True, tie_embeddings=True
+    )
+
+
+def gptj_config(hf: dict) -> ModelConfig:
+    """Rotary on the first rotary_dim dims (interleaved), parallel residual, untied biased head."""
+    return ModelConfig(
+        **_gpt_fields(hf, "gptj"),
         positions="rope_interleaved",
         rotary_dim=hf.get("rotary_dim") or 0,
         parallel_residual=True,
-        activation="gelu_tanh",
-        mlp_bias=True,
         lm_head_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=_eos_ids(hf),
     )
 
 
