@@ -32,6 +32,7 @@ class RequestOutput:
     finish_reason: str
     error: str | None
     arrival_s: float  # all times in seconds on the scheduler's clock
+    admitted_s: float | None  # prefill dispatched (None: never admitted)
     first_token_s: float | None
     finished_s: float
     token_times_s: list[float]
@@ -76,6 +77,7 @@ class Request:
         )
         self.token_ids: list[int] = []
         self.token_times_s: list[float] = []
+        self.admitted_s: float | None = None
         self.first_token_s: float | None = None
         self.finished_s: float | None = None
         self.finish_reason: FinishReason | None = None
@@ -165,6 +167,7 @@ class Request:
             finish_reason=self.finish_reason.value,
             error=self.error,
             arrival_s=self.arrival_s,
+            admitted_s=self.admitted_s,
             first_token_s=self.first_token_s,
             finished_s=self.finished_s,
             token_times_s=self.token_times_s,

@@ -323,7 +323,9 @@ class Scheduler:
             for i in range(0, len(group), buckets.prefill_batches[-1]):
                 chunk = group[i : i + buckets.prefill_batches[-1]]
                 slots = [self.table.allocate(r.request_id) for r in chunk]
+                now = self.now()
                 for request in chunk:
+                    request.admitted_s = now
                     self._running[request.request_id] = request
                     self._positions[request.request_id] = len(request.prompt_ids)
                     if self.on_event:

@@ -99,3 +99,17 @@ def test_greedy_continuation_equals_hf_generate(family_model):
     for _ in range(new_tokens):  # recompute the whole prefix: independent of the cache path
         seq.append(int(jnp.argmax(forward(params, cfg, jnp.asarray([seq]))[0, -1])))
     assert seq[prompt.shape[1] :] == expected.tolist()
+
+
+def test_bfloat16_runs_close_to_float32(family_model):
+    """The GPU configuration: bf16 weights and activations, float32 softmax, norms and logits."""
+    _, _, cfg, params = family_model
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, size=(2, 9)))
+    bf16 = cfg.replace(dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    forward = jax.jit(transformer.forward, static_argnums=1)
+    ours16 = forward(params16, bf16, tokens)
+    ours32 = forward(params, cfg, tokens)
+    assert ours16.dtype == jnp.float32
+    scale = float(jnp.abs(ours32).max())
+    assert float(jnp.abs(ours16 - ours32).max()) < 0.05 * scale
