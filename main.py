@@ -51,6 +51,7 @@ flags.DEFINE_integer("prompt_len", 8, "Random-token prompt length (bench).")
 flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens: N or uniform:LO:HI (bench).")
 flags.DEFINE_string("output_json", None, "Write the bench summary here.")
 flags.DEFINE_bool("warmup", True, "Compile every bucket before timing (bench).")
+flags.DEFINE_integer("solo_samples", 3, "Requests run alone for latency_vs_solo (0: skip).")
 # convert
 flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face directory).")
 flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
@@ -186,6 +187,16 @@ def _workload(engine):
         if not FLAGS.trace:
             raise app.UsageError("--workload=trace needs --trace=FILE")
         return workload.read_trace(FLAGS.trace)
+    if FLAGS.prompts_file:  # real prompts, arrivals and lengths as the flags say
+        prompts = [_parse_line(n, line)[0] for n, line in
+                   enumerate(Path(FLAGS.prompts_file).read_text().splitlines(), 1) if line.strip()]
+        if FLAGS.chat:
+            prompts = [engine.chat_prompt(p) if isinstance(p, str) else p for p in prompts]
+        return workload.with_prompts(
+            prompts, FLAGS.workload, FLAGS.num_requests, FLAGS.output_len,
+            ignore_eos=FLAGS.ignore_eos, seed=FLAGS.seed, interval_s=FLAGS.interval_s,
+            rate=FLAGS.rate, burstiness=FLAGS.burstiness,
+        )
     return workload.synthetic(
         FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len, FLAGS.output_len,
         engine.cfg.vocab_size, ignore_eos=FLAGS.ignore_eos, seed=FLAGS.seed,
@@ -219,18 +230,11 @@ def run_mode() -> int:
 def bench_mode() -> int:
     from rich.console import Console
 
-    from flover_jax import metrics, viz
+    from flover_jax import bench, viz
 
     engine = _engine()
-    requests = _workload(engine)
-    import time
-
-    start = time.perf_counter()
-    if FLAGS.warmup:
-        engine.executor.warmup()
-    compile_s = time.perf_counter() - start
-    result = engine.run(requests)
-    summary = metrics.summarize(result) | {"compile_s": compile_s, **metrics.memory(engine)}
+    summary = bench.run(engine, _workload(engine), warmup=FLAGS.warmup,
+                        solo_samples=FLAGS.solo_samples)
     Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
     text = json.dumps(summary, indent=2)
     if FLAGS.output_json:

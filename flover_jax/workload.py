@@ -76,6 +76,22 @@ def output_lengths(spec: str | int, n: int, seed: int = 0) -> np.ndarray:
     return np.full(n, value)
 
 
+def with_prompts(
+    prompts: list, kind: str, n: int, output_len: str | int, *, ignore_eos: bool = False,
+    seed: int = 0, **arrival_options,
+) -> list[TimedRequest]:
+    """n requests cycling through the given prompts (text or ids), arrivals and lengths as asked."""
+    if not prompts:
+        raise ValueError("prompts_file: no prompts")
+    arrivals = arrival_times(kind, n, seed=seed, **arrival_options)
+    lengths = output_lengths(output_len, n, seed)
+    return [
+        TimedRequest(prompts[i % len(prompts)],
+                     SamplingParams(max_new_tokens=int(m), ignore_eos=ignore_eos), float(t))
+        for i, (t, m) in enumerate(zip(arrivals, lengths))
+    ]
+
+
 def synthetic(
     kind: str, n: int, prompt_len: int, output_len: str | int, vocab_size: int, *,
     ignore_eos: bool = True, seed: int = 0, **arrival_options,

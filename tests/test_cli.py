@@ -91,12 +91,12 @@ def test_generate_single_prompt_to_stdout():
     assert record["finish_reason"] == "error" and "no tokenizer" in record["error"]
 
 
-@pytest.mark.parametrize("policy", ["flover", "sequential"])
-def test_bench_mode_writes_valid_json(tmp_path, policy):
+@pytest.mark.parametrize("policy, warmup", [("flover", "--warmup"), ("sequential", "--nowarmup")])
+def test_bench_mode_writes_valid_json(tmp_path, policy, warmup):
     out = tmp_path / "bench.json"
     result = run_main("--mode=bench", "--model=tiny-llama", "--workload=poisson", "--rate=50",
                       "--num_requests=12", "--output_len=uniform:4:24", "--ignore_eos",
-                      f"--policy={policy}", "--max_slots=4", "--max_len=64", "--nowarmup",
+                      f"--policy={policy}", "--max_slots=4", "--max_len=64", warmup,
                       f"--output_json={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -108,6 +108,10 @@ def test_bench_mode_writes_valid_json(tmp_path, policy):
     assert summary["makespan_s"] > 0 and summary["output_tokens_per_s"] > 0
     assert summary["kv_cache_bytes"] > 0 and summary["peak_rss_bytes"] > 0
     assert len(summary["requests"]) == 12
+    assert summary["compile_s"] >= 0 and summary["iterations"] >= summary["decode_steps"] > 0
+    assert summary["latency_vs_solo"] > 0.5 and summary["solo"]["tpot_s"] > 0
+    if warmup == "--warmup":  # otherwise the run's latencies include compiles
+        assert summary["latency_vs_solo"] < 50
     if policy == "sequential":
         assert summary["mean_inflight"] == 1.0
 
