@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from step_times import decode_table  # benchmarks/ is on sys.path when run as a script
 
 from flover_jax.engine import Engine, TimedRequest
@@ -28,6 +28,7 @@ def greedy(engine: Engine) -> list[list[int]]:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     kind = jax.devices()[0].device_kind
     peak = FLAGS.peak_gbs or next((v for k, v in PEAKS_GBS.items() if k in kind), 0.0)
     FLAGS.bandwidth_gbs = peak or FLAGS.bandwidth_gbs

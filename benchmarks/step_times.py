@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -102,7 +102,9 @@ def prefill_table(engine: Engine) -> None:
 
 def main(argv):
     del argv
-    print(f"# {FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
+    print(f"{FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}; command: "
+          "`.venv/bin/python benchmarks/step_times.py`\n")
     engine = Engine.from_pretrained(FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
     decode_table(engine)
     prefill_table(engine)

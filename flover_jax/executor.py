@@ -1,7 +1,7 @@
 """DeviceExecutor: the device verbs of `step.py` bound to one model, mesh and DecodeState.
 
-It pads every host list to its bucket (prompts, batches, moves) so that the
-verbs see only bucketed shapes, and hands back device arrays without waiting
+It pads prompts and prefill batches to their buckets, and move and release
+lists to the capacity, so that the verbs see only a few shapes, and hands back device arrays without waiting
 for them: JAX's async dispatch lets the host run ahead of the device.
 """
 
@@ -23,12 +23,12 @@ from models.config import ModelConfig
 from models.transformer import Params
 
 
-def _place(x, sharding: jax.sharding.Sharding) -> jax.Array:
+def _place(x, target: jax.sharding.Sharding) -> jax.Array:
     """Put a param on its shards. Across processes, a local array goes through the host:
     every process holds the same values and sends only its own shards."""
     if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
         x = np.asarray(x)
-    return jax.device_put(x, sharding)
+    return jax.device_put(x, target)
 
 
 class DeviceExecutor:

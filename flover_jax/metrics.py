@@ -56,8 +56,9 @@ def summarize(result: RunResult) -> dict:
         "requests": [
             {
                 "index": i, "prompt_len": len(o.prompt_ids), "output_len": len(o.token_ids),
-                "arrival_s": o.arrival_s, "ttft_s": o.ttft_s, "latency_s": o.latency_s,
-                "finish_reason": o.finish_reason,
+                "arrival_s": o.arrival_s, "admitted_s": o.admitted_s,
+                "first_token_s": o.first_token_s, "finished_s": o.finished_s,
+                "ttft_s": o.ttft_s, "latency_s": o.latency_s, "finish_reason": o.finish_reason,
             }
             for i, o in enumerate(result.outputs)
         ],

@@ -1,0 +1,103 @@
+"""Flover's experiments (FLOVER.md), scaled to this machine and the default model, on all four
+policies. Writes benchmarks/results/paper.json; benchmarks/report.py turns it into docs.
+
+    .venv/bin/python benchmarks/paper.py [--experiments=constant,headline,poisson,ablation]
+
+- constant: one request every --interval_s, n = 1..32, 8-token prompts, outputs uniform in
+  [128, 512], EOS ignored: makespan and tokens/s per policy (the paper's Fig. 4).
+- headline: 32 requests of exactly 512 tokens at the same interval: flover vs sequential.
+- poisson: 32 requests, Poisson arrivals over a sweep of mean gaps: speedup over sequential,
+  iterations, mean in-flight requests (Fig. 8).
+- ablation: outputs uniform in [128, L], flover (compaction) vs fused (every slot computed).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+from flover_jax import bench, workload
+from flover_jax.engine import Engine
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("experiments", ["constant", "headline", "poisson", "ablation"], "Which to run.")
+flags.DEFINE_string("model", "smollm2-135m", "Model.")
+flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Request counts (constant).")
+flags.DEFINE_list("gaps_s", ["0.02", "0.1", "0.5", "2.0"], "Mean Poisson gaps (poisson).")
+flags.DEFINE_list("tails", ["256", "512"], "L of uniform:128:L (ablation).")
+flags.DEFINE_float("interval_s", 0.5, "Constant arrival interval.")
+flags.DEFINE_integer("poisson_output_len", 256, "Output tokens per request (poisson).")
+flags.DEFINE_string("output", "benchmarks/results/paper.json", "Where the results go.")
+
+flags.DEFINE_integer("max_output", 512, "Longest output (outputs are uniform in [128, this]).")
+
+POLICIES = ("flover", "fused", "static", "sequential")
+PROMPT_LEN, SLOTS = 8, 32
+
+
+def measure(engine, requests, policy) -> dict:
+    summary = bench.run(engine, requests, policy=policy, warmup=False, solo_samples=0)
+    summary.pop("requests")
+    print(f"  {policy:>10}: {summary['num_requests']} requests, makespan "
+          f"{summary['makespan_s']:.1f} s, {summary['output_tokens_per_s']:.0f} tok/s, "
+          f"mean in flight {summary['mean_inflight']:.1f}", flush=True)
+    return summary
+
+
+def synthetic(engine, kind, n, output_len, **arrivals):
+    return workload.synthetic(kind, n, PROMPT_LEN, output_len, engine.cfg.vocab_size,
+                              ignore_eos=True, seed=0, **arrivals)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
+    engine = Engine.from_pretrained(FLAGS.model, max_slots=SLOTS, max_len=PROMPT_LEN + FLAGS.max_output)
+    start = time.perf_counter()
+    engine.executor.warmup(prompt_lengths=[16])
+    results = {
+        "machine": {"cpu_cores": jax.local_device_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "jax": jax.__version__,
+                    "device": jax.devices()[0].device_kind},
+        "model": FLAGS.model, "dtype": engine.cfg.dtype, "max_slots": SLOTS,
+        "compile_s": time.perf_counter() - start,
+    }
+    if "constant" in FLAGS.experiments:
+        print("constant interval", flush=True)
+        results["constant"] = {
+            n: {p: measure(engine, synthetic(engine, "constant", int(n), f"uniform:128:{FLAGS.max_output}",
+                                             interval_s=FLAGS.interval_s), p) for p in POLICIES}
+            for n in FLAGS.sizes
+        }
+    if "headline" in FLAGS.experiments:
+        print("headline: 32 x 512 tokens", flush=True)
+        work = synthetic(engine, "constant", 32, FLAGS.max_output, interval_s=FLAGS.interval_s)
+        results["headline"] = {p: measure(engine, work, p) for p in ("flover", "sequential")}
+    if "poisson" in FLAGS.experiments:
+        print("poisson sweep", flush=True)
+        results["poisson"] = {
+            gap: {p: measure(engine, synthetic(engine, "poisson", 32, FLAGS.poisson_output_len,
+                                               rate=1.0 / float(gap)), p)
+                  for p in ("flover", "sequential")}
+            for gap in FLAGS.gaps_s
+        }
+    if "ablation" in FLAGS.experiments:
+        print("compaction ablation", flush=True)
+        results["ablation"] = {
+            tail: {p: measure(engine, synthetic(engine, "constant", 32, f"uniform:128:{tail}",
+                                                interval_s=0.1), p)
+                   for p in ("flover", "fused")}
+            for tail in FLAGS.tails
+        }
+    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(FLAGS.output).write_text(json.dumps(results, indent=1))
+    print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,173 @@
+"""Render docs/benchmarks.md and its plots from benchmarks/results/ (see run_all.sh)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path("benchmarks/results")
+DOCS = Path("docs")
+IMG = DOCS / "img"
+POLICIES = ("flover", "fused", "static", "sequential")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def constant_section(paper: dict) -> str:
+    runs = paper["constant"]
+    sizes = sorted(runs, key=int)
+    rows = []
+    for n in sizes:
+        seq = runs[n]["sequential"]["makespan_s"]
+        row = [n]
+        for p in POLICIES:
+            r = runs[n][p]
+            speedup = seq / r["makespan_s"]
+            row.append(f"{r['makespan_s']:.1f} s / {r['output_tokens_per_s']:.0f} ({speedup:.1f}x)")
+        rows.append(row)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in POLICIES:
+        ax.plot([int(n) for n in sizes], [runs[n][p]["output_tokens_per_s"] for n in sizes], "o-", label=p)
+    ax.set(xscale="log", xlabel="requests (one every 0.5 s)", ylabel="output tokens/s",
+           title="Throughput against concurrency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(IMG / "constant.png", dpi=120)
+    return (
+        "## Constant arrivals (the paper's Fig. 4)\n\n"
+        "One request every 0.5 s, 8-token prompts, outputs uniform in [128, 512], EOS ignored. "
+        "Each cell: makespan / output tokens per second (speedup over `sequential`).\n\n"
+        + _table(["requests", *POLICIES], rows) + "\n\n![throughput](img/constant.png)\n"
+    )
+
+
+def headline_section(paper: dict) -> str:
+    h = paper["headline"]
+    f, s = h["flover"], h["sequential"]
+    return (
+        "## 32 requests x 512 tokens, one every 0.5 s\n\n"
+        + _table(["policy", "makespan", "tokens/s", "mean latency", "mean in flight"], [
+            [p, f"{r['makespan_s']:.1f} s", f"{r['output_tokens_per_s']:.0f}",
+             f"{r['e2e_s']['mean']:.1f} s", f"{r['mean_inflight']:.1f}"]
+            for p, r in h.items()
+        ])
+        + f"\n\n`flover` finishes {s['makespan_s'] / f['makespan_s']:.1f}x sooner than "
+        "`sequential` (paper: 10.9x for GPT-J 6B on an A100).\n"
+    )
+
+
+def poisson_section(paper: dict) -> str:
+    runs = paper["poisson"]
+    gaps = sorted(runs, key=float)
+    rows = [[g, f"{runs[g]['flover']['makespan_s']:.1f} s", f"{runs[g]['sequential']['makespan_s']:.1f} s",
+             f"{runs[g]['sequential']['makespan_s'] / runs[g]['flover']['makespan_s']:.2f}x",
+             runs[g]["flover"]["iterations"], f"{runs[g]['flover']['mean_inflight']:.1f}"] for g in gaps]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([float(g) for g in gaps],
+            [runs[g]["sequential"]["makespan_s"] / runs[g]["flover"]["makespan_s"] for g in gaps], "o-")
+    ax.set(xscale="log", xlabel="mean gap between arrivals (s)", ylabel="speedup over sequential",
+           title="Poisson arrivals, 32 requests")
+    fig.tight_layout()
+    fig.savefig(IMG / "poisson.png", dpi=120)
+    return (
+        "## Poisson arrivals (Fig. 8)\n\n32 requests, 8-token prompts, outputs of "
+        f"{runs[gaps[0]]['flover']['output_tokens'] // 32} tokens, EOS ignored.\n\n"
+        + _table(["mean gap (s)", "flover", "sequential", "speedup", "iterations", "mean in flight"], rows)
+        + "\n\n![poisson](img/poisson.png)\n"
+    )
+
+
+def ablation_section(paper: dict) -> str:
+    runs = paper["ablation"]
+    tails = sorted(runs, key=int)
+    rows = []
+    for t in tails:
+        flover, fused = runs[t]["flover"], runs[t]["fused"]
+        rows.append([f"[128, {t}]", f"{flover['makespan_s']:.1f} s", f"{fused['makespan_s']:.1f} s",
+                     f"{fused['makespan_s'] / flover['makespan_s']:.2f}x",
+                     f"{flover['computed_rows'] / fused['computed_rows']:.2f}"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(tails))
+    for offset, policy in ((-0.2, "flover"), (0.2, "fused")):
+        rates = [runs[t][policy]["output_tokens_per_s"] for t in tails]
+        ax.bar([i + offset for i in x], rates, 0.4, label=policy)
+    ax.set_xticks(list(x), [f"[128, {t}]" for t in tails])
+    ax.set(ylabel="output tokens/s", title="Compaction ablation (32 requests)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(IMG / "ablation.png", dpi=120)
+    return (
+        "## Compaction ablation\n\n32 requests, one every 0.1 s, outputs uniform in [128, L]. "
+        "`flover` decodes a window bucket of the live slots and compacts; `fused` computes all 32 "
+        "slots every step (paper: 1.14-1.23x).\n\n"
+        + _table(["outputs", "flover", "fused", "flover gain", "rows computed (flover / fused)"], rows)
+        + "\n\n![ablation](img/ablation.png)\n"
+    )
+
+
+def timeline_section(timeline: dict) -> str:
+    requests = timeline["requests"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    for r in requests:
+        y = r["index"]
+        top.barh(y, r["admitted_s"] - r["arrival_s"], left=r["arrival_s"], color="lightgray")
+        top.barh(y, r["first_token_s"] - r["admitted_s"], left=r["admitted_s"], color="orange")
+        top.barh(y, r["finished_s"] - r["first_token_s"], left=r["first_token_s"], color="tab:blue")
+    top.set(ylabel="request", title="Request timeline: queued (gray), prefill (orange), decoding (blue)")
+    events = sorted([(r["admitted_s"], 1) for r in requests] + [(r["finished_s"], -1) for r in requests])
+    times, counts, n = [0.0], [0], 0
+    for t, d in events:
+        n += d
+        times.append(t)
+        counts.append(n)
+    bottom.step(times, counts, where="post")
+    bottom.set(xlabel="seconds", ylabel="in flight")
+    fig.tight_layout()
+    fig.savefig(IMG / "timeline.png", dpi=120)
+    return (
+        "## A run, request by request\n\n"
+        f"`{timeline['command']}`: {timeline['num_requests']} requests, "
+        f"{timeline['output_tokens_per_s']:.0f} tokens/s, latency {timeline['latency_vs_solo']:.2f}x "
+        "the same request alone (mean).\n\n![timeline](img/timeline.png)\n"
+    )
+
+
+def main() -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    paper = json.loads((RESULTS / "paper.json").read_text())
+    machine = paper["machine"]
+    parts = [
+        "# Benchmarks\n\n"
+        "Generated by `benchmarks/run_all.sh` (this file and docs/img/ are its output; do not edit). "
+        f"Machine: {machine['platform']}, {machine['device']} ({machine['cpu_cores']} device), "
+        f"Python {machine['python']}, jax {machine['jax']}; model {paper['model']} in "
+        f"{paper['dtype']}, {paper['max_slots']} slots. Each figure comes from one run on a shared, "
+        "noisy 2-core machine; ratios are taken within one run.\n",
+        "## Decode step, compaction, prefill (`benchmarks/step_times.py`)\n\n"
+        + (RESULTS / "step_times.md").read_text(),
+    ]
+    for name, section in (("headline", headline_section), ("constant", constant_section),
+                          ("poisson", poisson_section), ("ablation", ablation_section)):
+        if name in paper:
+            parts.append(section(paper))
+    if (RESULTS / "timeline.json").exists():
+        parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
+    notes = Path("benchmarks/NOTES.md")
+    if notes.exists():
+        parts.append(notes.read_text())
+    (DOCS / "benchmarks.md").write_text("\n".join(parts))
+    print(f"wrote {DOCS / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

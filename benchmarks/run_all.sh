@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 40 minutes on 2 CPU cores).
+# Run it on an otherwise idle machine: every figure is a timing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make setup
+PY=.venv/bin/python
+"$PY" -m pip install -q -e '.[bench]'
+mkdir -p benchmarks/results
+"$PY" benchmarks/step_times.py > benchmarks/results/step_times.md
+"$PY" main.py --mode=bench --workload=constant --num_requests=16 --interval_s=0.5 \
+    --output_len=uniform:32:256 --ignore_eos --max_slots=16 --max_len=512 \
+    --output_json=benchmarks/results/timeline.json
+"$PY" - <<'PYEOF'
+import json, pathlib
+path = pathlib.Path("benchmarks/results/timeline.json")
+summary = json.loads(path.read_text())
+summary["command"] = ("python main.py --mode=bench --workload=constant --num_requests=16 "
+                      "--interval_s=0.5 --output_len=uniform:32:256 --ignore_eos --max_slots=16")
+path.write_text(json.dumps(summary, indent=1))
+PYEOF
+"$PY" benchmarks/paper.py --gaps_s=0.05,0.5,2.0 --poisson_output_len=128
+"$PY" benchmarks/report.py
