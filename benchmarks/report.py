@@ -22,6 +22,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, name: str) -> str:
+    """Write the figure to docs/img/NAME.png; returns its Markdown image link."""
+    fig.tight_layout()
+    fig.savefig(IMG / f"{name}.png", dpi=120)
+    plt.close(fig)
+    return f"![{name}](img/{name}.png)"
+
+
 def constant_section(paper: dict) -> str:
     runs = paper["constant"]
     sizes = sorted(runs, key=int)
@@ -40,13 +48,12 @@ def constant_section(paper: dict) -> str:
     ax.set(xscale="log", xlabel="requests (one every 0.5 s)", ylabel="output tokens/s",
            title="Throughput against concurrency")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(IMG / "constant.png", dpi=120)
+    image = _save(fig, "constant")
     return (
         "## Constant arrivals (the paper's Fig. 4)\n\n"
         "One request every 0.5 s, 8-token prompts, outputs uniform in [128, 512], EOS ignored. "
         "Each cell: makespan / output tokens per second (speedup over `sequential`).\n\n"
-        + _table(["requests", *POLICIES], rows) + "\n\n![throughput](img/constant.png)\n"
+        + _table(["requests", *POLICIES], rows) + f"\n\n{image}\n"
     )
 
 
@@ -76,13 +83,12 @@ def poisson_section(paper: dict) -> str:
             [runs[g]["sequential"]["makespan_s"] / runs[g]["flover"]["makespan_s"] for g in gaps], "o-")
     ax.set(xscale="log", xlabel="mean gap between arrivals (s)", ylabel="speedup over sequential",
            title="Poisson arrivals, 32 requests")
-    fig.tight_layout()
-    fig.savefig(IMG / "poisson.png", dpi=120)
+    image = _save(fig, "poisson")
     return (
         "## Poisson arrivals (Fig. 8)\n\n32 requests, 8-token prompts, outputs of "
         f"{runs[gaps[0]]['flover']['output_tokens'] // 32} tokens, EOS ignored.\n\n"
         + _table(["mean gap (s)", "flover", "sequential", "speedup", "iterations", "mean in flight"], rows)
-        + "\n\n![poisson](img/poisson.png)\n"
+        + f"\n\n{image}\n"
     )
 
 
@@ -103,14 +109,13 @@ def ablation_section(paper: dict) -> str:
     ax.set_xticks(list(x), [f"[128, {t}]" for t in tails])
     ax.set(ylabel="output tokens/s", title="Compaction ablation (32 requests)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(IMG / "ablation.png", dpi=120)
+    image = _save(fig, "ablation")
     return (
         "## Compaction ablation\n\n32 requests, one every 0.1 s, outputs uniform in [128, L]. "
         "`flover` decodes a window bucket of the live slots and compacts; `fused` computes all 32 "
         "slots every step (paper: 1.14-1.23x).\n\n"
         + _table(["outputs", "flover", "fused", "flover gain", "rows computed (flover / fused)"], rows)
-        + "\n\n![ablation](img/ablation.png)\n"
+        + f"\n\n{image}\n"
     )
 
 
@@ -132,13 +137,12 @@ def timeline_section(timeline: dict) -> str:
         counts.append(n)
     bottom.step(times, counts, where="post")
     bottom.set(xlabel="seconds", ylabel="in flight")
-    fig.tight_layout()
-    fig.savefig(IMG / "timeline.png", dpi=120)
+    image = _save(fig, "timeline")
     return (
         "## A run, request by request\n\n"
         f"`{timeline['command']}`: {timeline['num_requests']} requests, "
         f"{timeline['output_tokens_per_s']:.0f} tokens/s, latency {timeline['latency_vs_solo']:.2f}x "
-        "the same request alone (mean).\n\n![timeline](img/timeline.png)\n"
+        f"the same request alone (mean).\n\n{image}\n"
     )
 
 
