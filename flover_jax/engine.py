@@ -11,6 +11,7 @@ on the caller's thread; `submit` and `cancel` only record intent.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -74,8 +75,9 @@ class Engine:
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).
             self.executor = BroadcastExecutor(self.executor)
+        self._request_ids = itertools.count()  # unique across this engine's schedulers
+        self._outputs: dict[int, RequestOutput] = {}  # finished, not yet returned
         self.scheduler = self._new_scheduler(policy)
-        self._outputs: dict[int, RequestOutput] = {}
 
     @classmethod
     def from_pretrained(
@@ -108,7 +110,9 @@ class Engine:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
     ) -> Scheduler:
-        return Scheduler(self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep)
+        return Scheduler(
+            self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep, self._request_ids
+        )
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -134,13 +138,16 @@ class Engine:
         self._collect()
 
     def poll(self, request_id: int) -> RequestOutput | None:
-        """The output of a request if it has finished, else None (never blocks)."""
+        """The output of a finished request, else None; never blocks. Each output is
+        returned once, by `poll` or `result`."""
         self._collect()
-        return self._outputs.get(request_id)
+        return self._outputs.pop(request_id, None)
 
     def result(self, request_id: int) -> RequestOutput:
-        """The output of a finished request (drives the loop until it finishes)."""
+        """The output of a request, driving the loop until it finishes (returned once)."""
         while (output := self.poll(request_id)) is None:
+            if not self.scheduler.knows(request_id):
+                raise KeyError(f"request_id={request_id}: unknown or already returned")
             self.scheduler.iteration()
         return output
 
@@ -176,13 +183,13 @@ class Engine:
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
         scheduler = self.scheduler = self._new_scheduler(policy or self.policy, clock, sleep)
         scheduler.on_event = on_event
-        self._outputs = {}
         ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
         start = time.perf_counter()
         scheduler.run_until_idle(on_iteration)
         wall = time.perf_counter() - start
         self._collect()
-        return RunResult([self._outputs[i] for i in ids], scheduler.stats, scheduler.policy.name, wall)
+        outputs = [self._outputs.pop(i) for i in ids]
+        return RunResult(outputs, scheduler.stats, scheduler.policy.name, wall)
 
     def _collect(self) -> None:
         for output in self.scheduler.pop_finished():

@@ -114,6 +114,7 @@ class Scheduler:
         eos_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        request_ids: Iterator[int] | None = None,
     ) -> None:
         self.executor = executor
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
@@ -123,7 +124,7 @@ class Scheduler:
         self._t0 = clock()
         self.table = SlotTable(executor.num_slots)
         self.stats = Stats()
-        self._ids = itertools.count()
+        self._ids = request_ids if request_ids is not None else itertools.count()
         self._arrivals: list[tuple[float, int, Request]] = []  # heap by arrival time
         self._queue: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
@@ -208,6 +209,12 @@ class Scheduler:
 
     def request(self, request_id: int) -> Request:
         return self._requests[request_id]
+
+    def knows(self, request_id: int) -> bool:
+        """Whether the request was submitted to this scheduler and has not yet been
+        handed out by `pop_finished`."""
+        request = self._requests.get(request_id)
+        return request is not None and (not request.finished or request in self._finished)
 
     def pop_finished(self) -> list[RequestOutput]:
         """Outputs of the requests finished since the last call (each exactly once)."""

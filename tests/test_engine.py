@@ -231,3 +231,16 @@ def test_max_new_tokens_one_and_eos(engine, tiny):
     assert out.token_ids == [first] and out.finish_reason == "stop"
     ignored = eos_engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=10, ignore_eos=True))
     assert len(ignored[0].token_ids) == 10
+
+
+def test_request_ids_stay_unique_across_runs_and_outputs_return_once(engine):
+    first = engine.submit([1, 2], SamplingParams(max_new_tokens=3))
+    assert engine.result(first).request_id == first
+    with pytest.raises(KeyError, match="unknown or already returned"):
+        engine.result(first)
+    (ran,) = run_with_fake_clock(engine, [TimedRequest([3, 4], SamplingParams(max_new_tokens=2))]).outputs
+    later = engine.submit([5, 6], SamplingParams(max_new_tokens=2))
+    assert len({first, ran.request_id, later}) == 3
+    assert engine.result(later).token_ids == engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[
+        0
+    ].token_ids
