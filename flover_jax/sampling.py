@@ -194,24 +194,6 @@ class SlotSampling:
     def num_slots(self) -> int:
         return int(self.temperature.shape[0])
 
-    def with_slot(self, slot: int | jax.Array, params: SamplingParams) -> SlotSampling:
-        """Copy with `slot` set to `params` (jittable in `slot`; params are host values)."""
-        params.validate()
-        values = {
-            "temperature": params.temperature,
-            "top_k": params.top_k,
-            "top_p": params.top_p,
-            "repetition_penalty": params.repetition_penalty,
-            "presence_penalty": params.presence_penalty,
-            "seed": params.seed,
-        }
-        return SlotSampling(
-            **{
-                name: jnp.asarray(getattr(self, name)).at[slot].set(value)
-                for name, value in values.items()
-            }
-        )
-
 
 def apply_penalties(
     logits: jax.Array, params: SlotSampling, seen: jax.Array, generated: jax.Array
