@@ -83,5 +83,8 @@ def load_model(
             cfg, params, tokenizer = convert(source)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    params = jax.tree.map(lambda x: x.astype(cfg.jnp_dtype), params)
+    # Cast only what differs: an fp32 -> fp32 astype would copy every weight once more.
+    params = jax.tree.map(
+        lambda x: x if x.dtype == cfg.jnp_dtype else x.astype(cfg.jnp_dtype), params
+    )
     return cfg, params, tokenizer
