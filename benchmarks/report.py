@@ -119,6 +119,59 @@ def ablation_section(paper: dict) -> str:
     )
 
 
+SYSTEMS = {  # name -> what it is, as the tables say it
+    "flover": "flover_jax (fp32 weights, fp32 KV)",
+    "llama_q4_1": "llama-server -np 32 (Q4_1 weights, f16 KV)",
+    "llama_f32": "llama-server -np 32 (F32 weights, f32 KV)",
+    "hf_continuous": "HF continuous batching (fp32)",
+    "hf_static": "HF static batched generate (fp32)",
+}
+
+
+def peers_section(peers: dict) -> str:
+    systems = [s for s in SYSTEMS if s in peers["systems"]]
+    runs = peers["systems"]
+    ours = runs.get("flover", {}).get("headline")
+    parts = ["## Side by side with the peers (`benchmarks/compare_peers.py`)\n\n"
+             "Same model (SmolLM2-135M-Instruct), same requests (8-token random prompts, EOS ignored, "
+             "greedy), same machine, one run; each peer in its own environment under `.peers/` "
+             "(`benchmarks/peers/setup.sh`). Versions: "
+             + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in peers["versions"][s].items())
+                         for s in systems) + ".\n"]
+    if ours is not None:
+        w = peers["workloads"]["headline"]
+        rows = []
+        for s in systems:
+            r = runs[s]["headline"]
+            rows.append([SYSTEMS[s], f"{r['makespan_s']:.1f} s", f"{r['output_tokens_per_s']:.0f}",
+                         f"{r['ttft_s']['p50']:.2f} s", f"{r['tpot_s']['p50'] * 1e3:.0f} ms",
+                         f"{ours['output_tokens_per_s'] / r['output_tokens_per_s']:.2f}x"])
+        parts.append(
+            f"### {w['num_requests']} requests x {w['output_len']} tokens, arriving over "
+            f"{w['last_arrival_s']:.1f} s\n\n"
+            + _table(["system", "makespan", "output tokens/s", "TTFT p50", "TPOT p50", "flover_jax vs it"],
+                     rows) + "\n")
+    sizes = sorted(int(name.split("/")[1]) for name in peers["workloads"] if name.startswith("concurrency/"))
+    if sizes:
+        rate = {s: [runs[s][f"concurrency/{n}"]["output_tokens_per_s"] for n in sizes] for s in systems}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in systems:
+            ax.plot(sizes, rate[s], "o-", label=SYSTEMS[s])
+        ax.set(xscale="log", xlabel="concurrent requests (all at once)", ylabel="output tokens/s",
+               title="Throughput against concurrency")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.legend(fontsize=8)
+        image = _save(fig, "peers_concurrency")
+        length = peers["workloads"][f"concurrency/{sizes[0]}"]["output_len"]
+        parts.append(
+            f"### Throughput against concurrency: n requests at once, {length} tokens each\n\n"
+            "Output tokens/s (makespan from the first arrival to the last token).\n\n"
+            + _table(["requests", *systems], [[n, *(f"{rate[s][i]:.0f}" for s in systems)]
+                                               for i, n in enumerate(sizes)])
+            + f"\n\n{image}\n")
+    return "\n".join(parts)
+
+
 def timeline_section(timeline: dict) -> str:
     requests = timeline["requests"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
@@ -160,10 +213,15 @@ def main() -> None:
         "## Decode step, compaction, prefill (`benchmarks/step_times.py`)\n\n"
         + (RESULTS / "step_times.md").read_text(),
     ]
+    if (RESULTS / "profile.md").exists():
+        parts.append("## Where a decode step's time goes (`benchmarks/profile_step.py`)\n\n"
+                     + (RESULTS / "profile.md").read_text())
     for name, section in (("headline", headline_section), ("constant", constant_section),
                           ("poisson", poisson_section), ("ablation", ablation_section)):
         if name in paper:
             parts.append(section(paper))
+    if (RESULTS / "peers.json").exists():
+        parts.append(peers_section(json.loads((RESULTS / "peers.json").read_text())))
     if (RESULTS / "timeline.json").exists():
         parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

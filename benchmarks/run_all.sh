@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 40 minutes on 2 CPU cores).
+# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 70 minutes on 2 CPU cores, plus
+# about 10 minutes the first time to build llama-server and the peers' environment).
 # Run it on an otherwise idle machine: every figure is a timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +8,9 @@ make setup
 PY=.venv/bin/python
 "$PY" -m pip install -q -e '.[bench]'
 mkdir -p benchmarks/results
+benchmarks/peers/setup.sh
 "$PY" benchmarks/step_times.py > benchmarks/results/step_times.md
+"$PY" benchmarks/profile_step.py > benchmarks/results/profile.md
 "$PY" main.py --mode=bench --workload=constant --num_requests=16 --interval_s=0.5 \
     --output_len=uniform:32:256 --ignore_eos --max_slots=16 --max_len=512 \
     --output_json=benchmarks/results/timeline.json
@@ -20,4 +23,5 @@ summary["command"] = ("python main.py --mode=bench --workload=constant --num_req
 path.write_text(json.dumps(summary, indent=1))
 PYEOF
 "$PY" benchmarks/paper.py --gaps_s=0.05,0.5,2.0 --poisson_output_len=128
+"$PY" benchmarks/compare_peers.py
 "$PY" benchmarks/report.py

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from common import live_state  # benchmarks/ is on the path when run as a script
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -56,10 +57,7 @@ def decode_table(engine: Engine) -> None:
         cells = []
         for context in contexts:
             kv_len = bucket(context + FLAGS.repeats + 2, ex.buckets.kv_lengths)
-            ex.state = ex.state.replace(
-                active=jnp.asarray(np.arange(slots) < n), pos=jnp.full((slots,), context, jnp.int32),
-                remaining=jnp.full((slots,), 1 << 30, jnp.int32),
-            )
+            ex.state = live_state(ex, n, context)
             ms = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
             rate = (weight_bytes + n * context * kv_token) / (ms / 1e3) / 1e9
             roofline = 100 * rate / FLAGS.bandwidth_gbs

@@ -4,6 +4,8 @@ ITL = gaps between a request's consecutive tokens; E2E = finish - arrival."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from flover_jax.engine import RunResult
@@ -21,31 +23,47 @@ def distribution(values) -> dict[str, float]:
     }
 
 
-def summarize(result: RunResult) -> dict:
-    """The run's figures as a JSON-ready dict (per-request records included)."""
-    done = [o for o in result.outputs if o.finish_reason != "error"]
-    arrivals = [o.arrival_s for o in result.outputs]
-    makespan = max((o.finished_s for o in done), default=0.0) - min(arrivals, default=0.0)
-    tokens = sum(len(o.token_ids) for o in done)
-    ttft = [o.ttft_s for o in done if o.ttft_s is not None]
+def latency_figures(records: Sequence[Mapping]) -> dict:
+    """Throughput and latency from per-request records of any system (ours or a peer's): dicts
+    with arrival_s, first_token_s, finished_s, token_times_s and finish_reason ("error" or not)."""
+    done = [r for r in records if r["finish_reason"] != "error"]
+    makespan = (max((r["finished_s"] for r in done), default=0.0)
+                - min((r["arrival_s"] for r in records), default=0.0))
+    tokens = sum(len(r["token_times_s"]) for r in done)
+    timed = [r for r in done if r["first_token_s"] is not None]
     tpot = [
-        (o.latency_s - o.ttft_s) / (len(o.token_ids) - 1)
-        for o in done if o.ttft_s is not None and len(o.token_ids) > 1
+        (r["finished_s"] - r["first_token_s"]) / (len(r["token_times_s"]) - 1)
+        for r in timed if len(r["token_times_s"]) > 1
     ]
-    itl = [b - a for o in done for a, b in zip(o.token_times_s, o.token_times_s[1:])]
-    stats = result.stats
+    itl = [b - a for r in done for a, b in zip(r["token_times_s"], r["token_times_s"][1:])]
     return {
-        "policy": result.policy,
-        "num_requests": len(result.outputs),
-        "errors": sum(o.finish_reason == "error" for o in result.outputs),
+        "num_requests": len(records),
+        "errors": len(records) - len(done),
         "makespan_s": makespan,
         "output_tokens": tokens,
         "output_tokens_per_s": tokens / makespan if makespan > 0 else 0.0,
         "requests_per_s": len(done) / makespan if makespan > 0 else 0.0,
-        "ttft_s": distribution(ttft),
+        "ttft_s": distribution(r["first_token_s"] - r["arrival_s"] for r in timed),
         "tpot_s": distribution(tpot),
         "itl_s": distribution(itl),
-        "e2e_s": distribution(o.latency_s for o in done),
+        "e2e_s": distribution(r["finished_s"] - r["arrival_s"] for r in done),
+    }
+
+
+def summarize(result: RunResult) -> dict:
+    """The run's figures as a JSON-ready dict (per-request records included)."""
+    records = [
+        {
+            "index": i, "prompt_len": len(o.prompt_ids), "output_len": len(o.token_ids),
+            "arrival_s": o.arrival_s, "admitted_s": o.admitted_s,
+            "first_token_s": o.first_token_s, "finished_s": o.finished_s,
+            "ttft_s": o.ttft_s, "latency_s": o.latency_s, "finish_reason": o.finish_reason,
+            "token_times_s": o.token_times_s,
+        }
+        for i, o in enumerate(result.outputs)
+    ]
+    stats = result.stats
+    return {"policy": result.policy} | latency_figures(records) | {
         "iterations": stats.iterations,
         "decode_steps": stats.decode_steps,
         "mean_inflight": stats.mean_inflight,
@@ -53,15 +71,7 @@ def summarize(result: RunResult) -> dict:
         "compactions": stats.compactions,
         "moves": stats.moves,
         "computed_rows": stats.computed_rows,
-        "requests": [
-            {
-                "index": i, "prompt_len": len(o.prompt_ids), "output_len": len(o.token_ids),
-                "arrival_s": o.arrival_s, "admitted_s": o.admitted_s,
-                "first_token_s": o.first_token_s, "finished_s": o.finished_s,
-                "ttft_s": o.ttft_s, "latency_s": o.latency_s, "finish_reason": o.finish_reason,
-            }
-            for i, o in enumerate(result.outputs)
-        ],
+        "requests": [{k: v for k, v in r.items() if k != "token_times_s"} for r in records],
     }
 
 

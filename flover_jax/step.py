@@ -138,7 +138,8 @@ def decode_step(
         sampling, temperature=jnp.where(active, sampling.temperature, 0.0)
     )
     seen, output_seen = window(state.seen), window(state.output_seen)
-    new = sample_tokens(logits, sampling, window(state.generated), seen, output_seen)
+    with jax.named_scope("sampling"):
+        new = sample_tokens(logits, sampling, window(state.generated), seen, output_seen)
     remaining = window(state.remaining) - active
     stop = (remaining <= 0) | (_is_eos(new, eos_ids) & ~window(state.ignore_eos))
     stop = stop | (pos + 1 >= state.max_len)

@@ -66,13 +66,19 @@ class KVCache:
 def _block(
     x: jax.Array, w: LayerWeights, positions: jax.Array, cfg: ModelConfig, attend_with_cache
 ) -> jax.Array:
-    h = norm(x, w.attn_norm, cfg)
-    q, k, v = project_qkv(h, w.attn, positions, cfg)
-    a = attention_output(attend_with_cache(q, k, v), w.attn)
-    if cfg.parallel_residual:
-        return x + a + mlp(h, w.mlp, cfg)
-    x = x + a
-    return x + mlp(norm(x, w.mlp_norm, cfg), w.mlp, cfg)
+    # Named scopes label the ops in profiles (benchmarks/profile_step.py, XProf, Perfetto).
+    with jax.named_scope("projections"):
+        h = norm(x, w.attn_norm, cfg)
+        q, k, v = project_qkv(h, w.attn, positions, cfg)
+    with jax.named_scope("attention"):
+        o = attend_with_cache(q, k, v)
+    with jax.named_scope("projections"):
+        a = attention_output(o, w.attn)
+    with jax.named_scope("mlp"):
+        if cfg.parallel_residual:
+            return x + a + mlp(h, w.mlp, cfg)
+        x = x + a
+        return x + mlp(norm(x, w.mlp_norm, cfg), w.mlp, cfg)
 
 
 def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig):
@@ -84,9 +90,10 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and LM head: hidden [..., d] -> float32 logits [..., vocab]."""
-    h = norm(hidden, params.final_norm, cfg)
-    out = jnp.matmul(h, params.lm_head, preferred_element_type=jnp.float32)
-    return out if params.lm_head_bias is None else out + params.lm_head_bias
+    with jax.named_scope("lm_head"):
+        h = norm(hidden, params.final_norm, cfg)
+        out = jnp.matmul(h, params.lm_head, preferred_element_type=jnp.float32)
+        return out if params.lm_head_bias is None else out + params.lm_head_bias
 
 
 def prefill(
