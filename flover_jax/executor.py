@@ -121,15 +121,20 @@ class DeviceExecutor:
         kv_lengths: Sequence[int] | None = None,
         prompt_lengths: Sequence[int] | None = None,
     ) -> None:
-        """Compile the given buckets (all by default) by running every verb on padding rows
-        only: no slot changes, so a warm-up never disturbs the state."""
+        """Compile the buckets that hold the given sizes (all buckets by default) by running
+        every verb on padding rows only: no slot changes, so a warm-up never disturbs the state.
+        A size is rounded up to its bucket, the shape a request of that size will run with."""
         b = self.buckets
-        kv_lengths = kv_lengths or b.kv_lengths
-        for t in prompt_lengths or b.prompt_lengths:
+
+        def buckets_of(sizes, all_sizes):
+            return sorted({bucket(n, all_sizes) for n in sizes}) if sizes else all_sizes
+
+        kv_lengths = buckets_of(kv_lengths, b.kv_lengths)
+        for t in buckets_of(prompt_lengths, b.prompt_lengths):
             for size in b.prefill_batches:
                 tokens = np.zeros((size, t), np.int32)
                 self._prefill_insert(tokens, np.full(size, t, np.int32), self._pad_slots([], size), [])
-        for width in windows or b.windows:
+        for width in buckets_of(windows, b.windows):
             for kv_len in kv_lengths:
                 self.decode(0, width, kv_len)
         for kv_len in kv_lengths:

@@ -79,6 +79,5 @@ def memory(engine) -> dict[str, int]:
     """KV cache size of the engine and the process's peak resident memory."""
     import resource
 
-    cache = engine.executor.state.cache
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"kv_cache_bytes": int(cache.k.nbytes + cache.v.nbytes), "peak_rss_bytes": peak_kib * 1024}
+    return {"kv_cache_bytes": engine.executor.state.cache.nbytes, "peak_rss_bytes": peak_kib * 1024}

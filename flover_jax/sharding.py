@@ -50,8 +50,8 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 
 # Logical axes of each DecodeState leaf (flover_jax/state.py); sampling fields are per slot.
 STATE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": (None, "slots", None, "kv_heads", None),
-    "v": (None, "slots", None, "kv_heads", None),
+    "k": ("slots", "kv_heads", None, None),  # each layer's [slots, kv_heads, max_len, head_dim]
+    "v": ("slots", "kv_heads", None, None),
     "seen": ("slots", None),
     "output_seen": ("slots", None),
 }
@@ -98,7 +98,9 @@ class ShardingRules:
 
 
 def _leaf_name(path) -> str:
-    return str(getattr(path[-1], "name", getattr(path[-1], "key", path[-1])))
+    """The innermost field name on the path (`.cache.k[3]` -> "k", `.layers[0].attn.wq` -> "wq")."""
+    names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
+    return str(next(n for n in reversed(names) if n is not None))
 
 
 def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
@@ -119,9 +121,9 @@ def state_shardings(state, cfg: ModelConfig, mesh: Mesh):
 
 
 def kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-    """Prefill K/V [layers, b, t, kv_heads, head_dim]: split like the cache."""
+    """Prefill K/V [layers, b, kv_heads, t, head_dim]: split like the cache."""
     rules = ShardingRules.for_model(cfg, mesh)
-    return NamedSharding(mesh, rules.spec((None, None, None, "kv_heads", None)))
+    return NamedSharding(mesh, rules.spec((None, None, "kv_heads", None, None)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -21,7 +21,7 @@ from models.transformer import KVCache
 
 @pytree_dataclass
 class DecodeState:
-    cache: KVCache  # k, v [layers, slots, max_len, kv_heads, head_dim]
+    cache: KVCache  # k, v: per layer [slots, kv_heads, max_len, head_dim]
     tokens: jax.Array  # [slots] int32: the last sampled token, the next step's input
     pos: jax.Array  # [slots] int32: tokens in the cache = the position `tokens` will take
     active: jax.Array  # [slots] bool: decoding; False for free and finished slots
@@ -64,7 +64,7 @@ class DecodeState:
 
     @property
     def max_len(self) -> int:
-        return int(self.cache.k.shape[2])
+        return self.cache.max_len
 
     def slot_rows(self) -> dict[str, np.ndarray]:
         """Every per-slot array except the KV cache, on the host (for tests and debugging)."""

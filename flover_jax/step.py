@@ -31,8 +31,8 @@ from models.transformer import KVCache, Params
 
 @pytree_dataclass
 class Prefilled:
-    k: jax.Array  # [layers, b, t, kv_heads, head_dim]
-    v: jax.Array  # [layers, b, t, kv_heads, head_dim]
+    k: jax.Array  # [layers, b, kv_heads, t, head_dim]
+    v: jax.Array  # [layers, b, kv_heads, t, head_dim]
     first_token: jax.Array  # [b] int32
     seen: jax.Array  # [b, vocab] bool: the prompt's tokens
 
@@ -77,11 +77,12 @@ def insert(
     eos_ids: tuple[int, ...],
 ) -> DecodeState:
     """Give each prefilled prompt its slot; all arrays [b], slots = S for padding rows."""
-    t = prefilled.k.shape[2]
-    cache = KVCache(
-        state.cache.k.at[:, slots, :t].set(prefilled.k, mode="drop"),
-        state.cache.v.at[:, slots, :t].set(prefilled.v, mode="drop"),
-    )
+    t = prefilled.k.shape[3]
+
+    def write(layers, prompts):  # prompts [layers, b, kv_heads, t, head_dim]
+        return tuple(c.at[slots, :, :t].set(p, mode="drop") for c, p in zip(layers, prompts))
+
+    cache = KVCache(write(state.cache.k, prefilled.k), write(state.cache.v, prefilled.v))
     first = prefilled.first_token
     done = (max_new_tokens <= 1) | (_is_eos(first, eos_ids) & ~ignore_eos)
     done = done | (lengths >= state.max_len)
@@ -170,20 +171,17 @@ def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> 
     def move(array):
         return array.at[dst].set(array.at[src_read].get(), mode="drop")
 
-    def move_kv(cache):
-        layers, _, _, heads, dim = cache.shape
+    def one_move(i, layers):  # every layer's [slots, kv_heads, max_len, head_dim] array
+        def move_block(cache):
+            _, heads, _, dim = cache.shape
+            block = jax.lax.dynamic_slice(cache, (src_read[i], 0, 0, 0), (1, heads, kv_len, dim))
+            return jax.lax.dynamic_update_slice(cache, block, (dst[i], 0, 0, 0))
 
-        def one_move(i, cache):
-            block = jax.lax.dynamic_slice(
-                cache, (0, src_read[i], 0, 0, 0), (layers, 1, kv_len, heads, dim)
-            )
-            return jax.lax.dynamic_update_slice(cache, block, (0, dst[i], 0, 0, 0))
+        return jax.tree.map(move_block, layers)
 
-        moves = jnp.sum(dst < state.num_slots)  # padding sits at the end
-        return jax.lax.fori_loop(0, moves, one_move, cache)
-
+    moves = jnp.sum(dst < state.num_slots)  # padding sits at the end
+    cache = jax.lax.fori_loop(0, moves, one_move, state.cache)
     moved = jax.tree.map(move, state.replace(cache=None))
-    cache = KVCache(move_kv(state.cache.k), move_kv(state.cache.v))
     return moved.replace(cache=cache).deactivate(src)
 
 

@@ -100,19 +100,26 @@ def project_qkv(
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
 ) -> jax.Array:
-    """The one attention of the project: q [b, t, h, e] over k, v [b, s, k, e].
+    """The one attention of the project: q [b, t, h, e] over k, v [b, k, s, e].
 
-    mask [b, t, s] is True where query t may read key s. Grouped-query heads
-    are a reshape, never a copy of K/V. Softmax runs in float32.
+    K/V are laid out head-major, as the slot cache stores them, so XLA's dots
+    take them without a transposing copy. The query heads sharing a KV head and
+    the query positions form one axis of r = t * h / k rows, and scores are
+    computed as K @ q^T (keys as the matmul's long axis): on XLA:CPU at decode
+    shapes this ran about 3x faster than q @ K^T with separate t and group axes.
+    mask [b, t, s] is True where query t may read key s. Softmax runs in float32.
     """
     b, t, h, e = q.shape
-    q = q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv_heads, group = cfg.n_kv_heads, cfg.q_per_kv
+    rows = q.reshape(b, t, kv_heads, group, e).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, e)
+    scores = jnp.einsum("bkse,bkre->bksr", k, rows, preferred_element_type=jnp.float32)
     scores = scores * (e**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(b, t, h, e)
+    s = k.shape[2]
+    row_mask = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, s, t, group))
+    scores = jnp.where(row_mask.reshape(b, 1, s, t * group), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
+    out = jnp.einsum("bksr,bkse->bkre", probs, v)
+    return out.reshape(b, kv_heads, t, group, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 
 
 def attention_output(o: jax.Array, w: AttentionWeights) -> jax.Array:

@@ -116,21 +116,19 @@ def test_compaction_moves_every_slot_array_bitwise(engine):
     slots = {i: scheduler.table.slot_of(i) for i in ids}
     before = executor.state.slot_rows()
     kv_len = 64
-    k_before = np.asarray(executor.state.cache.k)
-    v_before = np.asarray(executor.state.cache.v)
+    k_before, v_before = map(np.asarray, executor.state.cache.stacked())  # [L, S, heads, T, E]
     moves = [(slots[ids[1]], 6), (slots[ids[3]], 7)]
     executor.compact(moves, kv_len)
     after = executor.state.slot_rows()
-    k_after = np.asarray(executor.state.cache.k)
-    v_after = np.asarray(executor.state.cache.v)
+    k_after, v_after = map(np.asarray, executor.state.cache.stacked())
     for src, dst in moves:
         for name, rows in before.items():
             if name == ".active":
                 assert rows[src] and after[name][dst] and not after[name][src]
             else:
                 assert np.array_equal(rows[src], after[name][dst]), name
-        assert np.array_equal(k_before[:, src, :kv_len], k_after[:, dst, :kv_len])
-        assert np.array_equal(v_before[:, src, :kv_len], v_after[:, dst, :kv_len])
+        assert np.array_equal(k_before[:, src, :, :kv_len], k_after[:, dst, :, :kv_len])
+        assert np.array_equal(v_before[:, src, :, :kv_len], v_after[:, dst, :, :kv_len])
     untouched = [s for s in range(8) if s not in {d for _, d in moves}]
     for name, rows in before.items():
         if name != ".active":
@@ -166,6 +164,16 @@ def test_compiles_are_bounded_by_buckets(tiny, compiles):
     assert result.stats.compactions > 0
     assert count() == 0, f"{count()} compiles after warming every bucket"
     assert set(result.stats.windows) <= set(b.windows)
+
+
+def test_warmup_of_given_sizes_compiles_their_buckets(tiny, compiles):
+    """warmup(prompt_lengths=[5], kv_lengths=[40]) covers a 5-token prompt decoding to 40."""
+    cfg, params = tiny
+    engine = Engine(cfg, params, max_slots=4, max_len=128)
+    engine.executor.warmup(prompt_lengths=[5], kv_lengths=[40])
+    with compiles() as count:
+        engine.generate([[3, 4, 5, 6, 7]] * 3, SamplingParams(max_new_tokens=35, ignore_eos=True))
+    assert count() == 0
 
 
 def test_cancel_frees_the_slot_within_one_iteration(engine):

@@ -40,13 +40,16 @@ def test_llama_is_grouped_query(family_model):
         assert cfg.n_kv_heads < cfg.n_heads
 
 
-def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_model):
+@pytest.mark.parametrize("max_len, kv_len", [(32, 32), (64, 16)])
+def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_model, max_len, kv_len):
     """Prompts of different lengths share one padded prefill; each then decodes
-    token by token from its own slot (not slot 0, not contiguous with its batch row)."""
+    token by token from its own slot (not slot 0, not contiguous with its batch row).
+    The first case attends over the whole cache in place, the second over the window's block."""
     _, hf, cfg, params = family_model
     rng = np.random.default_rng(1)
     lengths = np.array([3, 9, 6])
-    steps, pad_to, max_len, n_slots = 5, 16, 32, 6
+    steps, pad_to, n_slots = 5, 16, 6
+    assert transformer.reads_whole_cache(n_slots, max_len, 4, kv_len) == (max_len == 32)
     slots = np.array([4, 1, 2])
     full = rng.integers(0, VOCAB, size=(3, pad_to + steps))
     padded = np.where(np.arange(pad_to)[None] < lengths[:, None], full[:, :pad_to], 0)
@@ -55,9 +58,13 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_mode
     prefill_logits = transformer.logits(params, hidden, cfg)
     cache = KVCache.zeros(cfg, n_slots, max_len)
     # Garbage in the padded tail must never be read: fill it with noise.
-    k = k.at[:, :, :].add(jnp.where(jnp.arange(pad_to)[None, None, :, None, None]
-                                    >= jnp.asarray(lengths)[None, :, None, None, None], 7.0, 0.0))
-    cache = KVCache(cache.k.at[:, slots, :pad_to].set(k), cache.v.at[:, slots, :pad_to].set(v))
+    k = k + jnp.where(jnp.arange(pad_to)[None, None, None, :, None]
+                      >= jnp.asarray(lengths)[None, :, None, None, None], 7.0, 0.0)
+
+    def write(layers, prompts):  # prompts [layers, b, kv_heads, t, head_dim]
+        return tuple(c.at[slots, :, :pad_to].set(p) for c, p in zip(layers, prompts))
+
+    cache = KVCache(write(cache.k, k), write(cache.v, v))
 
     decode = jax.jit(transformer.decode, static_argnums=(1, 7))
     reference = [hf_logits(hf, full[i : i + 1, : lengths[i] + steps])[0] for i in range(3)]
@@ -77,7 +84,7 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_mode
             tokens[row] = full[i, positions[row]]
             writes[row] = True
         out, cache = decode(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(writes), jnp.int32(start), 16)
+                            jnp.asarray(writes), jnp.int32(start), kv_len)
         for row, i in row_of.items():
             np.testing.assert_allclose(
                 np.asarray(out[row]), reference[i][positions[row]], atol=1e-4,

@@ -63,8 +63,8 @@ def test_each_device_holds_a_slice_and_the_step_communicates(params):
         assert len(shards) == 2, name
         for shard in shards:
             assert shard.data.shape[axis] == array.shape[axis] // 2, name
-    k_cache = engine.executor.state.cache.k
-    assert k_cache.addressable_shards[0].data.shape[3] == CFG.n_kv_heads // 2
+    for k_cache in engine.executor.state.cache.k:  # each layer's [slots, kv_heads, max_len, head_dim]
+        assert k_cache.addressable_shards[0].data.shape[1] == CFG.n_kv_heads // 2
     ex = engine.executor
     hlo = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), 4, 64).compile().as_text()
     assert any(op in hlo for op in ("all-reduce", "reduce-scatter", "all-gather"))
