@@ -33,7 +33,6 @@ from peers import llama_server  # noqa: E402
 
 from flover_jax import bench, metrics, workload  # noqa: E402
 from flover_jax.engine import Engine, TimedRequest  # noqa: E402
-from flover_jax.sampling import SamplingParams  # noqa: E402
 from models.presets import smollm2_gguf_path  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,30 +49,32 @@ PROMPT_LEN, SLOTS, VOCAB = 8, 32, 49152
 PEERS = Path(".peers")
 
 
-def workloads() -> dict[str, list[dict]]:
-    """name -> requests as plain dicts {arrival_s, prompt_ids, max_new_tokens}."""
+def workloads() -> dict[str, list[TimedRequest]]:
+    """name -> the workload's requests."""
     specs = {}
     if "headline" in FLAGS.experiments:
         specs["headline"] = ("constant", SLOTS, FLAGS.headline_output_len, {"interval_s": FLAGS.interval_s})
     if "concurrency" in FLAGS.experiments:
         for n in FLAGS.sizes:
             specs[f"concurrency/{n}"] = ("burst", int(n), FLAGS.sweep_output_len, {})
-    work = {name: workload.synthetic(kind, n, PROMPT_LEN, length, VOCAB, seed=0, **arrivals)
+    return {name: workload.synthetic(kind, n, PROMPT_LEN, length, VOCAB, seed=0, **arrivals)
             for name, (kind, n, length, arrivals) in specs.items()}
+
+
+def plain(work: dict[str, list[TimedRequest]]) -> dict[str, list[dict]]:
+    """The requests as the peers take them: {arrival_s, prompt_ids, max_new_tokens}."""
     return {name: [{"arrival_s": r.arrival_s, "prompt_ids": list(r.prompt),
                     "max_new_tokens": r.params.max_new_tokens} for r in requests]
             for name, requests in work.items()}
 
 
-def run_flover(work: dict[str, list[dict]]) -> tuple[dict, dict]:
+def run_flover(work: dict[str, list[TimedRequest]]) -> tuple[dict, dict]:
     engine = Engine.from_pretrained("smollm2-135m", max_slots=SLOTS,
                                     max_len=PROMPT_LEN + FLAGS.headline_output_len)
     engine.executor.warmup(prompt_lengths=[PROMPT_LEN])
     results = {}
     for name, requests in work.items():
-        timed = [TimedRequest(r["prompt_ids"], SamplingParams(r["max_new_tokens"], ignore_eos=True),
-                              r["arrival_s"]) for r in requests]
-        summary = bench.run(engine, timed, policy="flover", warmup=False, solo_samples=0)
+        summary = bench.run(engine, requests, policy="flover", warmup=False, solo_samples=0)
         summary.pop("requests")
         results[name] = summary
         report("flover", name, summary)
@@ -125,24 +126,25 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     work = workloads()
+    peer_work = plain(work)
     runners = {
-        "flover": run_flover,
-        "llama_q4_1": lambda w: run_llama(w, quantized=True),
-        "llama_f32": lambda w: run_llama(w, quantized=False),
-        "hf_continuous": lambda w: run_hf(w, "continuous"),
-        "hf_static": lambda w: run_hf(w, "static"),
+        "flover": lambda: run_flover(work),
+        "llama_q4_1": lambda: run_llama(peer_work, quantized=True),
+        "llama_f32": lambda: run_llama(peer_work, quantized=False),
+        "hf_continuous": lambda: run_hf(peer_work, "continuous"),
+        "hf_static": lambda: run_hf(peer_work, "static"),
     }
     unknown = set(FLAGS.systems) - set(runners)
     if unknown:
         raise app.UsageError(f"systems={sorted(unknown)}: allowed {sorted(runners)}")
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                            "cpu_cores": jax.local_device_count()},
-               "workloads": {name: {"num_requests": len(r), "output_len": r[0]["max_new_tokens"],
-                                    "last_arrival_s": r[-1]["arrival_s"]} for name, r in work.items()},
+               "workloads": {name: {"num_requests": len(r), "output_len": r[0].params.max_new_tokens,
+                                    "last_arrival_s": r[-1].arrival_s} for name, r in work.items()},
                "systems": {}, "versions": {}}
     for system in FLAGS.systems:
         print(system, flush=True)
-        results["systems"][system], results["versions"][system] = runners[system](work)
+        results["systems"][system], results["versions"][system] = runners[system]()
     Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {FLAGS.output}")
