@@ -11,8 +11,11 @@ Systems (each peer in its own environment under .peers/, never a dependency of f
 - hf_continuous: transformers' continuous batching manager (what `generate_batch` runs), fp32.
 - hf_static:     transformers' batched `generate` over whatever has arrived, fp32.
 
+Figures merge into --output: a run of some experiments or systems keeps the others' figures.
+
 Workloads (8-token random prompts, EOS ignored, greedy), all systems on identical requests:
-- headline:    32 requests of 512 tokens, one every --interval_s (the paper's Fig. 4 workload).
+- headline:    32 requests of 512 tokens, one every --interval_s (the paper's Fig. 4 workload),
+               run --headline_repeats times by every system; the median run is reported.
 - concurrency: n requests at once for n in --sizes, --sweep_output_len tokens each.
 """
 
@@ -23,12 +26,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import median_run, merge_results  # noqa: E402
 from peers import llama_server  # noqa: E402
 
 from flover_jax import bench, metrics, workload  # noqa: E402
@@ -43,6 +48,7 @@ flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Concurrent request
 flags.DEFINE_integer("sweep_output_len", 128, "Output tokens per request (concurrency).")
 flags.DEFINE_integer("headline_output_len", 512, "Output tokens per request (headline).")
 flags.DEFINE_float("interval_s", 0.5, "Arrival gap (headline).")
+flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per system (median reported).")
 flags.DEFINE_string("output", "benchmarks/results/peers.json", "Where the results go.")
 
 PROMPT_LEN, SLOTS, VOCAB = 8, 32, 49152
@@ -50,15 +56,26 @@ PEERS = Path(".peers")
 
 
 def workloads() -> dict[str, list[TimedRequest]]:
-    """name -> the workload's requests."""
+    """name -> the workload's requests; a repeat of a workload is named `name#k`."""
     specs = {}
     if "headline" in FLAGS.experiments:
         specs["headline"] = ("constant", SLOTS, FLAGS.headline_output_len, {"interval_s": FLAGS.interval_s})
     if "concurrency" in FLAGS.experiments:
         for n in FLAGS.sizes:
             specs[f"concurrency/{n}"] = ("burst", int(n), FLAGS.sweep_output_len, {})
-    return {name: workload.synthetic(kind, n, PROMPT_LEN, length, VOCAB, seed=0, **arrivals)
+    work = {name: workload.synthetic(kind, n, PROMPT_LEN, length, VOCAB, seed=0, **arrivals)
             for name, (kind, n, length, arrivals) in specs.items()}
+    if "headline" in work:
+        work |= {f"headline#{k}": work["headline"] for k in range(2, FLAGS.headline_repeats + 1)}
+    return work
+
+
+def fold_repeats(runs: dict[str, dict]) -> dict[str, dict]:
+    """{"headline": ..., "headline#2": ..., ...} -> {"headline": the median run, with the spread}."""
+    groups: dict[str, list[dict]] = {}
+    for name, summary in runs.items():
+        groups.setdefault(name.split("#")[0], []).append(summary)
+    return {name: median_run(summaries) for name, summaries in groups.items()}
 
 
 def plain(work: dict[str, list[TimedRequest]]) -> dict[str, list[dict]]:
@@ -140,13 +157,14 @@ def main(argv):
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                            "cpu_cores": jax.local_device_count()},
                "workloads": {name: {"num_requests": len(r), "output_len": r[0].params.max_new_tokens,
-                                    "last_arrival_s": r[-1].arrival_s} for name, r in work.items()},
+                                    "last_arrival_s": r[-1].arrival_s, "date": str(date.today())}
+                             for name, r in work.items() if "#" not in name},
                "systems": {}, "versions": {}}
     for system in FLAGS.systems:
         print(system, flush=True)
-        results["systems"][system], results["versions"][system] = runners[system]()
-    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(FLAGS.output).write_text(json.dumps(results, indent=1))
+        runs, results["versions"][system] = runners[system]()
+        results["systems"][system] = fold_repeats(runs)
+    merge_results(Path(FLAGS.output), results)
     print(f"wrote {FLAGS.output}")
 
 

@@ -13,13 +13,13 @@ policies. Writes benchmarks/results/paper.json; benchmarks/report.py turns it in
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 
 import jax
 from absl import app, flags, logging
+from common import median_run, merge_results  # benchmarks/ is on the path when run as a script
 
 from flover_jax import bench, workload
 from flover_jax.engine import Engine
@@ -31,6 +31,7 @@ flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Request counts (co
 flags.DEFINE_list("gaps_s", ["0.02", "0.1", "0.5", "2.0"], "Mean Poisson gaps (poisson).")
 flags.DEFINE_list("tails", ["256", "512"], "L of uniform:128:L (ablation).")
 flags.DEFINE_float("interval_s", 0.5, "Constant arrival interval.")
+flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per policy (median reported).")
 flags.DEFINE_integer("poisson_output_len", 256, "Output tokens per request (poisson).")
 flags.DEFINE_string("output", "benchmarks/results/paper.json", "Where the results go.")
 
@@ -40,11 +41,17 @@ POLICIES = ("flover", "fused", "static", "sequential")
 PROMPT_LEN, SLOTS = 8, 32
 
 
-def measure(engine, requests, policy) -> dict:
-    summary = bench.run(engine, requests, policy=policy, warmup=False, solo_samples=0)
-    summary.pop("requests")
+def measure(engine, requests, policy, repeats: int = 1) -> dict:
+    """The workload run `repeats` times under `policy`: the median run, with every makespan."""
+    runs = []
+    for _ in range(repeats):
+        runs.append(bench.run(engine, requests, policy=policy, warmup=False, solo_samples=0))
+        runs[-1].pop("requests")
+    summary = median_run(runs)
+    makespans = ", ".join(f"{m:.1f}" for m in summary["repeats"]["makespan_s"])
+    spread = "" if repeats == 1 else f" (runs: {makespans} s)"
     print(f"  {policy:>10}: {summary['num_requests']} requests, makespan "
-          f"{summary['makespan_s']:.1f} s, {summary['output_tokens_per_s']:.0f} tok/s, "
+          f"{summary['makespan_s']:.1f} s{spread}, {summary['output_tokens_per_s']:.0f} tok/s, "
           f"mean in flight {summary['mean_inflight']:.1f}", flush=True)
     return summary
 
@@ -77,7 +84,8 @@ def main(argv):
     if "headline" in FLAGS.experiments:
         print("headline: 32 x 512 tokens", flush=True)
         work = synthetic(engine, "constant", 32, FLAGS.max_output, interval_s=FLAGS.interval_s)
-        results["headline"] = {p: measure(engine, work, p) for p in ("flover", "sequential")}
+        results["headline"] = {p: measure(engine, work, p, FLAGS.headline_repeats)
+                               for p in ("flover", "sequential")}
     if "poisson" in FLAGS.experiments:
         print("poisson sweep", flush=True)
         results["poisson"] = {
@@ -94,8 +102,7 @@ def main(argv):
                    for p in ("flover", "fused")}
             for tail in FLAGS.tails
         }
-    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(FLAGS.output).write_text(json.dumps(results, indent=1))
+    merge_results(Path(FLAGS.output), results)
     print(f"wrote {FLAGS.output}")
 
 
