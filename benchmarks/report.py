@@ -79,6 +79,27 @@ def headline_section(paper: dict) -> str:
     )
 
 
+def roofline_section(roof: dict, paper: dict) -> str:
+    h = paper["headline"]
+    flover, sequential = h["flover"]["makespan_s"], h["sequential"]["makespan_s"]
+    rows = [[f"{b['bandwidth_gbs']:.0f} GB/s, {b['gflops']:.0f} GFLOP/s", f"{b['flover_s']:.1f} s",
+             f"{b['sequential_s']:.1f} s", f"{flover / b['flover_s']:.2f}x",
+             f"{sequential / b['flover_s']:.1f}x"] for b in roof["bounds"]]
+    return (
+        "### Against the machine's limits (`benchmarks/roofline.py`)\n\n"
+        "The same workload replayed against a decode step that costs exactly its roofline: every "
+        "weight and every live slot's KV read once at the given bandwidth, or the FLOPs at the "
+        "given rate, whichever is larger (reads and FLOPs perfectly overlapped), with no prefill "
+        "and no host time. The first row takes MACHINE.md's copy bandwidth; the last the bandwidth "
+        "at which this bound on `sequential` equals its measured makespan, the rate its one-slot "
+        "steps achieved (the 480 MiB L3 holds part of the weights).\n\n"
+        + _table(["bound at", "flover at best", "sequential at best", "measured flover / best",
+                  "measured sequential / flover at best"], rows)
+        + "\n\nIn the last row, the last column is the largest speedup over the measured "
+        "`sequential` run that any engine could reach on this machine.\n"
+    )
+
+
 def poisson_section(paper: dict) -> str:
     runs = paper["poisson"]
     gaps = sorted(runs, key=float)
@@ -266,8 +287,12 @@ def main() -> None:
     if (RESULTS / "profile.md").exists():
         parts.append("## Where a decode step's time goes (`benchmarks/profile_step.py`)\n\n"
                      + (RESULTS / "profile.md").read_text())
-    for name, section in (("headline", headline_section), ("constant", constant_section),
-                          ("poisson", poisson_section), ("ablation", ablation_section)):
+    if "headline" in paper:
+        parts.append(headline_section(paper))
+        if (RESULTS / "roofline.json").exists():
+            parts.append(roofline_section(json.loads((RESULTS / "roofline.json").read_text()), paper))
+    for name, section in (("constant", constant_section), ("poisson", poisson_section),
+                          ("ablation", ablation_section)):
         if name in paper:
             parts.append(section(paper))
     if (RESULTS / "peers.json").exists():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 70 minutes on 2 CPU cores, plus
+# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 100 minutes on 2 CPU cores, plus
 # about 10 minutes the first time to build llama-server and the peers' environment).
 # Run it on an otherwise idle machine: every figure is a timing.
 set -euo pipefail
@@ -23,5 +23,6 @@ summary["command"] = ("python main.py --mode=bench --workload=constant --num_req
 path.write_text(json.dumps(summary, indent=1))
 PYEOF
 "$PY" benchmarks/paper.py --gaps_s=0.05,0.5,2.0 --poisson_output_len=128
+"$PY" benchmarks/roofline.py
 "$PY" benchmarks/compare_peers.py
 "$PY" benchmarks/report.py
