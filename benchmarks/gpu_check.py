@@ -17,6 +17,8 @@ Every section appends to --output_json as it ends, so a run cut short still repo
 from __future__ import annotations
 
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax import monitoring
 from step_times import decode_table  # benchmarks/ is on sys.path when run as a script
 
 from flover_jax import bench, workload
@@ -70,7 +73,9 @@ def main(argv):
     peak = FLAGS.peak_gbs or next((v for k, v in PEAKS_GBS.items() if k in kind), 0.0)
     FLAGS.bandwidth_gbs = peak or FLAGS.bandwidth_gbs
     record("machine", {"device": kind, "devices": jax.device_count(), "jax": jax.__version__,
-                       "peak_gbs": peak, "model": FLAGS.model})
+                       "python": platform.python_version(), "peak_gbs": peak, "model": FLAGS.model})
+    record("command", " ".join(["benchmarks/gpu_check.sh", *sys.argv[1:]]))
+    record("engine", {"dtype": "bfloat16", "max_slots": FLAGS.max_slots, "max_len": FLAGS.max_len})
     print(f"# {kind} x{jax.device_count()}, jax {jax.__version__}, peak {peak:.0f} GB/s", flush=True)
 
     start = time.perf_counter()
@@ -93,10 +98,16 @@ def main(argv):
         for text in texts:
             print("  ", repr(text[:120]), flush=True)
 
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
     start = time.perf_counter()
     engine.executor.warmup(prompt_lengths=[16, 32])
     record("compile_s", time.perf_counter() - start)
-    print(f"\ncompiled every bucket in {results['compile_s']:.1f} s", flush=True)
+    record("executables", len(compiles))
+    print(f"\ncompiled every bucket ({len(compiles)} executables) in {results['compile_s']:.1f} s",
+          flush=True)
 
     if "steps" in FLAGS.sections:
         print("\n## decode step, bfloat16\n", flush=True)

@@ -238,21 +238,27 @@ def timeline_section(timeline: dict) -> str:
 def gpu_section(gpu: dict) -> str:
     """The device run of benchmarks/gpu_check.sh (a GPU lent for minutes, not part of run_all.sh)."""
     m, h, inv, g = gpu["machine"], gpu["headline"], gpu["invariance"], gpu["greedy"]
+    e = gpu["engine"]
+    driver = f", driver {m['driver']}" if "driver" in m else ""
+    tests = gpu.get("tests")
+    tested = (f"**Tests on the GPU.** `{tests['command']}`: {tests['passed']} passed, "
+              f"{tests['failed']} failed ({tests['which']}).\n\n") if tests else ""
     rows = [[p, f"{r['makespan_s']:.2f} s", f"{r['output_tokens_per_s']:.0f}",
              f"{r['tpot_s']['p50'] * 1e3:.1f} ms", f"{r['mean_inflight']:.1f}", r["computed_rows"]]
             for p, r in h.items() if isinstance(r, dict)]
     arrivals = 31 * h["interval_s"]
     return (
         f"## On a GPU: {m['device']} (`benchmarks/gpu_check.sh`)\n\n"
-        f"`{gpu['command']}`: jax {m['jax']}, driver {m['driver']}; SmolLM2-135M in bfloat16, "
-        "64 slots of 1024 tokens. One run on a machine lent for 15 minutes in all, so it is "
-        "not part of run_all.sh and some parts were cut short (said below).\n\n"
-        f"**Tests on the GPU.** `{gpu['tests']['command']}`: {gpu['tests']['passed']} passed, "
-        f"{gpu['tests']['failed']} failed ({gpu['tests']['which']}).\n\n"
+        f"`{gpu['command']}`: jax {m['jax']}{driver}; {m['model']} in {e['dtype']}, "
+        f"{e['max_slots']} slots of {e['max_len']} tokens. One run on a machine lent for 15 "
+        "minutes in all, so it is not part of run_all.sh and some parts were cut short (said "
+        "below).\n\n" + tested +
         f"**bfloat16 against float32** (greedy, 4 chat prompts): tokens agree up to positions "
         f"{g['agree_up_to']} of {g['lengths']}; the bf16 answers stay on topic "
         f"(\"{g['bf16_texts'][0].removesuffix('<|im_end|>')}\").\n\n"
-        f"**Compiling every bucket** (49 executables): {gpu['compile_s_cold']:.0f} s cold, "
+        f"**Compiling every bucket** ({gpu['executables']} executables"
+        f"{'; ' + gpu['executables_note'] if 'executables_note' in gpu else ''}): "
+        f"{gpu['compile_s_cold']:.0f} s cold, "
         f"{gpu['compile_s_from_cache']:.0f} s from the persistent compilation cache.\n\n"
         "**Decode step against live slots** (medians of 9 calls, each read back to the host):\n\n"
         + gpu["decode_table_md"]
