@@ -130,7 +130,8 @@ class Scheduler:
         self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
         self._positions: dict[int, int] = {}  # request_id -> next cache position (upper bound)
         self._cancels: set[int] = set()
-        self._requests: dict[int, Request] = {}
+        self._requests: dict[int, Request] = {}  # until `pop_finished` hands the output out
+        self._newest_id = -1  # ids up to this one were issued; those not in _requests have ended
         self._finished: list[Request] = []  # finished, not yet collected by `pop_finished`
         self._in_flight: _DecodeInFlight | None = None
         self.on_event: Callable[[str, Request], None] | None = None  # "added" / "finished"
@@ -151,6 +152,7 @@ class Scheduler:
     ) -> int:
         """Queue a request; returns its id. An invalid request ends at once with "error"."""
         request_id = next(self._ids)
+        self._newest_id = max(self._newest_id, request_id)
         params = params or SamplingParams()
         now = self.now()
         arrival = now if arrival_s is None else arrival_s
@@ -199,10 +201,12 @@ class Scheduler:
             )
 
     def cancel(self, request_id: int) -> None:
-        """Cancel a request; its slot is free by the end of the next iteration."""
-        if request_id not in self._requests:
+        """Cancel a request; its slot is free by the end of the next iteration. A request
+        that has already ended is left as it ended."""
+        request = self._requests.get(request_id)
+        if request is None and not 0 <= request_id <= self._newest_id:
             raise KeyError(f"request_id={request_id}: no such request")
-        if not self._requests[request_id].finished:
+        if request is not None and not request.finished:
             self._cancels.add(request_id)
 
     # -- results out ------------------------------------------------------------------------
@@ -217,8 +221,11 @@ class Scheduler:
         return request is not None and (not request.finished or request in self._finished)
 
     def pop_finished(self) -> list[RequestOutput]:
-        """Outputs of the requests finished since the last call (each exactly once)."""
+        """Outputs of the requests finished since the last call (each exactly once). The
+        scheduler then forgets them, so a long-lived engine holds only unreturned requests."""
         done, self._finished = self._finished, []
+        for request in done:
+            del self._requests[request.request_id]
         return [r.output() for r in done]
 
     def has_work(self) -> bool:

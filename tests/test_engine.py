@@ -108,9 +108,9 @@ def test_temperature_zero_ignores_seed(engine):
 def test_compaction_moves_every_slot_array_bitwise(engine):
     executor = engine.executor
     scheduler = engine.scheduler
-    ids = [engine.submit([3 + i, 9, 4 + i], SamplingParams(max_new_tokens=60, temperature=0.5,
-                                                          top_k=7, seed=i, ignore_eos=True))
-           for i in range(6)]
+    params = [SamplingParams(max_new_tokens=60, temperature=0.5, top_k=7, seed=i, ignore_eos=True)
+              for i in range(6)]
+    ids = [engine.submit([3 + i, 9, 4 + i], p) for i, p in enumerate(params)]
     for _ in range(3):
         scheduler.iteration()
     slots = {i: scheduler.table.slot_of(i) for i in ids}
@@ -137,8 +137,8 @@ def test_compaction_moves_every_slot_array_bitwise(engine):
     # Tell the table too, then finish: the moved requests decode on from their new slots.
     scheduler.table.apply_moves(moves)
     outputs = [engine.result(i) for i in ids]
-    for i, output in zip(ids, outputs):
-        alone = engine.generate([output.prompt_ids], scheduler.request(i).params)[0]
+    for p, output in zip(params, outputs):
+        alone = engine.generate([output.prompt_ids], p)[0]
         assert output.token_ids == alone.token_ids
 
 
