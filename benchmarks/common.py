@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,6 +17,14 @@ def live_state(executor, live: int, context: int):
         active=jnp.asarray(np.arange(n) < live), pos=jnp.full((n,), context, jnp.int32),
         remaining=jnp.full((n,), 1 << 30, jnp.int32),
     )
+
+
+def decode_bytes(cfg, params) -> tuple[int, int]:
+    """(weight bytes, KV bytes per cached token) a decode step reads: every weight but the
+    embedding table (one row per token), in the config's dtype; params may be abstract."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    weights = sum(x.size for x in jax.tree.leaves(params)) - params.embed.size
+    return weights * itemsize, 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
 
 
 def median_run(summaries: list[dict]) -> dict:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags
+from common import decode_bytes  # benchmarks/ is on the path when run as a script
 
 from flover_jax import checkpoint
 from flover_jax.loader import CHECKPOINT_DIR, load_model
@@ -38,11 +38,10 @@ flags.DEFINE_integer("output_len", 512, "Output tokens per request.")
 flags.DEFINE_string("output", "benchmarks/results/roofline.json", "Where the results go.")
 
 
-def step_costs(cfg, weight_bytes: int):
+def step_costs(cfg, weight_bytes: int, kv_bytes: int):
     """A function (contexts of the live slots) -> roofline seconds of one decode step."""
-    itemsize = np.dtype(cfg.dtype).itemsize
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize  # per cached token
-    matmul_flops = 2 * weight_bytes // itemsize  # per slot: every weight once, multiply and add
+    # Per slot: every weight once, a multiply and an add.
+    matmul_flops = 2 * weight_bytes // np.dtype(cfg.dtype).itemsize
     attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # per slot, per cached token
 
     def cost(contexts: np.ndarray, bandwidth: float, flop_rate: float) -> float:
@@ -78,10 +77,8 @@ def main(argv):
         params = checkpoint.abstract_params(cfg)
     else:
         cfg, params, _ = load_model(FLAGS.model)
-    # What a decode step reads: every weight but the embedding table (one row per token).
-    weight_bytes = sum(x.size for x in jax.tree.leaves(params)) * np.dtype(cfg.dtype).itemsize
-    weight_bytes -= params.embed.size * np.dtype(cfg.dtype).itemsize
-    cost = step_costs(cfg, weight_bytes)
+    weight_bytes, kv_bytes = decode_bytes(cfg, params)
+    cost = step_costs(cfg, weight_bytes, kv_bytes)
     arrivals = np.arange(FLAGS.requests) * FLAGS.interval_s
     flop_rate = FLAGS.gflops * 1e9
     bandwidths = [float(b) for b in FLAGS.bandwidths_gbs]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from common import live_state  # benchmarks/ is on the path when run as a script
+from common import decode_bytes, live_state  # benchmarks/ is on the path when run as a script
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -44,8 +44,7 @@ def median_ms(fn, repeats: int) -> float:
 def decode_table(engine: Engine) -> None:
     ex, cfg = engine.executor, engine.cfg
     slots = ex.num_slots
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ex.params)) - ex.params.embed.nbytes
-    kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+    weight_bytes, kv_token = decode_bytes(cfg, ex.params)
     contexts = [int(c) for c in FLAGS.contexts]
     print(f"{weight_bytes / 1e6:.0f} MB of weights read per step (embedding table excluded), "
           f"{kv_token / 1e3:.1f} kB of KV per cached token\n")
