@@ -32,7 +32,7 @@ flags.DEFINE_integer("steps", 5, "Traced decode steps per point.")
 SCOPES = ("projections", "attention", "mlp", "lm_head", "sampling")
 # What an op does, from the name XLA gives it (its thunk's name in the trace).
 KINDS = (("matmul", ("ynn", "dot", "gemm", "onednn")), ("copy / transpose", ("copy", "transpose", "slice")),
-         ("cache write", ("scatter", "update")))
+         ("cache write", ("scatter", "update")), ("attention kernel", ("ffi_call",)))
 
 
 def op_scopes(compiled_text: str) -> dict[str, str]:
@@ -94,7 +94,7 @@ def main(argv):
     for point in FLAGS.points:
         live, context = (int(x) for x in point.split(":"))
         width = bucket(live, ex.buckets.windows)
-        kv_len = bucket(context + 1, ex.buckets.kv_lengths)
+        kv_len = ex.program_kv_len(bucket(context + 1, ex.buckets.kv_lengths))
         ex.state = live_state(ex, live, context)
         scopes = op_scopes(ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
                            .compile().as_text())

@@ -36,13 +36,15 @@ def run(
     engine: Engine, requests: Sequence[TimedRequest], *, policy: str | None = None,
     warmup: bool = True, solo_samples: int = 3,
 ) -> dict:
-    """Run the workload and return its summary (metrics.summarize plus compile, memory, solo)."""
+    """Run the workload and return its summary (metrics.summarize plus compile, memory, the
+    attention the steps ran, solo latency)."""
     start = time.perf_counter()
     if warmup:
         engine.executor.warmup()
     compile_s = time.perf_counter() - start
     result = engine.run(requests, policy)
     summary = metrics.summarize(result) | {"compile_s": compile_s} | metrics.memory(engine)
+    summary["attention"] = "cpu_kernel" if engine.executor.attention_kernel else "xla"
     if solo_samples:
         ttft, tpot = solo_latency_fit(engine, requests, solo_samples)
         done = [o for o in result.outputs if o.finish_reason != "error"]

@@ -33,9 +33,18 @@ class Buckets:
     prefill_batches: tuple[int, ...]  # prompts per prefill call
 
     @classmethod
-    def for_engine(cls, max_slots: int, max_len: int, max_prefill_batch: int = 8) -> Buckets:
+    def for_engine(
+        cls, max_slots: int, max_len: int, max_prefill_batch: int = 8, fine_windows: bool = False
+    ) -> Buckets:
+        """fine_windows: widths every max_slots / 8 (at least 4) besides the powers of two, for
+        steps whose cost grows with the rows computed (XLA:CPU, compute-bound at many slots);
+        a coarse set suits steps that cost the same at any width (GPUs)."""
+        windows = powers_of_two(1, max_slots)
+        if fine_windows:
+            step = max(4, max_slots // 8)
+            windows = tuple(sorted({*windows, *range(step, max_slots, step)}))
         return cls(
-            windows=powers_of_two(1, max_slots),
+            windows=windows,
             kv_lengths=powers_of_two(min(64, max_len), max_len),
             prompt_lengths=powers_of_two(min(16, max_len), max_len),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),

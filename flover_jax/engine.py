@@ -19,7 +19,6 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
-from flover_jax.buckets import Buckets
 from flover_jax.distributed import BroadcastExecutor, follow
 from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
@@ -63,14 +62,14 @@ class Engine:
         policy: str = "flover",
         max_prefill_batch: int = 8,
         mesh: Mesh | None = None,
+        attention: str = "auto",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
         self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
-        buckets = Buckets.for_engine(max_slots, max_len, max_prefill_batch)
         self.executor = DeviceExecutor(
-            params, cfg, max_slots, max_len, self.eos_ids, buckets, mesh
+            params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention
         )
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).

@@ -19,6 +19,7 @@ from flover_jax import sharding, step
 from flover_jax.buckets import Buckets, bucket
 from flover_jax.sampling import SamplingParams, SlotSampling
 from flover_jax.state import DecodeState
+from models import kernels
 from models.config import ModelConfig
 from models.transformer import Params
 
@@ -31,6 +32,29 @@ def _place(x, target: jax.sharding.Sharding) -> jax.Array:
     return jax.device_put(x, target)
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+
+
+def _use_attention_kernel(attention: str, cfg: ModelConfig, mesh: Mesh) -> bool:
+    """Resolve the `attention` option. "auto" takes the CPU kernel where it applies: one CPU
+    device (the kernel is not partitioned across a mesh), float32, and a C++ compiler found."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={attention!r}: must be one of {ATTENTION_CHOICES}")
+    if attention == "xla":
+        return False
+    devices = mesh.devices.flat
+    reasons = [why for bad, why in (
+        (mesh.size != 1, f"it runs on one device, the mesh has {mesh.size}"),
+        (any(d.platform != "cpu" for d in devices), "it runs on CPU only"),
+        (cfg.dtype != "float32", f"it computes in float32, the model is {cfg.dtype}"),
+    ) if bad]
+    if not reasons and not kernels.cpu_kernel_available():
+        reasons.append("it could not be compiled (see the log)")
+    if reasons and attention == "cpu_kernel":
+        raise ValueError(f"attention='cpu_kernel' cannot be used: {'; '.join(reasons)}")
+    return not reasons
+
+
 class DeviceExecutor:
     def __init__(
         self,
@@ -39,8 +63,9 @@ class DeviceExecutor:
         num_slots: int,
         max_len: int,
         eos_ids: Sequence[int] = (),
-        buckets: Buckets | None = None,
+        max_prefill_batch: int = 8,
         mesh: Mesh | None = None,
+        attention: str = "auto",
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
@@ -51,7 +76,11 @@ class DeviceExecutor:
         self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
-        self.buckets = buckets or Buckets.for_engine(num_slots, max_len)
+        self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh)
+        # The kernel's steps cost by the rows computed and compile once per width: finer widths.
+        self.buckets = Buckets.for_engine(
+            num_slots, max_len, max_prefill_batch, fine_windows=self.attention_kernel
+        )
         params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)
         empty = partial(DecodeState.empty, cfg, num_slots, max_len)
@@ -60,6 +89,7 @@ class DeviceExecutor:
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding,
             sharding.kv_sharding(cfg, self.mesh), sharding.replicated(self.mesh),
+            self.attention_kernel,
         )
 
     def _pad_slots(self, slots: Sequence[int], size: int) -> np.ndarray:
@@ -96,9 +126,14 @@ class DeviceExecutor:
         )
         return prefilled.first_token
 
+    def program_kv_len(self, kv_len: int) -> int:
+        """The kv_len a decode step is compiled for: the kernel reads each slot's live positions
+        whatever kv_len says, so with it every kv_len shares one program per width."""
+        return self.max_len if self.attention_kernel else kv_len
+
     def decode(self, start: int, width: int, kv_len: int) -> jax.Array:
         self.state, tokens = self.verbs.decode_step(
-            self.params, self.state, jnp.int32(start), width, kv_len
+            self.params, self.state, jnp.int32(start), width, self.program_kv_len(kv_len)
         )
         return tokens
 

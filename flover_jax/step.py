@@ -115,11 +115,12 @@ def decode_step(
     *,
     cfg: ModelConfig,
     eos_ids: tuple[int, ...],
+    attention_kernel: bool = False,
 ) -> tuple[DecodeState, jax.Array]:
     """One token for each active slot of [start, start + width); -1 for the others.
 
     Rows outside the window are not computed. kv_len must exceed the position
-    of every active slot in the window.
+    of every active slot in the window. attention_kernel: see `transformer.decode`.
     """
 
     def window(array):
@@ -130,7 +131,7 @@ def decode_step(
 
     active, pos = window(state.active), window(state.pos)
     logits, cache = transformer.decode(
-        params, cfg, state.cache, window(state.tokens), pos, active, start, kv_len
+        params, cfg, state.cache, window(state.tokens), pos, active, start, kv_len, attention_kernel
     )
     # Finished rows sample greedily: their token is dropped, and a sampling row
     # would otherwise keep the whole window on the slower sampling path.
@@ -205,6 +206,7 @@ class Verbs:
         state_sharding,
         kv_sharding,
         replicated,
+        attention_kernel: bool = False,
     ) -> None:
         prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first_token=replicated, seen=replicated)
         self.prefill = jax.jit(
@@ -219,7 +221,7 @@ class Verbs:
             donate_argnums=0,
         )
         self.decode_step = jax.jit(
-            partial(decode_step, cfg=cfg, eos_ids=eos_ids),
+            partial(decode_step, cfg=cfg, eos_ids=eos_ids, attention_kernel=attention_kernel),
             static_argnums=(3, 4),  # width, kv_len
             in_shardings=(params_sharding, state_sharding, replicated),
             out_shardings=(state_sharding, replicated),

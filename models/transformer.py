@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models import kernels
 from models.config import ModelConfig
 from models.layers import (
     AttentionWeights,
@@ -163,6 +164,7 @@ def decode(
     writes: jax.Array,
     start: jax.Array,
     kv_len: int,
+    attention_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """One token for each slot of the window [start, start + w).
 
@@ -177,6 +179,9 @@ def decode(
     block) or, when the window covers enough of the cache, every slot's whole
     cache in place, masked by position (no copy; the extra rows and positions
     are cheaper than copying). Both are exact; the choice is static.
+    attention_kernel (static; XLA:CPU, float32): attend with the hand-written
+    kernel instead (models/kernels), which reads each written row's live
+    positions in place and nothing else; kv_len then plays no part.
     """
     w = tokens.shape[0]
     num_slots, max_len = cache.k[0].shape[0], cache.max_len
@@ -189,6 +194,7 @@ def decode(
         mask = (jnp.arange(max_len)[None, :] <= all_positions[:, None])[:, None, :]  # [S, 1, T]
     else:
         mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # [w, 1, s]
+    lengths = jnp.where(writes, positions + 1, 0)  # positions the kernel reads per row
     x = _embed(params, tokens[:, None], positions[:, None], cfg)
     k_cache, v_cache = list(cache.k), list(cache.v)
 
@@ -197,6 +203,10 @@ def decode(
         def cached_attend(q, k, v, i=layer_index):
             k_cache[i] = k_cache[i].at[slots, :, write_pos].set(k[:, 0], mode="drop")
             v_cache[i] = v_cache[i].at[slots, :, write_pos].set(v[:, 0], mode="drop")
+            if attention_kernel:
+                rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths)
+                return out.reshape(q.shape).astype(q.dtype)
             if whole:
                 q_all = jnp.zeros((num_slots, *q.shape[1:]), q.dtype)
                 q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q, start, axis=0)

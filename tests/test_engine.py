@@ -42,7 +42,16 @@ def tiny():
 @pytest.fixture(scope="module")
 def engine(tiny):
     cfg, params = tiny
-    return Engine(cfg, params, max_slots=8, max_len=128)
+    engine = Engine(cfg, params, max_slots=8, max_len=128)
+    assert engine.executor.attention_kernel  # "auto" on one CPU device in float32
+    return engine
+
+
+@pytest.fixture(scope="module")
+def xla_engine(tiny):
+    """The same engine with XLA's attention ops instead of the CPU kernel."""
+    cfg, params = tiny
+    return Engine(cfg, params, max_slots=8, max_len=128, attention="xla")
 
 
 def mixed_workload(n=24, seed=0, sampling=False):
@@ -66,8 +75,10 @@ def solo_tokens(engine, request):
     return engine.generate([request.prompt], request.params)[0].token_ids
 
 
+@pytest.mark.parametrize("attention", ["cpu_kernel", "xla"])
 @pytest.mark.parametrize("policy", ["flover", "fused", "static"])
-def test_fused_equals_solo_greedy(engine, policy):
+def test_fused_equals_solo_greedy(request, policy, attention):
+    engine = request.getfixturevalue({"cpu_kernel": "engine", "xla": "xla_engine"}[attention])
     workload = mixed_workload()
     result = run_with_fake_clock(engine, workload, policy)
     stats = result.stats
@@ -79,6 +90,24 @@ def test_fused_equals_solo_greedy(engine, policy):
     for request, output in zip(workload, result.outputs):
         assert output.finish_reason in ("stop", "length")
         assert output.token_ids == solo_tokens(engine, request), f"request {output.request_id}"
+
+
+def test_attention_kernel_and_xla_attention_agree(engine, xla_engine):
+    workload = mixed_workload(n=12, seed=3, sampling=True)
+    kernel = run_with_fake_clock(engine, workload).outputs
+    xla = run_with_fake_clock(xla_engine, workload).outputs
+    assert [o.token_ids for o in kernel] == [o.token_ids for o in xla]
+
+
+def test_attention_choice_is_checked(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match=r"attention='flash': must be one of"):
+        Engine(cfg, params, max_slots=2, max_len=32, attention="flash")
+    with pytest.raises(ValueError, match=r"attention='cpu_kernel' cannot be used: .*float32"):
+        Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32,
+               attention="cpu_kernel")
+    bf16 = Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32)
+    assert not bf16.executor.attention_kernel  # "auto" falls back to XLA's attention
 
 
 def test_sampling_depends_only_on_seed_and_params(engine):

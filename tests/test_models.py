@@ -40,11 +40,16 @@ def test_llama_is_grouped_query(family_model):
         assert cfg.n_kv_heads < cfg.n_heads
 
 
-@pytest.mark.parametrize("max_len, kv_len", [(32, 32), (64, 16)])
-def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_model, max_len, kv_len):
+@pytest.mark.parametrize(
+    "max_len, kv_len, attention_kernel", [(32, 32, False), (64, 16, False), (64, 16, True)]
+)
+def test_prefill_then_decode_through_slot_cache_matches_full_forward(
+    family_model, max_len, kv_len, attention_kernel
+):
     """Prompts of different lengths share one padded prefill; each then decodes
     token by token from its own slot (not slot 0, not contiguous with its batch row).
-    The first case attends over the whole cache in place, the second over the window's block."""
+    The first case attends over the whole cache in place, the second over the window's block,
+    the third with the CPU attention kernel (models/kernels)."""
     _, hf, cfg, params = family_model
     rng = np.random.default_rng(1)
     lengths = np.array([3, 9, 6])
@@ -66,7 +71,7 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_mode
 
     cache = KVCache(write(cache.k, k), write(cache.v, v))
 
-    decode = jax.jit(transformer.decode, static_argnums=(1, 7))
+    decode = jax.jit(transformer.decode, static_argnums=(1, 7, 8))
     reference = [hf_logits(hf, full[i : i + 1, : lengths[i] + steps])[0] for i in range(3)]
     for i in range(3):
         np.testing.assert_allclose(
@@ -84,7 +89,7 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(family_mode
             tokens[row] = full[i, positions[row]]
             writes[row] = True
         out, cache = decode(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(writes), jnp.int32(start), kv_len)
+                            jnp.asarray(writes), jnp.int32(start), kv_len, attention_kernel)
         for row, i in row_of.items():
             np.testing.assert_allclose(
                 np.asarray(out[row]), reference[i][positions[row]], atol=1e-4,

@@ -41,6 +41,13 @@ def test_fused_run_equals_tp1(params, reference, tp):
     assert [o.token_ids for o in result.outputs] == reference
 
 
+def test_sharded_engines_attend_with_xla(params):
+    """The CPU attention kernel is not partitioned: "auto" leaves it out of a tp mesh."""
+    assert not Engine(CFG, params, max_slots=2, max_len=32, mesh=make_mesh(2)).executor.attention_kernel
+    with pytest.raises(ValueError, match=r"cannot be used: it runs on one device, the mesh has 2"):
+        Engine(CFG, params, max_slots=2, max_len=32, mesh=make_mesh(2), attention="cpu_kernel")
+
+
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_logits_match_tp1(params, tp):
     mesh = make_mesh(tp)
