@@ -5,7 +5,8 @@ policies. Writes benchmarks/results/paper.json; benchmarks/report.py turns it in
 
 - constant: one request every --interval_s, n = 1..32, 8-token prompts, outputs uniform in
   [128, 512], EOS ignored: makespan and tokens/s per policy (the paper's Fig. 4).
-- headline: 32 requests of exactly 512 tokens at the same interval: flover vs sequential.
+- headline: 32 requests of exactly 512 tokens at the same interval: flover vs sequential (and
+  flover with XLA's attention ops instead of the CPU attention kernel).
 - poisson: 32 requests, Poisson arrivals over a sweep of mean gaps: speedup over sequential,
   iterations, mean in-flight requests (Fig. 8).
 - ablation: outputs uniform in [128, L], flover (compaction) vs fused (every slot computed).
@@ -86,6 +87,13 @@ def main(argv):
         work = synthetic(engine, "constant", 32, FLAGS.max_output, interval_s=FLAGS.interval_s)
         results["headline"] = {p: measure(engine, work, p, FLAGS.headline_repeats)
                                for p in ("flover", "sequential")}
+        if engine.executor.attention_kernel:  # what the CPU attention kernel gains, same run
+            xla = Engine(engine.cfg, engine.executor.params, engine.tokenizer, max_slots=SLOTS,
+                         max_len=engine.executor.max_len, attention="xla")
+            xla.executor.warmup(prompt_lengths=[16])
+            results["headline"]["flover, XLA attention"] = measure(
+                xla, work, "flover", FLAGS.headline_repeats)
+            del xla
     if "poisson" in FLAGS.experiments:
         print("poisson sweep", flush=True)
         results["poisson"] = {

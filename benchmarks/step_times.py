@@ -28,6 +28,8 @@ flags.DEFINE_integer("max_slots", 64, "Slot capacity (live slots go 1, 2, 4, ...
 flags.DEFINE_integer("max_len", 1024, "Tokens per slot.")
 flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot while timing.")
 flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
+flags.DEFINE_list("attention", ["cpu_kernel", "xla"],
+                  "Decode attentions to time, a table each (the engine's `attention` option).")
 flags.DEFINE_float("bandwidth_gbs", 25.0, "Measured memory bandwidth of the machine (MACHINE.md).")
 
 
@@ -102,8 +104,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     print(f"{FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}; command: "
           "`.venv/bin/python benchmarks/step_times.py`\n")
-    engine = Engine.from_pretrained(FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
-    decode_table(engine)
+    for attention in FLAGS.attention:
+        engine = Engine.from_pretrained(
+            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, attention=attention)
+        print(f"Decode steps, attention={attention}:\n")
+        decode_table(engine)
+        print()
     prefill_table(engine)
     del engine
     gc.collect()
