@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CPU attention kernel compiles into the checkout, not the home folder (models/kernels).
+os.environ.setdefault(
+    "FLOVER_KERNEL_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "kernels")
+)
 
 import jax  # noqa: E402
 

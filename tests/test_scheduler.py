@@ -81,7 +81,8 @@ def scenarios(draw, busy: bool = False) -> Scenario:
         buckets = Buckets.for_engine(num_slots, max_len, max_prefill_batch)
     else:  # finer buckets so that kv_len / prompt bucketing matters at small max_len
         buckets = Buckets(
-            windows=powers_of_two(1, num_slots),
+            # Every width, or powers of two (the engine's fine widths lie between the two).
+            windows=draw(st.sampled_from([powers_of_two(1, num_slots), tuple(range(1, num_slots + 1))])),
             kv_lengths=powers_of_two(min(draw(st.sampled_from([2, 4, 8])), max_len), max_len),
             prompt_lengths=powers_of_two(min(2, max_len), max_len),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
@@ -349,6 +350,14 @@ def _drive(sched: Scheduler, clock: FakeClock, ex: FakeExecutor, max_iters: int 
 
 def _solo(prompt, params, ex: FakeExecutor, eos_ids=()):
     return expected_tokens(prompt, params, eos_ids, ex.max_len, ex.vocab_size)
+
+
+def test_fine_windows_add_a_width_every_eighth_of_the_slots():
+    assert Buckets.for_engine(32, 512).windows == (1, 2, 4, 8, 16, 32)
+    assert Buckets.for_engine(32, 512, fine_windows=True).windows == (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
+    assert Buckets.for_engine(64, 512, fine_windows=True).windows == (
+        1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert Buckets.for_engine(6, 512, fine_windows=True).windows == (1, 2, 4, 6)
 
 
 def test_mid_window_finish_then_compaction_narrows_window():
