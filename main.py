@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from absl import app, flags
@@ -151,13 +153,21 @@ def generate_mode() -> int:
             ids.append(None)
             errors[len(ids) - 1] = f"line {number}: {e}" if not str(e).startswith("line") else str(e)
     outputs = {}
-    interrupted = False
+    # Ctrl-C only sets a flag, checked between iterations: a KeyboardInterrupt raised at an
+    # arbitrary point can be swallowed (in a finalizer, say), a flag cannot.
+    interrupt = threading.Event()
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupt.set())
     try:
-        for request_id in ids:
-            if request_id is not None:
-                outputs[request_id] = engine.result(request_id)
-    except KeyboardInterrupt:  # write what finished
-        interrupted = True
+        for request_id in (i for i in ids if i is not None):
+            while (output := engine.poll(request_id)) is None and not interrupt.is_set():
+                engine.scheduler.iteration()
+            if output is None:
+                break
+            outputs[request_id] = output
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    interrupted = interrupt.is_set()
+    if interrupted:  # write what finished
         for request_id in ids:
             if request_id is not None and (output := engine.poll(request_id)) is not None:
                 outputs[request_id] = output
