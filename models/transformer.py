@@ -185,16 +185,17 @@ def decode(
     """
     w = tokens.shape[0]
     num_slots, max_len = cache.k[0].shape[0], cache.max_len
-    whole = reads_whole_cache(num_slots, max_len, w, kv_len)
+    whole = not attention_kernel and reads_whole_cache(num_slots, max_len, w, kv_len)
     slots = start + jnp.arange(w, dtype=jnp.int32)
     # Out-of-range positions make the scatter drop the rows that must not write.
     write_pos = jnp.where(writes, positions, max_len)
-    if whole:  # every slot's rows; those outside the window attend nowhere and are dropped
+    if attention_kernel:
+        lengths = jnp.where(writes, positions + 1, 0)  # positions each row reads
+    elif whole:  # every slot's rows; those outside the window attend nowhere and are dropped
         all_positions = jnp.full((num_slots,), -1, jnp.int32).at[slots].set(positions)
         mask = (jnp.arange(max_len)[None, :] <= all_positions[:, None])[:, None, :]  # [S, 1, T]
     else:
         mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # [w, 1, s]
-    lengths = jnp.where(writes, positions + 1, 0)  # positions the kernel reads per row
     x = _embed(params, tokens[:, None], positions[:, None], cfg)
     k_cache, v_cache = list(cache.k), list(cache.v)
 
@@ -206,7 +207,7 @@ def decode(
             if attention_kernel:
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
                 out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths)
-                return out.reshape(q.shape).astype(q.dtype)
+                return out.reshape(q.shape)
             if whole:
                 q_all = jnp.zeros((num_slots, *q.shape[1:]), q.dtype)
                 q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q, start, axis=0)
