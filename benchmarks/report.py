@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -313,13 +314,30 @@ def gpu_headline_section(data: dict) -> str:
         f"request alone costs {min(seq_ms):.1f}-{max(seq_ms):.1f} ms a token, where flover's "
         f"requests cost {min(flover_ms):.1f}-{max(flover_ms):.1f} ms, and the step table above "
         "also has a step of one row slower than one of eight (XLA:GPU compiles a one-row "
-        "program differently; the rest of the gap is not profiled). Had "
-        "`sequential` run at flover's "
-        f"cost per token, the ratio would be about "
+        "program differently). These runs used windows from one row; the engine's windows now "
+        "start at 8 rows off CPU (next section), where a request alone runs at about flover's "
+        "cost per token, so against today's `sequential` expect about "
         f"{min(r * f / s for r, f, s in zip(ratios, flover_ms, seq_ms)):.1f}-"
         f"{max(r * f / s for r, f, s in zip(ratios, flover_ms, seq_ms)):.1f}x. `fused` is as fast "
         "as flover here (within 5%): at a few requests in flight a step costs the same at any "
         "width on this card, so computing every row costs nothing, unlike on the CPU.\n"
+    )
+
+
+def gpu_width_section(probe: dict) -> str:
+    """benchmarks/gpu_width_probe.py on a lent GPU: why windows start at 8 rows off CPU."""
+    rows = [[w, f"{t['read_back_ms']:.2f} ms", f"{t['pipelined_ms']:.2f} ms"]
+            for w, t in probe["steps"].items()]
+    solo = {name: statistics.median(runs) for name, runs in probe["solo"].items()}
+    (name_1, from_1), (name_8, from_8) = solo.items()
+    return (
+        f"## The narrowest window on a GPU: {probe['device']}\n\n"
+        f"`{probe['command']}`: jax {probe['jax']}; random weights of SmolLM2-135M's shape in "
+        f"bfloat16, one live row at 240 tokens of context. {probe.get('note', '')}\n\n"
+        + _table(["window", "step, read back", "step, pipelined"], rows)
+        + f"\n\nA request alone (8 + 256 tokens, medians of 3): {from_1:.2f} s on {name_1}, "
+        f"{from_8:.2f} s on {name_8}: **{from_1 / from_8:.1f}x** sooner. So off CPU the engine's "
+        "windows start at 8 rows (`Buckets.for_engine(min_window=8)`).\n"
     )
 
 
@@ -355,6 +373,8 @@ def main() -> None:
         parts.append(gpu_section(json.loads((RESULTS / "gpu_h200.json").read_text())))
     if (RESULTS / "gpu_h200_headline.json").exists():
         parts.append(gpu_headline_section(json.loads((RESULTS / "gpu_h200_headline.json").read_text())))
+    if (RESULTS / "gpu_h200_width_probe.json").exists():
+        parts.append(gpu_width_section(json.loads((RESULTS / "gpu_h200_width_probe.json").read_text())))
     if (RESULTS / "timeline.json").exists():
         parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

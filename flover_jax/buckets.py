@@ -34,15 +34,23 @@ class Buckets:
 
     @classmethod
     def for_engine(
-        cls, max_slots: int, max_len: int, max_prefill_batch: int = 8, fine_windows: bool = False
+        cls,
+        max_slots: int,
+        max_len: int,
+        max_prefill_batch: int = 8,
+        fine_windows: bool = False,
+        min_window: int = 1,
     ) -> Buckets:
         """fine_windows: widths every max_slots / 8 (at least 4) besides the powers of two, for
         steps whose cost grows with the rows computed (XLA:CPU, compute-bound at many slots);
-        a coarse set suits steps that cost the same at any width (GPUs)."""
-        windows = powers_of_two(1, max_slots)
+        a coarse set suits steps that cost the same at any width (GPUs).
+        min_window: the narrowest window, where a program of fewer rows is no cheaper (on an
+        H200 a one-row step costs twice an eight-row one: benchmarks/NOTES.md)."""
+        windows = powers_of_two(min(min_window, max_slots), max_slots)
         if fine_windows:
             step = max(4, max_slots // 8)
-            windows = tuple(sorted({*windows, *range(step, max_slots, step)}))
+            finer = range(step, max_slots, step)
+            windows = tuple(sorted({*windows, *(w for w in finer if w > windows[0])}))
         return cls(
             windows=windows,
             kv_lengths=powers_of_two(min(64, max_len), max_len),

@@ -77,9 +77,13 @@ class DeviceExecutor:
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh)
-        # The kernel's steps cost by the rows computed and compile once per width: finer widths.
+        # A CPU step costs by the rows it computes, so windows start at one row, and the kernel
+        # (one program per width) affords finer ones. An accelerator's step costs about the same
+        # up to dozens of rows and its one-row program is the slowest, so windows start at 8.
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         self.buckets = Buckets.for_engine(
-            num_slots, max_len, max_prefill_batch, fine_windows=self.attention_kernel
+            num_slots, max_len, max_prefill_batch,
+            fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,
         )
         params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)

@@ -110,6 +110,15 @@ def test_attention_choice_is_checked(tiny):
     assert not bf16.executor.attention_kernel  # "auto" falls back to XLA's attention
 
 
+def test_cpu_windows_start_at_one_row(tiny):
+    # A CPU step costs by the rows it computes (accelerators start at 8 rows: buckets.py).
+    cfg, params = tiny
+    xla = Engine(cfg, params, max_slots=16, max_len=32, attention="xla")
+    kernel = Engine(cfg, params, max_slots=16, max_len=32, attention="cpu_kernel")
+    assert xla.executor.buckets.windows == (1, 2, 4, 8, 16)
+    assert kernel.executor.buckets.windows == (1, 2, 4, 8, 12, 16)
+
+
 def test_sampling_depends_only_on_seed_and_params(engine):
     workload = mixed_workload(sampling=True, seed=1)
     fused = run_with_fake_clock(engine, workload).outputs

@@ -81,8 +81,10 @@ def scenarios(draw, busy: bool = False) -> Scenario:
         buckets = Buckets.for_engine(num_slots, max_len, max_prefill_batch)
     else:  # finer buckets so that kv_len / prompt bucketing matters at small max_len
         buckets = Buckets(
-            # Every width, or powers of two (the engine's fine widths lie between the two).
-            windows=draw(st.sampled_from([powers_of_two(1, num_slots), tuple(range(1, num_slots + 1))])),
+            # Every width, or powers of two (the engine's fine widths lie between the two), or
+            # powers of two from 4 rows (as an accelerator's from 8: windows wider than needed).
+            windows=draw(st.sampled_from([powers_of_two(1, num_slots), tuple(range(1, num_slots + 1)),
+                                          powers_of_two(min(4, num_slots), num_slots)])),
             kv_lengths=powers_of_two(min(draw(st.sampled_from([2, 4, 8])), max_len), max_len),
             prompt_lengths=powers_of_two(min(2, max_len), max_len),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
@@ -358,6 +360,13 @@ def test_fine_windows_add_a_width_every_eighth_of_the_slots():
     assert Buckets.for_engine(64, 512, fine_windows=True).windows == (
         1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
     assert Buckets.for_engine(6, 512, fine_windows=True).windows == (1, 2, 4, 6)
+
+
+def test_min_window_drops_the_narrower_widths():
+    assert Buckets.for_engine(32, 512, min_window=8).windows == (8, 16, 32)
+    assert Buckets.for_engine(6, 512, min_window=8).windows == (6,)
+    assert Buckets.for_engine(32, 512, fine_windows=True, min_window=8).windows == (
+        8, 12, 16, 20, 24, 28, 32)
 
 
 def test_mid_window_finish_then_compaction_narrows_window():
