@@ -38,6 +38,12 @@ def _makespan(run: dict) -> str:
     return f"{run['makespan_s']:.1f} s{spread}"
 
 
+def _ran(paper: dict, experiment: str) -> str:
+    """Which run an experiment's figures come from (paper.py merges runs of some experiments)."""
+    ran = paper.get("ran", {}).get(experiment)
+    return f"From `{ran['command']}`, {ran['at']}. " if ran else ""
+
+
 def constant_section(paper: dict) -> str:
     runs = paper["constant"]
     sizes = sorted(runs, key=int)
@@ -59,6 +65,7 @@ def constant_section(paper: dict) -> str:
     image = _save(fig, "constant")
     return (
         "## Constant arrivals (the paper's Fig. 4)\n\n"
+        + _ran(paper, "constant") +
         "One request every 0.5 s, 8-token prompts, outputs uniform in [128, 512], EOS ignored. "
         "Each cell: makespan / output tokens per second (speedup over `sequential`).\n\n"
         + _table(["requests", *POLICIES], rows) + f"\n\n{image}\n"
@@ -69,7 +76,7 @@ def headline_section(paper: dict) -> str:
     h = paper["headline"]
     f, s = h["flover"], h["sequential"]
     return (
-        "## 32 requests x 512 tokens, one every 0.5 s\n\n"
+        "## 32 requests x 512 tokens, one every 0.5 s\n\n" + _ran(paper, "headline") + "\n\n"
         + _table(["policy", "makespan", "tokens/s", "mean latency", "mean in flight"], [
             [p, _makespan(r), f"{r['output_tokens_per_s']:.0f}",
              f"{r['e2e_s']['mean']:.1f} s", f"{r['mean_inflight']:.1f}"]
@@ -117,7 +124,8 @@ def poisson_section(paper: dict) -> str:
            title="Poisson arrivals, 32 requests")
     image = _save(fig, "poisson")
     return (
-        "## Poisson arrivals (Fig. 8)\n\n32 requests, 8-token prompts, outputs of "
+        "## Poisson arrivals (Fig. 8)\n\n" + _ran(paper, "poisson")
+        + "32 requests, 8-token prompts, outputs of "
         f"{runs[gaps[0]]['flover']['output_tokens'] // 32} tokens, EOS ignored.\n\n"
         + _table(["mean gap (s)", "flover", "sequential", "speedup", "iterations", "mean in flight"], rows)
         + f"\n\n{image}\n"
@@ -143,7 +151,8 @@ def ablation_section(paper: dict) -> str:
     ax.legend()
     image = _save(fig, "ablation")
     return (
-        "## Compaction ablation\n\n32 requests, one every 0.1 s, outputs uniform in [128, L]. "
+        "## Compaction ablation\n\n" + _ran(paper, "ablation")
+        + "32 requests, one every 0.1 s, outputs uniform in [128, L]. "
         "`flover` decodes a window bucket of the live slots and compacts; `fused` computes all 32 "
         "slots every step (paper: 1.14-1.23x).\n\n"
         + _table(["outputs", "flover", "fused", "flover gain", "rows computed (flover / fused)"], rows)
