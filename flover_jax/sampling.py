@@ -328,6 +328,7 @@ def sample_tokens(
     seen: jax.Array,
     generated: jax.Array,
     *,
+    mask_offset: jax.Array | int = 0,
     candidate_tiers: Sequence[int] = DEFAULT_CANDIDATE_TIERS,
 ) -> jax.Array:
     """Pick the next token of every row in one vectorised, jittable call.
@@ -337,8 +338,11 @@ def sample_tokens(
       params: SlotSampling with fields of shape [B].
       step: i32[B] tokens generated so far by each row's request (the PRNG
         stream position: key = fold_in(key(seed), step)).
-      seen: bool[B, V] tokens in the prompt or output (repetition penalty).
-      generated: bool[B, V] tokens in the output (presence penalty).
+      seen: bool[N, V], N >= B: tokens in the prompt or output (repetition penalty).
+      generated: bool[N, V] tokens in the output (presence penalty).
+      mask_offset: row b's masks are row mask_offset + b of `seen` / `generated`, so a
+        decode step can pass the whole slot table's masks: they are read only when a row
+        uses a penalty.
       candidate_tiers: static; candidate-set sizes tried for top-k / top-p
         before a full sort (a speed knob only: results do not depend on it
         beyond float rounding at the top-p boundary).
@@ -350,9 +354,14 @@ def sample_tokens(
     logits = logits.astype(jnp.float32)
     # Penalties read two [B, V] masks: skip them when no row uses one (the default).
     penalised = jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
-    logits = lax.cond(
-        penalised, lambda: apply_penalties(logits, params, seen, generated), lambda: logits
-    )
+
+    def penalise() -> jax.Array:
+        def rows(mask: jax.Array) -> jax.Array:
+            return lax.dynamic_slice_in_dim(mask, mask_offset, logits.shape[0])
+
+        return apply_penalties(logits, params, rows(seen), rows(generated))
+
+    logits = lax.cond(penalised, penalise, lambda: logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = params.temperature > 0  # bool[B]
 
@@ -380,13 +389,16 @@ def sample_tokens(
     return lax.cond(jnp.any(sampling), sample, lambda: greedy)
 
 
-def mark_tokens(mask: jax.Array, tokens: jax.Array, rows_active: jax.Array) -> jax.Array:
-    """Return `mask` (bool[B, V]) with mask[b, tokens[b]] set for active rows.
+def mark_tokens(
+    mask: jax.Array, tokens: jax.Array, rows_active: jax.Array, row_offset: jax.Array | int = 0
+) -> jax.Array:
+    """Return `mask` (bool[N, V]) with mask[row_offset + b, tokens[b]] set for active rows b.
 
-    Used by the decode step to grow `seen` / `generated`.  Inactive rows are
-    left untouched whatever their token (free slots may carry garbage ids).
+    Used by the decode step to grow `seen` / `generated` in place, for its window of the
+    slot table.  Inactive rows are left untouched whatever their token (free slots may carry
+    garbage ids).
     """
-    rows = jnp.arange(mask.shape[0])
+    rows = row_offset + jnp.arange(tokens.shape[0])
     cols = jnp.where(rows_active, tokens, 0)  # an in-range column for inactive rows
     # Rows are distinct, so this scatter has no colliding writes.
     return mask.at[rows, cols].set(mask[rows, cols] | rows_active)

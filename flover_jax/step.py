@@ -139,9 +139,10 @@ def decode_step(
     sampling = dataclasses.replace(
         sampling, temperature=jnp.where(active, sampling.temperature, 0.0)
     )
-    seen, output_seen = window(state.seen), window(state.output_seen)
     with jax.named_scope("sampling"):
-        new = sample_tokens(logits, sampling, window(state.generated), seen, output_seen)
+        # The whole table's masks: the window's rows are read only if a row uses a penalty.
+        new = sample_tokens(logits, sampling, window(state.generated), state.seen,
+                            state.output_seen, mask_offset=start)
     remaining = window(state.remaining) - active
     stop = (remaining <= 0) | (_is_eos(new, eos_ids) & ~window(state.ignore_eos))
     stop = stop | (pos + 1 >= state.max_len)
@@ -152,8 +153,8 @@ def decode_step(
         active=put(state.active, active & ~stop),
         remaining=put(state.remaining, remaining),
         generated=put(state.generated, window(state.generated) + active),
-        seen=put(state.seen, mark_tokens(seen, new, active)),
-        output_seen=put(state.output_seen, mark_tokens(output_seen, new, active)),
+        seen=mark_tokens(state.seen, new, active, start),
+        output_seen=mark_tokens(state.output_seen, new, active, start),
     )
     return state, jnp.where(active, new, -1)
 

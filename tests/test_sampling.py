@@ -304,6 +304,19 @@ def test_presence_penalty_hand_built():
     np.testing.assert_array_equal(run(logits, both, seen=seen, generated=generated), [2] * B)
 
 
+def test_masks_of_a_larger_table_are_read_at_the_offset():
+    # A decode step passes every slot's masks and its window's first slot as the offset.
+    logits = np.full((B, V), -5.0, np.float32)
+    logits[:, :2] = [2.0, 1.5]
+    table = np.zeros((B + 5, V), bool)
+    table[3 : 3 + B : 2, 0] = True  # every other row of the window has seen token 0
+    table[:3, 0] = table[3 + B :, 0] = True  # rows outside the window would flip the others
+    params = SlotSampling.from_params([SamplingParams(repetition_penalty=4.0)] * B)
+    offset = jax.jit(lambda *a: sample_tokens(*a, mask_offset=3))
+    out = offset(logits, params, np.zeros(B, np.int32), table, np.zeros_like(table))
+    np.testing.assert_array_equal(out, [1, 0] * (B // 2))
+
+
 # ---------------------------------------------------------------- distribution
 
 
@@ -386,6 +399,14 @@ def test_mark_tokens_sets_only_active_rows():
     # Marking twice is idempotent.
     again = mark_tokens(jnp.asarray(out), jnp.array([2, 5, 0, 1]), jnp.ones(4, bool))
     assert np.asarray(again)[2, 0] and np.asarray(again).sum() == expected.sum() + 1
+
+
+def test_mark_tokens_at_a_row_offset_leaves_other_rows():
+    mask = jnp.zeros((6, 5), bool)
+    out = np.asarray(mark_tokens(mask, jnp.array([4, 1]), jnp.array([True, True]), 3))
+    expected = np.zeros((6, 5), bool)
+    expected[3, 4] = expected[4, 1] = True
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_slot_sampling_build_and_update():
