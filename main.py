@@ -159,9 +159,7 @@ def generate_mode() -> int:
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupt.set())
     try:
         for request_id in (i for i in ids if i is not None):
-            while (output := engine.poll(request_id)) is None and not interrupt.is_set():
-                engine.scheduler.iteration()
-            if output is None:
+            if (output := engine.result(request_id, stop=interrupt)) is None:
                 break
             outputs[request_id] = output
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -142,11 +143,16 @@ class Engine:
         self._collect()
         return self._outputs.pop(request_id, None)
 
-    def result(self, request_id: int) -> RequestOutput:
-        """The output of a request, driving the loop until it finishes (returned once)."""
+    def result(
+        self, request_id: int, stop: threading.Event | None = None
+    ) -> RequestOutput | None:
+        """The output of a request, driving the loop until it finishes (returned once), or
+        None once `stop` is set (checked between iterations; a signal handler may set it)."""
         while (output := self.poll(request_id)) is None:
             if not self.scheduler.knows(request_id):
                 raise KeyError(f"request_id={request_id}: unknown or already returned")
+            if stop is not None and stop.is_set():
+                return None
             self.scheduler.iteration()
         return output
 

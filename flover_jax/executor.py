@@ -35,17 +35,16 @@ def _place(x, target: jax.sharding.Sharding) -> jax.Array:
 ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
 
 
-def _use_attention_kernel(attention: str, cfg: ModelConfig, mesh: Mesh) -> bool:
+def _use_attention_kernel(attention: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Resolve the `attention` option. "auto" takes the CPU kernel where it applies: one CPU
     device (the kernel is not partitioned across a mesh), float32, and a C++ compiler found."""
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention={attention!r}: must be one of {ATTENTION_CHOICES}")
     if attention == "xla":
         return False
-    devices = mesh.devices.flat
     reasons = [why for bad, why in (
         (mesh.size != 1, f"it runs on one device, the mesh has {mesh.size}"),
-        (any(d.platform != "cpu" for d in devices), "it runs on CPU only"),
+        (not on_cpu, "it runs on CPU only"),
         (cfg.dtype != "float32", f"it computes in float32, the model is {cfg.dtype}"),
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
@@ -76,11 +75,11 @@ class DeviceExecutor:
         self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
-        self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh)
+        on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+        self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh, on_cpu)
         # A CPU step costs by the rows it computes, so windows start at one row, and the kernel
         # (one program per width) affords finer ones. An accelerator's step costs about the same
         # up to dozens of rows and its one-row program is the slowest, so windows start at 8.
-        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
         self.buckets = Buckets.for_engine(
             num_slots, max_len, max_prefill_batch,
             fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,

@@ -71,8 +71,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   if (qd.size() != 4 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin(), vd.end()) ||
-      qd[1] != cd[1] ||
-      qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0]) {
+      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0]) {
     return ffi::Error::InvalidArgument(
         "decode_attention: expected q [w, kv_heads, group, dim], caches "
         "[slots >= w, kv_heads, max_len, dim] and lengths [w]");
