@@ -75,7 +75,6 @@ def main(argv):
     record("machine", {"device": kind, "devices": jax.device_count(), "jax": jax.__version__,
                        "python": platform.python_version(), "peak_gbs": peak, "model": FLAGS.model})
     record("command", " ".join(["benchmarks/gpu_check.sh", *sys.argv[1:]]))
-    record("engine", {"dtype": "bfloat16", "max_slots": FLAGS.max_slots, "max_len": FLAGS.max_len})
     print(f"# {kind} x{jax.device_count()}, jax {jax.__version__}, peak {peak:.0f} GB/s", flush=True)
 
     start = time.perf_counter()
@@ -84,6 +83,8 @@ def main(argv):
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     engine = Engine(cfg.replace(dtype="bfloat16"), bf16, tokenizer,
                     max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
+    record("engine", {"dtype": "bfloat16", "max_slots": FLAGS.max_slots, "max_len": FLAGS.max_len,
+                      "windows": engine.executor.buckets.windows})
 
     if "greedy" in FLAGS.sections:
         with jax.default_matmul_precision("highest"):
