@@ -260,6 +260,13 @@ def gpu_section(gpu: dict) -> str:
              f"{r['tpot_s']['p50'] * 1e3:.1f} ms", f"{r['mean_inflight']:.1f}", r["computed_rows"]]
             for p, r in h.items() if isinstance(r, dict)]
     arrivals = 31 * h["interval_s"]
+    rerun = ""
+    if now := gpu.get("invariance_windows_from_8"):
+        rerun = (f" {now['note']} `{now['command']}` (decode windows of {now['windows']} rows): "
+                 f"{now['identical']} of {now['requests']} (first differences at "
+                 f"{now['first_difference']}). A request alone now runs on the same 8-row program "
+                 "as a few in flight, so the remaining differences come with wider windows or "
+                 "prompts prefilled together (this run does not tell them apart).")
     return (
         f"## On a GPU: {m['device']} (`benchmarks/gpu_check.sh`)\n\n"
         f"`{gpu['command']}`: jax {m['jax']}{driver}; {m['model']} in {e['dtype']}, "
@@ -277,7 +284,8 @@ def gpu_section(gpu: dict) -> str:
         + gpu["decode_table_md"]
         + f"\n**Batch invariance in bfloat16:** {inv['identical']} of {inv['requests']} chat "
         "requests arriving staggered got exactly the tokens they get alone (first differences at "
-        f"{inv['first_difference']}, lengths {inv['lengths']}).\n\n"
+        f"{inv['first_difference']}, lengths {inv['lengths']})."
+        + rerun + "\n\n"
         f"**The headline on this card:** 32 x 512 tokens, one every {h['interval_s'] * 1e3:.0f} ms "
         f"(the paper's ratio of interval to solo latency; solo latency {h['solo_latency_s']:.2f} s):"
         "\n\n" + _table(["policy", "makespan", "tokens/s", "TPOT p50", "mean in flight",
