@@ -296,6 +296,11 @@ def gpu_section(gpu: dict) -> str:
     )
 
 
+def _span(values: list[float], fmt: str) -> str:
+    """'lo-hi' of some figures, each written with fmt."""
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
 def _gpu_headline_rows(runs: list[dict]) -> tuple[list[list], dict[str, list[float]]]:
     """One table row per gpu_check.sh --sections=headline run, and the figures the text quotes."""
     rows, figures = [], {k: [] for k in ("ratio", "seq_ms", "flover_ms", "off_bound", "fused_gap")}
@@ -326,34 +331,33 @@ def gpu_headline_section(data: dict) -> str:
     earlier_rows, then = _gpu_headline_rows(earlier)
     fraction = statistics.median(r["headline"]["interval_s"] / r["headline"]["solo_latency_s"]
                                  for r in runs)
-    span = lambda xs, f: f"{min(xs):{f}}-{max(xs):{f}}"  # noqa: E731
     return (
         f"## The headline against `sequential` on a GPU: {m['device']}\n\n"
         f"`{runs[0]['command']}`, run {len(runs)} times: jax {m['jax']}; {e['dtype']}, "
         f"{e['max_slots']} slots of {e['max_len']} tokens, decode windows of {e['windows']} rows. "
         f"{data['note']} Compiling every bucket ({runs[0]['executables']} executables) took "
-        f"{runs[0]['compile_s']:.0f} s cold and {span([r['compile_s'] for r in runs[1:]], '.0f')} s "
+        f"{runs[0]['compile_s']:.0f} s cold and {_span([r['compile_s'] for r in runs[1:]], '.0f')} s "
         "from the cache. The interval keeps the paper's ratio of interval to a request's solo "
         "latency (0.5 s to 7.2 s on GPT-J), so it follows each run's measured solo latency (the "
         "median of two runs after a warm one). The arrival bound is the last arrival plus 512 "
         "tokens at flover's TPOT.\n\n"
         + _table(header, rows)
         + f"\n\nflover finishes **{statistics.median(now['ratio']):.1f}x** sooner than `sequential` "
-        f"(median of {len(runs)}; {span(now['ratio'], '.1f')}x), at the arrival bound (within "
+        f"(median of {len(runs)}; {_span(now['ratio'], '.1f')}x), at the arrival bound (within "
         f"{max(now['off_bound']):.0%}). That is this workload's ceiling on a "
         "card where a step costs the same for 1 or 32 rows: with requests arriving every "
         f"{fraction:.3f} of a solo latency, and each costing what it costs alone, the last one ends "
         f"31 x {fraction:.3f} + 1 solo latencies after the first arrives, where `sequential` takes 32: "
         f"at most {32 / (31 * fraction + 1):.1f}x. A request alone costs "
-        f"{span(now['seq_ms'], '.1f')} ms a token, flover's requests "
-        f"{span(now['flover_ms'], '.1f')} ms; `fused` ends within {max(now['fused_gap']):.0%} of "
+        f"{_span(now['seq_ms'], '.1f')} ms a token, flover's requests "
+        f"{_span(now['flover_ms'], '.1f')} ms; `fused` ends within {max(now['fused_gap']):.0%} of "
         "flover, since computing every row costs almost nothing on this card, unlike on the CPU."
         f"\n\n**Before windows started at 8 rows off CPU.** {data['windows_from_1']['note']} Decode "
         f"windows from 1 row; {earlier[0]['executables']} executables, compiled in "
         f"{earlier[0]['compile_s']:.0f} s cold and {earlier[1]['compile_s']:.0f} s from the cache:"
         "\n\n" + _table(header, earlier_rows)
-        + f"\n\nThere flover was {span(then['ratio'], '.1f')}x `sequential`, but partly because a "
-        f"request alone ran on the one-row program at {span(then['seq_ms'], '.1f')} ms a token "
+        + f"\n\nThere flover was {_span(then['ratio'], '.1f')}x `sequential`, but partly because a "
+        f"request alone ran on the one-row program at {_span(then['seq_ms'], '.1f')} ms a token "
         "(next section): the runs above measure the engine as it is.\n"
     )
 
