@@ -2,7 +2,8 @@
 
 1. greedy tokens of the bfloat16 engine against float32 (matmuls at "highest" precision,
    so no TF32), on chat prompts;
-2. compile time of every bucket, then decode-step time against live slots (bf16);
+2. compile time of every bucket (unless --nowarmup), then decode-step time against live
+   slots (bf16);
 3. batch invariance: chat requests arriving staggered through the fused engine against
    each one alone, token for token (bf16);
 4. the paper's headline on this card: 32 requests x 512 tokens at a constant interval,

@@ -45,8 +45,8 @@ def main(argv):
     ex = engine.executor
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "command": "python benchmarks/gpu_width_probe.py", "steps": {}, "solo": {}}
-    engine_windows = ex.buckets
-    every = dataclasses.replace(engine_windows, windows=powers_of_two(1, FLAGS.max_slots))
+    engine_buckets = ex.buckets
+    every = dataclasses.replace(engine_buckets, windows=powers_of_two(1, FLAGS.max_slots))
     ex.buckets = every
     kv_len = ex.program_kv_len(bucket(241, ex.buckets.kv_lengths))
     ex.state = live_state(ex, 1, 240)
@@ -71,13 +71,13 @@ def main(argv):
     request = TimedRequest([5] * 8, SamplingParams(max_new_tokens=FLAGS.output_len, ignore_eos=True))
     for name, windows in (("windows from 1", every.windows),
                           ("windows from 8", powers_of_two(min(8, FLAGS.max_slots), FLAGS.max_slots))):
-        ex.buckets = dataclasses.replace(engine_windows, windows=windows)
+        ex.buckets = dataclasses.replace(engine_buckets, windows=windows)
         # The first run compiles what the request meets; the median of the next three counts.
         latencies = [engine.run([request]).outputs[0].latency_s for _ in range(4)][1:]
         out["solo"][name] = latencies
         print(f"a request alone, 8 + {FLAGS.output_len} tokens, {name}: "
               f"{np.median(latencies):.3f} s (runs {latencies})", flush=True)
-    out["engine_windows"] = list(engine_windows.windows)
+    out["engine_windows"] = list(engine_buckets.windows)
     with open(FLAGS.output_json, "w") as f:
         json.dump(out, f, indent=1)
 
