@@ -10,8 +10,11 @@ from models.layers import attend
 from models.presets import tiny_config
 
 
-@pytest.mark.parametrize("kv_heads, group, head_dim", [(3, 3, 64), (2, 1, 24)])
-def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_dim):
+@pytest.mark.parametrize("kv_heads, group, head_dim, q_scale", [
+    (3, 3, 64, 1.0), (2, 1, 24, 1.0),
+    (3, 3, 64, 40.0),  # scores spread over hundreds: most weights underflow to (near) zero
+])
+def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_dim, q_scale):
     """Rows read their own slot's first lengths[i] positions, from the window's start on;
     a row of length 0 gets zeros; positions beyond a row's length are never read."""
     assert kernels.cpu_kernel_available()
@@ -24,7 +27,7 @@ def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_d
     for row, length in enumerate(lengths):  # what lies beyond a row's length must not matter
         k_cache[start + row, :, length:] = np.nan
         v_cache[start + row, :, length:] = np.nan
-    q = rng.standard_normal((width, 1, kv_heads * group, head_dim), np.float32)
+    q = q_scale * rng.standard_normal((width, 1, kv_heads * group, head_dim)).astype(np.float32)
 
     rows = q.reshape(width, kv_heads, group, head_dim)
     out = kernels.decode_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
