@@ -138,7 +138,7 @@ def ablation_section(paper: dict) -> str:
     rows = []
     for t in tails:
         flover, fused = runs[t]["flover"], runs[t]["fused"]
-        rows.append([f"[128, {t}]", f"{flover['makespan_s']:.1f} s", f"{fused['makespan_s']:.1f} s",
+        rows.append([f"[128, {t}]", _makespan(flover), _makespan(fused),
                      f"{fused['makespan_s'] / flover['makespan_s']:.2f}x",
                      f"{flover['computed_rows'] / fused['computed_rows']:.2f}"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -389,8 +389,8 @@ def main() -> None:
         f"Machine: {machine['platform']}, {machine['device']} ({machine['cpu_cores']} device), "
         f"Python {machine['python']}, jax {machine['jax']}; model {paper['model']} in "
         f"{paper['dtype']}, {paper['max_slots']} slots. The machine is shared and noisy (2 cores): "
-        "the headline rows are medians of repeated runs (their range in brackets), the other "
-        "figures one run each, and ratios are taken within one run.\n",
+        "the headline and ablation rows are medians of repeated runs (their range in brackets), "
+        "the other figures one run each, and ratios are taken within one run.\n",
         "## Decode step, compaction, prefill (`benchmarks/step_times.py`)\n\n"
         + (RESULTS / "step_times.md").read_text(),
     ]

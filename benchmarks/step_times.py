@@ -21,6 +21,7 @@ from common import decode_bytes, live_state  # benchmarks/ is on the path when r
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
 from flover_jax.sampling import SamplingParams
+from models import kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to time.")
@@ -68,6 +69,36 @@ def decode_table(engine: Engine) -> None:
     ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
 
 
+def kernel_table(engine: Engine) -> None:
+    """The CPU attention kernel alone: one step's calls (one per layer) on the engine's cache,
+    every live slot reading `context` positions, against the live KV bytes they read."""
+    ex, cfg = engine.executor, engine.cfg
+    _, kv_token = decode_bytes(cfg, ex.params)
+    contexts = [int(c) for c in FLAGS.contexts]
+    cache = ex.state.cache
+
+    @jax.jit
+    def attend_every_layer(q, lengths, cache):
+        for k, v in zip(cache.k, cache.v):  # chained, so no call can be skipped or overlapped
+            q = kernels.decode_attention(q, k, v, jnp.int32(0), lengths)
+        return q
+
+    print("\nThe attention kernel alone, one call per layer (the step's attention):\n")
+    print("| live slots | " + " | ".join(f"ctx {c}: ms | GB/s of live KV" for c in contexts) + " |")
+    print("|---:|" + "---:|---:|" * len(contexts))
+    n = 1
+    while n <= ex.num_slots:
+        q = jnp.ones((n, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim), jnp.float32)
+        cells = []
+        for context in contexts:
+            lengths = jnp.full((n,), context, jnp.int32)
+            ms = median_ms(lambda: attend_every_layer(q, lengths, cache).block_until_ready(),
+                           FLAGS.repeats)
+            cells.append(f"{ms:.2f} | {n * context * kv_token / (ms / 1e3) / 1e9:.1f}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+        n *= 2
+
+
 def compaction_table(engine: Engine) -> None:
     ex = engine.executor
     half = ex.num_slots // 2
@@ -109,6 +140,8 @@ def main(argv):
             FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, attention=attention)
         print(f"Decode steps, attention={attention}:\n")
         decode_table(engine)
+        if engine.executor.attention_kernel:
+            kernel_table(engine)
         print()
     prefill_table(engine)
     del engine
