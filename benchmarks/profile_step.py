@@ -99,8 +99,8 @@ def main(argv):
         width = bucket(live, ex.buckets.windows)
         kv_len = ex.program_kv_len(bucket(context + 1, ex.buckets.kv_lengths))
         ex.state = live_state(ex, live, context)
-        compiled = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
-        compiled_text = compiled.compile().as_text()
+        lowered = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
+        compiled_text = lowered.compile().as_text()
         scopes = op_scopes(compiled_text)
         for _ in range(2):
             ex.read(ex.decode(0, width, kv_len))  # compile, warm
