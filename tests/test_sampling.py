@@ -16,7 +16,6 @@ from flover_jax.sampling import (
     SamplingParams,
     SlotSampling,
     apply_penalties,
-    argmax,
     mark_tokens,
     sample_tokens,
 )
@@ -83,20 +82,6 @@ def test_temperature_zero_is_argmax(seed):
     # top_k / top_p are ignored at temperature 0.
     ignored = [SamplingParams(top_k=3, top_p=0.2, seed=seed)] * B
     np.testing.assert_array_equal(run(logits, ignored), expected)
-
-
-_argmax = jax.jit(argmax)
-
-
-@FAST
-@given(rows=st.lists(st.lists(st.sampled_from(
-    [0.0, -0.0, 1.5, -2.0, 3.0, np.inf, -np.inf, np.nan]), min_size=V, max_size=V),
-    min_size=B, max_size=B))
-def test_argmax_is_jnp_argmax(rows):
-    """The two-reduction argmax the sampler uses: the first maximum, the first NaN if any,
-    ties (+0.0 and -0.0 included) to the lowest index, an all -inf row to 0."""
-    x = np.asarray(rows, np.float32)
-    np.testing.assert_array_equal(_argmax(x), jnp.argmax(x, axis=-1))
 
 
 def test_greedy_ties_pick_lowest_index():
