@@ -35,7 +35,7 @@ flags.DEFINE_list("tails", ["256", "512"], "L of uniform:128:L (ablation).")
 flags.DEFINE_float("interval_s", 0.5, "Constant arrival interval.")
 flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per policy (median reported).")
 flags.DEFINE_integer("ablation_repeats", 3, "Runs of each ablation workload per policy (median "
-                     "reported; two single runs of the [128, 256] gain read 1.21x and 1.13x).")
+                     "reported): single runs of its gain vary by several percent on a shared machine.")
 flags.DEFINE_integer("poisson_output_len", 256, "Output tokens per request (poisson).")
 flags.DEFINE_string("output", "benchmarks/results/paper.json", "Where the results go.")
 
