@@ -16,6 +16,7 @@ from flover_jax.sampling import (
     SamplingParams,
     SlotSampling,
     apply_penalties,
+    first_argmax,
     mark_tokens,
     sample_tokens,
 )
@@ -82,6 +83,26 @@ def test_temperature_zero_is_argmax(seed):
     # top_k / top_p are ignored at temperature 0.
     ignored = [SamplingParams(top_k=3, top_p=0.2, seed=seed)] * B
     np.testing.assert_array_equal(run(logits, ignored), expected)
+
+
+# Values that make argmax hard: ties, signed zeros, infinities and NaNs.
+_HARD_VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan])
+
+
+@settings(max_examples=60, deadline=None)
+@given(columns=st.sampled_from([37, 64]), block=st.sampled_from([4, 8, 128]), data=st.data())
+def test_first_argmax_is_argmax(columns, block, data):
+    """The blocked argmax equals jnp.argmax, ties, NaNs, infinities and a ragged last block included."""
+    def row():  # a row over a palette of 1-3 values: all-negative, all-NaN, tied rows are common
+        palette = data.draw(st.lists(_HARD_VALUES, min_size=1, max_size=3))
+        return data.draw(st.lists(st.sampled_from(palette), min_size=columns, max_size=columns))
+
+    x = np.asarray([row() for _ in range(3)], np.float32)
+    found = jax.jit(first_argmax, static_argnums=1)(x, block)
+    np.testing.assert_array_equal(found, jnp.argmax(x, axis=-1))
+    hit = x > 0  # the sampler also takes the first True of a bool row
+    np.testing.assert_array_equal(jax.jit(first_argmax, static_argnums=1)(hit, block),
+                                  jnp.argmax(hit, axis=-1))
 
 
 def test_greedy_ties_pick_lowest_index():
