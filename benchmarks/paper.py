@@ -34,7 +34,7 @@ flags.DEFINE_list("gaps_s", ["0.02", "0.1", "0.5", "2.0"], "Mean Poisson gaps (p
 flags.DEFINE_list("tails", ["256", "512"], "L of uniform:128:L (ablation).")
 flags.DEFINE_float("interval_s", 0.5, "Constant arrival interval.")
 flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per policy (median reported).")
-flags.DEFINE_integer("ablation_repeats", 3, "Runs of each ablation workload per policy (median "
+flags.DEFINE_integer("ablation_repeats", 5, "Runs of each ablation workload per policy (median "
                      "reported): single runs of its gain vary by several percent on a shared machine.")
 flags.DEFINE_integer("poisson_output_len", 256, "Output tokens per request (poisson).")
 flags.DEFINE_string("output", "benchmarks/results/paper.json", "Where the results go.")
@@ -45,19 +45,24 @@ POLICIES = ("flover", "fused", "static", "sequential")
 PROMPT_LEN, SLOTS = 8, 32
 
 
-def measure(engine, requests, policy, repeats: int = 1) -> dict:
-    """The workload run `repeats` times under `policy`: the median run, with every makespan."""
-    runs = []
+def measure(engine, requests, policies, repeats: int = 1) -> dict[str, dict]:
+    """The workload run `repeats` times under each policy: per policy, the median run with every
+    makespan. The policies take turns (a, b, a, b, ...), so a slow spell of this shared machine
+    slows both sides of a ratio rather than one."""
+    runs = {policy: [] for policy in policies}
     for _ in range(repeats):
-        runs.append(bench.run(engine, requests, policy=policy, warmup=False, solo_samples=0))
-        runs[-1].pop("requests")
-    summary = median_run(runs)
-    makespans = ", ".join(f"{m:.1f}" for m in summary["repeats"]["makespan_s"])
-    spread = "" if repeats == 1 else f" (runs: {makespans} s)"
-    print(f"  {policy:>10}: {summary['num_requests']} requests, makespan "
-          f"{summary['makespan_s']:.1f} s{spread}, {summary['output_tokens_per_s']:.0f} tok/s, "
-          f"mean in flight {summary['mean_inflight']:.1f}", flush=True)
-    return summary
+        for policy in policies:
+            runs[policy].append(bench.run(engine, requests, policy=policy, warmup=False, solo_samples=0))
+            runs[policy][-1].pop("requests")
+    summaries = {}
+    for policy in policies:
+        summary = summaries[policy] = median_run(runs[policy])
+        makespans = ", ".join(f"{m:.1f}" for m in summary["repeats"]["makespan_s"])
+        spread = "" if repeats == 1 else f" (runs: {makespans} s)"
+        print(f"  {policy:>10}: {summary['num_requests']} requests, makespan "
+              f"{summary['makespan_s']:.1f} s{spread}, {summary['output_tokens_per_s']:.0f} tok/s, "
+              f"mean in flight {summary['mean_inflight']:.1f}", flush=True)
+    return summaries
 
 
 def synthetic(engine, kind, n, output_len, **arrivals):
@@ -89,36 +94,33 @@ def main(argv):
     if "constant" in FLAGS.experiments:
         print("constant interval", flush=True)
         results["constant"] = {
-            n: {p: measure(engine, synthetic(engine, "constant", int(n), f"uniform:128:{FLAGS.max_output}",
-                                             interval_s=FLAGS.interval_s), p) for p in POLICIES}
+            n: measure(engine, synthetic(engine, "constant", int(n), f"uniform:128:{FLAGS.max_output}",
+                                         interval_s=FLAGS.interval_s), POLICIES)
             for n in FLAGS.sizes
         }
     if "headline" in FLAGS.experiments:
         print("headline: 32 x 512 tokens", flush=True)
         work = synthetic(engine, "constant", 32, FLAGS.max_output, interval_s=FLAGS.interval_s)
-        results["headline"] = {p: measure(engine, work, p, FLAGS.headline_repeats)
-                               for p in ("flover", "sequential")}
+        results["headline"] = measure(engine, work, ("flover", "sequential"), FLAGS.headline_repeats)
         if engine.executor.attention_kernel:  # what the CPU attention kernel gains, same run
             xla = Engine(engine.cfg, engine.executor.params, engine.tokenizer, max_slots=SLOTS,
                          max_len=engine.executor.max_len, attention="xla")
             xla.executor.warmup(prompt_lengths=[16])
             results["headline"]["flover, XLA attention"] = measure(
-                xla, work, "flover", FLAGS.headline_repeats)
+                xla, work, ["flover"], FLAGS.headline_repeats)["flover"]
             del xla
     if "poisson" in FLAGS.experiments:
         print("poisson sweep", flush=True)
         results["poisson"] = {
-            gap: {p: measure(engine, synthetic(engine, "poisson", 32, FLAGS.poisson_output_len,
-                                               rate=1.0 / float(gap)), p)
-                  for p in ("flover", "sequential")}
+            gap: measure(engine, synthetic(engine, "poisson", 32, FLAGS.poisson_output_len,
+                                           rate=1.0 / float(gap)), ("flover", "sequential"))
             for gap in FLAGS.gaps_s
         }
     if "ablation" in FLAGS.experiments:
         print("compaction ablation", flush=True)
         results["ablation"] = {
-            tail: {p: measure(engine, synthetic(engine, "constant", 32, f"uniform:128:{tail}",
-                                                interval_s=0.1), p, FLAGS.ablation_repeats)
-                   for p in ("flover", "fused")}
+            tail: measure(engine, synthetic(engine, "constant", 32, f"uniform:128:{tail}",
+                                            interval_s=0.1), ("flover", "fused"), FLAGS.ablation_repeats)
             for tail in FLAGS.tails
         }
     merge_results(Path(FLAGS.output), results)
