@@ -107,7 +107,7 @@ def main(argv):
                          max_len=engine.executor.max_len, attention="xla")
             xla.executor.warmup(prompt_lengths=[16])
             results["headline"]["flover, XLA attention"] = measure(
-                xla, work, ["flover"], FLAGS.headline_repeats)["flover"]
+                xla, work, ("flover",), FLAGS.headline_repeats)["flover"]
             del xla
     if "poisson" in FLAGS.experiments:
         print("poisson sweep", flush=True)
