@@ -61,9 +61,13 @@ def op_scopes(compiled_text: str) -> dict[str, str]:
     return scopes
 
 
-def kind_of(op: str, compiled_text: str) -> str:
-    # XLA:CPU hands reductions to YNNPACK too: a "ynn" fusion made from a reduce is no matmul.
-    if "ynn" in op and re.search(rf'%{re.escape(op)} = [^\n]*op_name="[^"]*/reduce_', compiled_text):
+def ynn_reductions(compiled_text: str) -> set[str]:
+    """XLA:CPU hands reductions to YNNPACK too: the "ynn" fusions made from a reduce (no matmuls)."""
+    return set(re.findall(r'%([\w.\-]*ynn[\w.\-]*) = [^\n]*op_name="[^"]*/reduce_', compiled_text))
+
+
+def kind_of(op: str, reductions: set[str]) -> str:
+    if op in reductions:
         return "elementwise / reduce"
     return next((kind for kind, marks in KINDS if any(m in op for m in marks)), "elementwise / reduce")
 
@@ -101,14 +105,14 @@ def main(argv):
         ex.state = live_state(ex, live, context)
         lowered = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
         compiled_text = lowered.compile().as_text()
-        scopes = op_scopes(compiled_text)
+        scopes, reductions = op_scopes(compiled_text), ynn_reductions(compiled_text)
         for _ in range(2):
             ex.read(ex.decode(0, width, kv_len))  # compile, warm
         per_op = profile(ex, width, kv_len, FLAGS.steps)
         table = collections.Counter()
         for op, ms in per_op.items():
             if op in scopes:
-                table[(scopes[op], kind_of(op, compiled_text))] += ms
+                table[(scopes[op], kind_of(op, reductions))] += ms
         total = sum(table.values())
         print(f"### {live} live slots, {context} tokens of context (window {width}, kv_len {kv_len})\n")
         print("| part of the model | op kind | ms per step | share |\n|---|---|---:|---:|")

@@ -85,6 +85,7 @@ def test_temperature_zero_is_argmax(seed):
     np.testing.assert_array_equal(run(logits, ignored), expected)
 
 
+_first_argmax = jax.jit(first_argmax, static_argnums=1)
 # Values that make argmax hard: ties, signed zeros, infinities and NaNs.
 _HARD_VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan])
 
@@ -98,11 +99,9 @@ def test_first_argmax_is_argmax(columns, block, data):
         return data.draw(st.lists(st.sampled_from(palette), min_size=columns, max_size=columns))
 
     x = np.asarray([row() for _ in range(3)], np.float32)
-    found = jax.jit(first_argmax, static_argnums=1)(x, block)
-    np.testing.assert_array_equal(found, jnp.argmax(x, axis=-1))
+    np.testing.assert_array_equal(_first_argmax(x, block), jnp.argmax(x, axis=-1))
     hit = x > 0  # the sampler also takes the first True of a bool row
-    np.testing.assert_array_equal(jax.jit(first_argmax, static_argnums=1)(hit, block),
-                                  jnp.argmax(hit, axis=-1))
+    np.testing.assert_array_equal(_first_argmax(hit, block), jnp.argmax(hit, axis=-1))
 
 
 def test_greedy_ties_pick_lowest_index():
