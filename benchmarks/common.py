@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -25,6 +26,49 @@ def decode_bytes(cfg, params) -> tuple[int, int]:
     itemsize = np.dtype(cfg.dtype).itemsize
     weights = sum(x.size for x in jax.tree.leaves(params)) - params.embed.size
     return weights * itemsize, 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def step_roofline(cfg, weight_bytes: int, kv_bytes: int):
+    """A function (contexts of the live slots [n], bandwidth B/s, FLOP rate) -> the roofline
+    seconds of one decode step: the larger of its reads (every weight once, every live slot's
+    KV) over the bandwidth and its FLOPs over the rate, as if perfectly overlapped."""
+    # Per slot: every weight once, a multiply and an add.
+    matmul_flops = 2 * weight_bytes // np.dtype(cfg.dtype).itemsize
+    attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # per slot, per cached token
+
+    def cost(contexts: np.ndarray, bandwidth: float, flop_rate: float) -> float:
+        read = (weight_bytes + contexts.sum() * kv_bytes) / bandwidth
+        compute = (len(contexts) * matmul_flops + contexts.sum() * attention_flops) / flop_rate
+        return max(read, compute)
+
+    return cost
+
+
+def machine_limits(repeats: int = 7) -> dict:
+    """This machine's limits, measured now with XLA on the default device: read bandwidth (a sum
+    over 1 GiB of float32, a pure stream) and float32 matmul rate (a 2048 x 2048 by 2048 x 2048
+    matmul, big enough to run at the machine's best). A limit is the best the machine can do,
+    and other tenants only slow it, so each is the fastest of `repeats` runs."""
+
+    def fastest_s(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    stream = jnp.ones((1 << 28,), jnp.float32)
+    read_s = fastest_s(jax.jit(jnp.sum), stream)
+    read_gbs = stream.nbytes / read_s / 1e9
+    del stream
+    n = 2048
+    square = jnp.ones((n, n), jnp.float32)
+    matmul_gflops = 2 * n**3 / fastest_s(jax.jit(jnp.matmul), square, square) / 1e9
+    return {"read_gbs": read_gbs, "matmul_gflops": matmul_gflops,
+            "how": "read: jnp.sum over 1 GiB of float32; FLOPs: a 2048^3 float32 matmul; "
+                   f"fastest of {repeats}, XLA on {jax.devices()[0].device_kind}"}
 
 
 def median_run(summaries: list[dict]) -> dict:

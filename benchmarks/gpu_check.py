@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from common import machine_limits  # benchmarks/ is on sys.path when run as a script
 from jax import monitoring
-from step_times import decode_table  # benchmarks/ is on sys.path when run as a script
+from step_times import decode_table
 
 from flover_jax import bench, workload
 from flover_jax.engine import Engine, TimedRequest
@@ -74,7 +75,10 @@ def main(argv):
 
     kind = jax.devices()[0].device_kind
     peak = FLAGS.peak_gbs or next((v for k, v in PEAKS_GBS.items() if k in kind), 0.0)
-    FLAGS.bandwidth_gbs = peak or FLAGS.bandwidth_gbs
+    # The card's data-sheet bandwidth (measured when unknown); a step here is bound by bytes
+    # and launches, so FLOPs are left unbounded.
+    limits = machine_limits() if not peak else {"read_gbs": peak, "matmul_gflops": float("inf")}
+    limits["how"] = (f"{kind}'s data-sheet bandwidth, FLOPs unbounded" if peak else limits["how"])
     record("machine", {"device": kind, "devices": jax.device_count(), "jax": jax.__version__,
                        "python": platform.python_version(), "peak_gbs": peak, "model": FLAGS.model})
     record("command", " ".join(["benchmarks/gpu_check.sh", *sys.argv[1:]]))
@@ -116,7 +120,7 @@ def main(argv):
 
     if "steps" in FLAGS.sections:
         print("\n## decode step, bfloat16\n", flush=True)
-        decode_table(engine)
+        decode_table(engine, limits)
 
     if "invariance" in FLAGS.sections:
         n = FLAGS.invariance_requests

@@ -96,18 +96,23 @@ def roofline_section(roof: dict, paper: dict) -> str:
     rows = [[f"{b['bandwidth_gbs']:.0f} GB/s, {b['gflops']:.0f} GFLOP/s", f"{b['flover_s']:.1f} s",
              f"{b['sequential_s']:.1f} s", f"{flover / b['flover_s']:.2f}x",
              f"{sequential / b['flover_s']:.1f}x"] for b in roof["bounds"]]
+    limits, achieved = roof["machine_limits"], roof["bounds"][-1]
     return (
         "### Against the machine's limits (`benchmarks/roofline.py`)\n\n"
         "The same workload replayed against a decode step that costs exactly its roofline: every "
         "weight and every live slot's KV read once at the given bandwidth, or the FLOPs at the "
         "given rate, whichever is larger (reads and FLOPs perfectly overlapped), with no prefill "
-        "and no host time. The first row takes MACHINE.md's copy bandwidth; the last the bandwidth "
-        "at which this bound on `sequential` equals its measured makespan, the rate its one-slot "
-        "steps achieved (the 480 MiB L3 holds part of the weights).\n\n"
+        "and no host time. The first row takes this machine's limits as `benchmarks/step_times.py` "
+        f"measured them in the same run ({limits['how']}): no engine could finish sooner at "
+        "those. The last row takes the "
+        "bandwidth at which this bound on `sequential` equals its measured makespan: the rate "
+        f"our one-slot steps stream the weights at, {achieved['bandwidth_gbs']:.0f} GB/s, "
+        f"{achieved['bandwidth_gbs'] / limits['read_gbs']:.0%} of the machine's.\n\n"
         + _table(["bound at", "flover at best", "sequential at best", "measured flover / best",
                   "measured sequential / flover at best"], rows)
-        + "\n\nIn the last row, the last column is the largest speedup over the measured "
-        "`sequential` run that any engine could reach on this machine.\n"
+        + "\n\nThe last column is the largest speedup over the measured `sequential` run that an "
+        "engine could reach: at the machine's limits (first row), or with steps that stream no "
+        "faster than our one-slot steps do (last row).\n"
     )
 
 

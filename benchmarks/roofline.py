@@ -1,13 +1,15 @@
 """The best any engine could do on this machine: the headline workload replayed against a step
 whose cost is its roofline, to set the measured makespans against the machine's limits.
 
-    .venv/bin/python benchmarks/roofline.py [--bandwidths_gbs=25] [--gflops=290]
+    .venv/bin/python benchmarks/roofline.py [--bandwidths_gbs=25,50] [--gflops=290]
 
 A decode step over n live slots must read every weight once and every live slot's KV, and
 compute 2 FLOPs per weight per slot plus attention. Its roofline cost is the larger of
 bytes / bandwidth and FLOPs / FLOP rate: reading and computing perfectly overlapped, no
-prefill, no host time. `flover` runs every arrived request in each step; `sequential` runs
-one request at a time. Both are lower bounds on what any implementation can reach here.
+prefill, no host time. The bandwidth and FLOP rate are this machine's, as step_times.py
+measured them (common.machine_limits), unless given. `flover` runs every arrived request in
+each step; `sequential` runs one request at a time. Both are lower bounds on what any
+implementation can reach at those limits.
 Writes benchmarks/results/roofline.json.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from common import decode_bytes  # benchmarks/ is on the path when run as a script
+from common import decode_bytes, machine_limits, step_roofline  # benchmarks/ is on the path
 
 from flover_jax import checkpoint
 from flover_jax.loader import CHECKPOINT_DIR, load_model
@@ -26,30 +28,20 @@ from models.presets import PRESETS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model (its weights are only counted).")
-flags.DEFINE_list("bandwidths_gbs", ["25"], "Memory bandwidths to bound with (MACHINE.md: 25 GB/s copy).")
+flags.DEFINE_list("bandwidths_gbs", [], "More memory bandwidths to bound with, after the measured one.")
 flags.DEFINE_string("measured", "benchmarks/results/paper.json",
                     "paper.py's results: adds the bandwidth at which the bound on `sequential` equals "
-                    "its measured headline makespan (what its one-slot steps achieved; L3 helps).")
-flags.DEFINE_float("gflops", 290.0, "Sustained fp32 FLOP rate (MACHINE.md: about 290 GFLOP/s).")
+                    "its measured headline makespan (the rate its one-slot steps stream the weights at).")
+flags.DEFINE_float("gflops", 0.0, "fp32 FLOP rate to bound with; 0: the machine's, measured.")
+flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
+                    "The machine's limits as step_times.py measured them in the same run (other "
+                    "tenants move them, so both scripts use one measurement); measured afresh "
+                    "where absent.")
 flags.DEFINE_integer("requests", 32, "Requests of the headline workload.")
 flags.DEFINE_float("interval_s", 0.5, "Arrival gap of the headline workload.")
 flags.DEFINE_integer("prompt_len", 8, "Prompt tokens.")
 flags.DEFINE_integer("output_len", 512, "Output tokens per request.")
 flags.DEFINE_string("output", "benchmarks/results/roofline.json", "Where the results go.")
-
-
-def step_costs(cfg, weight_bytes: int, kv_bytes: int):
-    """A function (contexts of the live slots) -> roofline seconds of one decode step."""
-    # Per slot: every weight once, a multiply and an add.
-    matmul_flops = 2 * weight_bytes // np.dtype(cfg.dtype).itemsize
-    attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # per slot, per cached token
-
-    def cost(contexts: np.ndarray, bandwidth: float, flop_rate: float) -> float:
-        read = (weight_bytes + contexts.sum() * kv_bytes) / bandwidth
-        compute = (len(contexts) * matmul_flops + contexts.sum() * attention_flops) / flop_rate
-        return max(read, compute)
-
-    return cost
 
 
 def makespan(cost, arrivals: np.ndarray, fused: bool, bandwidth: float, flop_rate: float) -> float:
@@ -78,10 +70,13 @@ def main(argv):
     else:
         cfg, params, _ = load_model(FLAGS.model)
     weight_bytes, kv_bytes = decode_bytes(cfg, params)
-    cost = step_costs(cfg, weight_bytes, kv_bytes)
+    cost = step_roofline(cfg, weight_bytes, kv_bytes)
     arrivals = np.arange(FLAGS.requests) * FLAGS.interval_s
-    flop_rate = FLAGS.gflops * 1e9
-    bandwidths = [float(b) for b in FLAGS.bandwidths_gbs]
+    recorded = Path(FLAGS.limits_json)
+    limits = json.loads(recorded.read_text()) if recorded.exists() else machine_limits()
+    gflops = FLAGS.gflops or limits["matmul_gflops"]
+    flop_rate = gflops * 1e9
+    bandwidths = [limits["read_gbs"]] + [float(b) for b in FLAGS.bandwidths_gbs]
     measured = Path(FLAGS.measured)
     if measured.exists() and "headline" in (paper := json.loads(measured.read_text())):
         target = paper["headline"]["sequential"]["makespan_s"]
@@ -94,15 +89,15 @@ def main(argv):
     for gbs in bandwidths:
         flover = makespan(cost, arrivals, True, gbs * 1e9, flop_rate)
         sequential = makespan(cost, arrivals, False, gbs * 1e9, flop_rate)
-        rows.append({"bandwidth_gbs": gbs, "gflops": FLAGS.gflops, "flover_s": flover,
+        rows.append({"bandwidth_gbs": gbs, "gflops": gflops, "flover_s": flover,
                      "sequential_s": sequential})
-        print(f"{gbs:.0f} GB/s, {FLAGS.gflops:.0f} GFLOP/s: flover at least {flover:.1f} s, "
+        print(f"{gbs:.0f} GB/s, {gflops:.0f} GFLOP/s: flover at least {flover:.1f} s, "
               f"sequential at least {sequential:.1f} s")
     workload = {"requests": FLAGS.requests, "interval_s": FLAGS.interval_s,
                 "prompt_len": FLAGS.prompt_len, "output_len": FLAGS.output_len}
     Path(FLAGS.output).write_text(json.dumps(
         {"model": FLAGS.model, "dtype": cfg.dtype, "weight_bytes": weight_bytes,
-         "workload": workload, "bounds": rows}, indent=1))
+         "workload": workload, "machine_limits": limits, "bounds": rows}, indent=1))
     print(f"wrote {FLAGS.output}")
 
 

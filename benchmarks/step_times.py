@@ -3,20 +3,23 @@ per prompt bucket, on the default model (SmolLM2-135M, fp32). One command:
 
     .venv/bin/python benchmarks/step_times.py
 
-Prints Markdown tables: medians of --repeats calls, tokens/s, and the bytes each decode
-step must read (weights + the live slots' KV) per second against --bandwidth_gbs.
+Prints Markdown tables: medians of --repeats calls, tokens/s, the bytes each decode step must
+read (weights + the live slots' KV) per second, and the step's roofline (reads at the machine's
+measured bandwidth or FLOPs at its measured rate, whichever takes longer) as a share of its time.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from common import decode_bytes, live_state  # benchmarks/ is on the path when run as a script
+from common import decode_bytes, live_state, machine_limits, step_roofline  # benchmarks/ on path
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -29,9 +32,10 @@ flags.DEFINE_integer("max_slots", 64, "Slot capacity (live slots go 1, 2, 4, ...
 flags.DEFINE_integer("max_len", 1024, "Tokens per slot.")
 flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot while timing.")
 flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
+flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
+                    "Where the machine's measured limits go (roofline.py bounds with them too).")
 flags.DEFINE_list("attention", ["cpu_kernel", "xla"],
                   "Decode attentions to time, a table each (the engine's `attention` option).")
-flags.DEFINE_float("bandwidth_gbs", 25.0, "Measured memory bandwidth of the machine (MACHINE.md).")
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -44,16 +48,20 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def decode_table(engine: Engine) -> None:
+def decode_table(engine: Engine, limits: dict) -> None:
     ex, cfg = engine.executor, engine.cfg
     slots = ex.num_slots
     weight_bytes, kv_token = decode_bytes(cfg, ex.params)
+    roofline = step_roofline(cfg, weight_bytes, kv_token)
+    bandwidth, flop_rate = limits["read_gbs"] * 1e9, limits["matmul_gflops"] * 1e9
     contexts = [int(c) for c in FLAGS.contexts]
     print(f"{weight_bytes / 1e6:.0f} MB of weights read per step (embedding table excluded), "
-          f"{kv_token / 1e3:.1f} kB of KV per cached token\n")
-    header = " | ".join(f"ctx {c}: ms | tok/s | GB/s (% of {FLAGS.bandwidth_gbs:.0f})" for c in contexts)
+          f"{kv_token / 1e3:.1f} kB of KV per cached token; roofline: the step's reads at "
+          f"{limits['read_gbs']:.0f} GB/s or its FLOPs at {limits['matmul_gflops']:.0f} GFLOP/s, "
+          f"whichever takes longer ({limits['how']})\n")
+    header = " | ".join(f"ctx {c}: ms | tok/s | GB/s | roofline" for c in contexts)
     print(f"| live slots | {header} |")
-    print("|---:|" + "---:|---:|---:|" * len(contexts))
+    print("|---:|" + "---:|---:|---:|---:|" * len(contexts))
     n = 1
     while n <= slots:
         cells = []
@@ -62,8 +70,8 @@ def decode_table(engine: Engine) -> None:
             ex.state = live_state(ex, n, context)
             ms = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
             rate = (weight_bytes + n * context * kv_token) / (ms / 1e3) / 1e9
-            roofline = 100 * rate / FLAGS.bandwidth_gbs
-            cells.append(f"{ms:.1f} | {n / ms * 1e3:.0f} | {rate:.1f} ({roofline:.0f}%)")
+            best = roofline(np.full(n, context), bandwidth, flop_rate)
+            cells.append(f"{ms:.1f} | {n / ms * 1e3:.0f} | {rate:.1f} | {best / (ms / 1e3):.0%}")
         print(f"| {n} | " + " | ".join(cells) + " |")
         n *= 2
     ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
@@ -135,11 +143,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
     print(f"{FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}; command: "
           "`.venv/bin/python benchmarks/step_times.py`\n")
+    limits = machine_limits()  # before any engine holds memory
+    Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
     for attention in FLAGS.attention:
         engine = Engine.from_pretrained(
             FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, attention=attention)
         print(f"Decode steps, attention={attention}:\n")
-        decode_table(engine)
+        decode_table(engine, limits)
         if engine.executor.attention_kernel:
             kernel_table(engine)
         print()
