@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -44,6 +45,19 @@ def step_roofline(cfg, weight_bytes: int, kv_bytes: int):
     return cost
 
 
+def cpu_description() -> str:
+    """The host CPU as Linux reports it: model, cores this process may use, L3 size."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")  # e.g. "32768K"
+    size = l3.read_text().strip() if l3.exists() else ""
+    cache = f", {int(size[:-1]) // 1024} MiB L3" if size.endswith("K") and size[:-1].isdigit() else ""
+    return f"{model}, {len(os.sched_getaffinity(0))} cores{cache}"
+
+
 def machine_limits(repeats: int = 7) -> dict:
     """This machine's limits, measured now with XLA on the default device: read bandwidth (a sum
     over 1 GiB of float32, a pure stream) and float32 matmul rate (a 2048 x 2048 by 2048 x 2048
@@ -68,7 +82,8 @@ def machine_limits(repeats: int = 7) -> dict:
     matmul_gflops = 2 * n**3 / fastest_s(jax.jit(jnp.matmul), square, square) / 1e9
     return {"read_gbs": read_gbs, "matmul_gflops": matmul_gflops,
             "how": "read: jnp.sum over 1 GiB of float32; FLOPs: a 2048^3 float32 matmul; "
-                   f"fastest of {repeats}, XLA on {jax.devices()[0].device_kind}"}
+                   f"fastest of {repeats}, XLA on {jax.devices()[0].device_kind}"
+                   + (f" ({cpu_description()})" if jax.default_backend() == "cpu" else "")}
 
 
 def median_run(summaries: list[dict]) -> dict:

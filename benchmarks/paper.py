@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 from absl import app, flags, logging
-from common import median_run, merge_results  # benchmarks/ is on the path when run as a script
+from common import cpu_description, median_run, merge_results  # benchmarks/ is on the path
 
 from flover_jax import bench, workload
 from flover_jax.engine import Engine
@@ -85,7 +85,8 @@ def main(argv):
     ran = {"at": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["benchmarks/paper.py", *sys.argv[1:]])}
     results = {
         "ran": {name: ran for name in FLAGS.experiments},  # which run each experiment's figures are from
-        "machine": {"cpu_cores": jax.local_device_count(), "platform": platform.platform(),
+        "machine": {"cpu_cores": jax.local_device_count(), "cpu": cpu_description(),
+                    "platform": platform.platform(),
                     "python": platform.python_version(), "jax": jax.__version__,
                     "device": jax.devices()[0].device_kind},
         "model": FLAGS.model, "dtype": engine.cfg.dtype, "max_slots": SLOTS,
