@@ -77,8 +77,8 @@ def main(argv):
     peak = FLAGS.peak_gbs or next((v for k, v in PEAKS_GBS.items() if k in kind), 0.0)
     # The card's data-sheet bandwidth (measured when unknown); a step here is bound by bytes
     # and launches, so FLOPs are left unbounded.
-    limits = machine_limits() if not peak else {"read_gbs": peak, "matmul_gflops": float("inf")}
-    limits["how"] = (f"{kind}'s data-sheet bandwidth, FLOPs unbounded" if peak else limits["how"])
+    limits = {"read_gbs": peak, "matmul_gflops": float("inf"),
+              "how": f"{kind}'s data-sheet bandwidth, FLOPs unbounded"} if peak else machine_limits()
     record("machine", {"device": kind, "devices": jax.device_count(), "jax": jax.__version__,
                        "python": platform.python_version(), "peak_gbs": peak, "model": FLAGS.model})
     record("command", " ".join(["benchmarks/gpu_check.sh", *sys.argv[1:]]))
