@@ -26,6 +26,9 @@ flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
                   "Decode attention: auto = the CPU kernel on one CPU device in float32, else XLA.")
+flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
+                  "each request gets its solo tokens in any dtype, on any backend, at the cost "
+                  "of computing every slot every step.")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: devices (across all processes) per model.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
@@ -95,6 +98,7 @@ def _engine():
     engine = Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
         policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention,
+        batch_invariant=FLAGS.batch_invariant,
     )
     if jax.process_index() > 0:
         engine.follow()

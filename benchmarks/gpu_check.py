@@ -45,6 +45,8 @@ flags.DEFINE_integer("burst_output_len", 256, "Tokens each request of the all-at
 flags.DEFINE_integer("headline_output_len", 512, "Tokens each headline request makes.")
 flags.DEFINE_float("interval_ratio", 0.5 / (231.0 / 32),
                    "Headline interval as a fraction of one request's solo latency (paper's).")
+flags.DEFINE_bool("batch_invariant", False, "Build the engine with batch_invariant=True (one "
+                  "decode program, prompts prefilled alone).")
 flags.DEFINE_bool("warmup", True, "Compile every bucket first and time it (off: sections compile "
                   "what they meet).")
 flags.DEFINE_string("output_json", "gpu_check.json", "Where the figures go.")
@@ -89,8 +91,10 @@ def main(argv):
     print(f"loaded {FLAGS.model} ({cfg.dtype}) in {time.perf_counter() - start:.1f} s", flush=True)
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     engine = Engine(cfg.replace(dtype="bfloat16"), bf16, tokenizer,
-                    max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
+                    max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
+                    batch_invariant=FLAGS.batch_invariant)
     record("engine", {"dtype": "bfloat16", "max_slots": FLAGS.max_slots, "max_len": FLAGS.max_len,
+                      "batch_invariant": FLAGS.batch_invariant,
                       "windows": engine.executor.buckets.windows})
 
     if "greedy" in FLAGS.sections:

@@ -40,12 +40,22 @@ class Buckets:
         max_prefill_batch: int = 8,
         fine_windows: bool = False,
         min_window: int = 1,
+        batch_invariant: bool = False,
     ) -> Buckets:
         """fine_windows: widths every max_slots / 8 (at least 4) besides the powers of two, for
         steps whose cost grows with the rows computed (XLA:CPU, compute-bound at many slots);
         a coarse set suits steps that cost the same at any width (GPUs).
         min_window: the narrowest window, where a program of fewer rows is no cheaper (on an
-        H200 a one-row step costs twice an eight-row one: benchmarks/NOTES.md)."""
+        H200 a one-row step costs twice an eight-row one: benchmarks/NOTES.md).
+        batch_invariant: one decode program (every slot, every position) and prompts prefilled
+        one at a time. XLA picks a matmul's or reduction's kernel, and so its rounding, by
+        shape; with these buckets the shapes a request runs through depend on its own prompt
+        length only, never on who shares the device, so its tokens are the ones it gets alone
+        in any dtype, on any backend. The price: every step computes every slot."""
+        prompt_lengths = powers_of_two(min(16, max_len), max_len)
+        if batch_invariant:
+            return cls(windows=(max_slots,), kv_lengths=(max_len,),
+                       prompt_lengths=prompt_lengths, prefill_batches=(1,))
         windows = powers_of_two(min(min_window, max_slots), max_slots)
         if fine_windows:
             step = max(4, max_slots // 8)
@@ -54,6 +64,6 @@ class Buckets:
         return cls(
             windows=windows,
             kv_lengths=powers_of_two(min(64, max_len), max_len),
-            prompt_lengths=powers_of_two(min(16, max_len), max_len),
+            prompt_lengths=prompt_lengths,
             prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
         )

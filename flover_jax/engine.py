@@ -64,13 +64,15 @@ class Engine:
         max_prefill_batch: int = 8,
         mesh: Mesh | None = None,
         attention: str = "auto",
+        batch_invariant: bool = False,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
         self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
         self.executor = DeviceExecutor(
-            params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention
+            params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention,
+            batch_invariant,
         )
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).

@@ -65,6 +65,7 @@ class DeviceExecutor:
         max_prefill_batch: int = 8,
         mesh: Mesh | None = None,
         attention: str = "auto",
+        batch_invariant: bool = False,
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
@@ -83,6 +84,7 @@ class DeviceExecutor:
         self.buckets = Buckets.for_engine(
             num_slots, max_len, max_prefill_batch,
             fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,
+            batch_invariant=batch_invariant,
         )
         params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)

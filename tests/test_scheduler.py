@@ -369,6 +369,12 @@ def test_min_window_drops_the_narrower_widths():
         8, 12, 16, 20, 24, 28, 32)
 
 
+def test_batch_invariant_buckets_leave_one_shape_to_share():
+    fixed = Buckets.for_engine(32, 512, fine_windows=True, min_window=8, batch_invariant=True)
+    assert (fixed.windows, fixed.kv_lengths, fixed.prefill_batches) == ((32,), (512,), (1,))
+    assert fixed.prompt_lengths == Buckets.for_engine(32, 512).prompt_lengths  # a request's own
+
+
 def test_mid_window_finish_then_compaction_narrows_window():
     clock = FakeClock()
     ex = FakeExecutor(num_slots=8, max_len=32, vocab_size=50)
