@@ -56,6 +56,8 @@ class BroadcastExecutor:
         self.executor = executor
         self.num_slots, self.max_len = executor.num_slots, executor.max_len
         self.vocab_size, self.buckets = executor.vocab_size, executor.buckets
+        self.attention_kernel = executor.attention_kernel
+        self.batch_invariant = executor.batch_invariant
 
     def _call(self, name: str, *args) -> Any:
         _broadcast(pickle.dumps((name, args)))

@@ -78,6 +78,7 @@ class DeviceExecutor:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh, on_cpu)
+        self.batch_invariant = batch_invariant
         # A CPU step costs by the rows it computes, so windows start at one row, and the kernel
         # (one program per width) affords finer ones. An accelerator's step costs about the same
         # up to dozens of rows and its one-row program is the slowest, so windows start at 8.

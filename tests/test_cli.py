@@ -91,12 +91,13 @@ def test_generate_single_prompt_to_stdout():
     assert record["finish_reason"] == "error" and "no tokenizer" in record["error"]
 
 
-@pytest.mark.parametrize("policy, warmup", [("flover", "--warmup"), ("sequential", "--nowarmup")])
-def test_bench_mode_writes_valid_json(tmp_path, policy, warmup):
+@pytest.mark.parametrize("policy, flag", [("flover", "--warmup"), ("sequential", "--nowarmup"),
+                                          ("flover", "--batch_invariant")])
+def test_bench_mode_writes_valid_json(tmp_path, policy, flag):
     out = tmp_path / "bench.json"
     result = run_main("--mode=bench", "--model=tiny-llama", "--workload=poisson", "--rate=50",
                       "--num_requests=12", "--output_len=uniform:4:24", "--ignore_eos",
-                      f"--policy={policy}", "--max_slots=4", "--max_len=64", warmup,
+                      f"--policy={policy}", "--max_slots=4", "--max_len=64", flag,
                       f"--output_json={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -110,10 +111,13 @@ def test_bench_mode_writes_valid_json(tmp_path, policy, warmup):
     assert len(summary["requests"]) == 12
     assert summary["compile_s"] >= 0 and summary["iterations"] >= summary["decode_steps"] > 0
     assert summary["latency_vs_solo"] > 0.5 and summary["solo"]["tpot_s"] > 0
-    if warmup == "--warmup":  # otherwise the run's latencies include compiles
+    if flag != "--nowarmup":  # otherwise the run's latencies include compiles
         assert summary["latency_vs_solo"] < 50
     if policy == "sequential":
         assert summary["mean_inflight"] == 1.0
+    assert summary["batch_invariant"] == (flag == "--batch_invariant")
+    if summary["batch_invariant"]:  # one program: every step computes all 4 slots
+        assert summary["computed_rows"] == 4 * summary["decode_steps"]
 
 
 def test_bad_flags_fail_before_work():

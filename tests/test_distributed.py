@@ -1,5 +1,5 @@
-"""Two processes on 127.0.0.1 (2 fake CPU devices each) run one generation at tp=4 through
-jax.distributed and produce the tokens of a single process."""
+"""Two processes on 127.0.0.1 (2 fake CPU devices each) run at tp=4 through jax.distributed:
+a generation produces the tokens of a single process, and a benchmark reports on process 0."""
 
 import json
 import os
@@ -17,17 +17,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_tp4_equal_one_process(tmp_path):
-    prompts = tmp_path / "in.jsonl"
-    lines = [{"prompt_ids": [3 + i, 40 + 7 * i, 9], "max_new_tokens": 6 + 3 * i} for i in range(5)]
-    prompts.write_text("\n".join(json.dumps(line) for line in lines))
-    common = ["--mode=generate", "--model=tiny-llama", "--max_slots=2", "--max_len=64",
-              f"--prompts_file={prompts}"]
+def run_two_processes(tmp_path, args: list[str], output_flag: str) -> None:
+    """main.py with args in two processes at tp=4; process i writes output_flag=out{i}."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     processes = [
         subprocess.Popen(
-            [sys.executable, "main.py", *common, "--tp=4", f"--output={tmp_path / f'out{i}.jsonl'}",
+            [sys.executable, "main.py", *args, "--tp=4", f"{output_flag}={tmp_path / f'out{i}'}",
              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -39,8 +35,17 @@ def test_two_processes_tp4_equal_one_process(tmp_path):
         for p in processes:
             p.kill()
     assert [p.returncode for p in processes] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    assert not (tmp_path / "out1.jsonl").exists()  # outputs are gathered on process 0
-    two = [json.loads(line) for line in (tmp_path / "out0.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "out1").exists()  # results are gathered on process 0
+
+
+def test_two_processes_tp4_equal_one_process(tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    lines = [{"prompt_ids": [3 + i, 40 + 7 * i, 9], "max_new_tokens": 6 + 3 * i} for i in range(5)]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    common = ["--mode=generate", "--model=tiny-llama", "--max_slots=2", "--max_len=64",
+              f"--prompts_file={prompts}"]
+    run_two_processes(tmp_path, common, "--output")
+    two = [json.loads(line) for line in (tmp_path / "out0").read_text().splitlines()]
 
     single = subprocess.run([sys.executable, "main.py", *common], cwd=REPO, capture_output=True,
                             text=True, timeout=240)
@@ -49,3 +54,13 @@ def test_two_processes_tp4_equal_one_process(tmp_path):
     assert len(two) == len(one) == len(lines)
     assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
     assert all(r["finish_reason"] == "length" for r in two)
+
+
+def test_two_processes_bench_reports_on_process_0(tmp_path):
+    run_two_processes(tmp_path, [
+        "--mode=bench", "--model=tiny-llama", "--max_slots=2", "--max_len=64", "--workload=burst",
+        "--num_requests=3", "--output_len=5", "--ignore_eos", "--solo_samples=0", "--nowarmup",
+    ], "--output_json")
+    summary = json.loads((tmp_path / "out0").read_text())
+    assert summary["errors"] == 0 and summary["output_tokens"] == 3 * 5
+    assert summary["attention"] == "xla" and summary["batch_invariant"] is False
