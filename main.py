@@ -27,7 +27,7 @@ flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
                   "Decode attention: auto = the CPU kernel on one CPU device in float32, else XLA.")
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
-                  "each request gets its solo tokens in any dtype, on any backend, at the cost "
+                  "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: devices (across all processes) per model.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
