@@ -145,7 +145,7 @@ def test_cpu_windows_start_at_one_row(tiny):
 
 def test_batch_invariant_engine_gives_solo_tokens_in_bfloat16():
     # XLA picks a kernel, and so its rounding, by shape. In bfloat16 the default engine gives
-    # 13 of these 16 requests their solo tokens on XLA:CPU 0.10.2 (3 diverge at a near-tie):
+    # 13 of these 16 requests their solo tokens on XLA:CPU 0.10.2 (3 diverge):
     # their rows ran in windows, kv lengths and prefill batches that depend on who shared the
     # device. batch_invariant leaves a request only shapes its own prompt decides.
     cfg = tiny_config("llama", max_positions=256, d_model=256, n_heads=4, n_kv_heads=2,
