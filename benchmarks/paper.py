@@ -9,7 +9,8 @@ policies. Writes benchmarks/results/paper.json; benchmarks/report.py turns it in
   flover with XLA's attention ops instead of the CPU attention kernel).
 - poisson: 32 requests, Poisson arrivals over a sweep of mean gaps: speedup over sequential,
   iterations, mean in-flight requests (Fig. 8).
-- ablation: outputs uniform in [128, L], flover (compaction) vs fused (every slot computed).
+- ablation: outputs uniform in [128, L] for L = 256, 512, 1024, flover (compaction) vs fused
+  (every slot computed).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ flags.DEFINE_list("experiments", ["constant", "headline", "poisson", "ablation"]
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
 flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Request counts (constant).")
 flags.DEFINE_list("gaps_s", ["0.02", "0.1", "0.5", "2.0"], "Mean Poisson gaps (poisson).")
-flags.DEFINE_list("tails", ["256", "512"], "L of uniform:128:L (ablation).")
+flags.DEFINE_list("tails", ["256", "512", "1024"],
+                  "L of uniform:128:L (ablation; the paper swept L = 512..2048).")
 flags.DEFINE_float("interval_s", 0.5, "Constant arrival interval.")
 flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per policy (median reported).")
 flags.DEFINE_integer("ablation_repeats", 5, "Runs of each ablation workload per policy (median "
@@ -73,7 +75,9 @@ def synthetic(engine, kind, n, output_len, **arrivals):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
-    engine = Engine.from_pretrained(FLAGS.model, max_slots=SLOTS, max_len=PROMPT_LEN + FLAGS.max_output)
+    tails = [int(t) for t in FLAGS.tails] if "ablation" in FLAGS.experiments else []
+    engine = Engine.from_pretrained(FLAGS.model, max_slots=SLOTS,
+                                    max_len=PROMPT_LEN + max([FLAGS.max_output, *tails]))
     start = time.perf_counter()
     engine.executor.warmup(prompt_lengths=[16])
     compile_s = time.perf_counter() - start

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 80 minutes on 2 CPU cores, plus
+# Regenerate docs/benchmarks.md and docs/img/ from scratch (about 90 minutes on 2 CPU cores, plus
 # about 10 minutes the first time to build llama-server and the peers' environment).
 # Run it on an otherwise idle machine: every figure is a timing.
 set -euo pipefail
