@@ -61,7 +61,7 @@ class Engine:
         max_slots: int = 32,
         max_len: int = 1024,
         policy: str = "flover",
-        max_prefill_batch: int = 8,
+        max_prefill_batch: int | None = None,
         mesh: Mesh | None = None,
         attention: str = "auto",
         batch_invariant: bool = False,

@@ -62,13 +62,22 @@ class DeviceExecutor:
         num_slots: int,
         max_len: int,
         eos_ids: Sequence[int] = (),
-        max_prefill_batch: int = 8,
+        max_prefill_batch: int | None = None,
         mesh: Mesh | None = None,
         attention: str = "auto",
         batch_invariant: bool = False,
     ) -> None:
+        """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
+        which prefills one prompt at a time and so allows only 1."""
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
+        if max_prefill_batch is None:
+            max_prefill_batch = 1 if batch_invariant else 8
+        if batch_invariant and max_prefill_batch != 1:
+            raise ValueError(f"max_prefill_batch={max_prefill_batch}: must be 1 (or unset) with "
+                             "batch_invariant=True, which prefills prompts one at a time")
+        if max_prefill_batch < 1:
+            raise ValueError(f"max_prefill_batch={max_prefill_batch}: must be >= 1")
         if not 2 <= max_len <= cfg.max_positions:
             raise ValueError(
                 f"max_len={max_len}: must be in [2, {cfg.max_positions}] (the model's positions)"

@@ -123,6 +123,24 @@ def test_attention_kernel_and_xla_attention_agree(engine, xla_engine):
     assert [o.token_ids for o in kernel] == [o.token_ids for o in xla]
 
 
+def test_engine_sizes_are_checked(tiny):
+    cfg, params = tiny
+    for options, message in [
+        (dict(max_slots=0), r"max_slots=0: must be >= 1"),
+        (dict(max_len=1), r"max_len=1: must be in \[2, "),
+        (dict(max_prefill_batch=0), r"max_prefill_batch=0: must be >= 1"),
+        (dict(max_prefill_batch=4, batch_invariant=True),
+         r"max_prefill_batch=4: must be 1 \(or unset\) with batch_invariant=True"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Engine(cfg, params, **{"max_slots": 2, "max_len": 32, **options})
+    for prefill_batch in (None, 1):  # unset or 1: prompts are prefilled one at a time
+        invariant = Engine(cfg, params, max_slots=2, max_len=32, batch_invariant=True,
+                           max_prefill_batch=prefill_batch)
+        assert invariant.executor.buckets.prefill_batches == (1,)
+    assert Engine(cfg, params, max_slots=8, max_len=32).executor.buckets.prefill_batches == (1, 2, 4, 8)
+
+
 def test_attention_choice_is_checked(tiny):
     cfg, params = tiny
     with pytest.raises(ValueError, match=r"attention='flash': must be one of"):
