@@ -104,7 +104,7 @@ class DeviceExecutor:
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding,
             sharding.kv_sharding(cfg, self.mesh), sharding.replicated(self.mesh),
-            self.attention_kernel,
+            self.attention_kernel, step.CPU_COMPACT_PIECE_BYTES if on_cpu else None,
         )
 
     def _pad_slots(self, slots: Sequence[int], size: int) -> np.ndarray:

@@ -159,7 +159,16 @@ def decode_step(
     return state, jnp.where(active, new, -1)
 
 
-def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> DecodeState:
+# XLA:CPU allocates a program's temporaries on every call, and glibc maps an allocation over
+# 32 MB afresh from the kernel each time: zero-filled pages, a fault per 4 kB touched. A move
+# holds every layer's K and V block at once, so on CPU it copies in pieces whose blocks stay
+# under this (one move at kv_len 1024, SmolLM2 with 32 slots: 14 ms whole, 3.3 ms in pieces).
+CPU_COMPACT_PIECE_BYTES = 16 << 20
+
+
+def compact(
+    state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int, piece_bytes: int | None = None
+) -> DecodeState:
     """Move slot src[i] to dst[i] (whole rows; KV up to kv_len), src slots become inactive.
 
     dst must be free and distinct from every src (Flover's plan guarantees it).
@@ -167,22 +176,33 @@ def compact(state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int) -> 
     moves, not with the capacity: each real move copies one slot's KV block in
     place into the donated cache (a loop of dynamic-update-slices, which XLA
     runs as plain copies; a gather/scatter over the slot axis ran 10x slower).
+    piece_bytes: copy each block in pieces of positions whose blocks, over every layer's K and
+    V, take at most this many bytes (None: whole blocks).
     """
     src_read = jnp.clip(src, 0, state.num_slots - 1)
+    # Bytes of one cache position over every layer's K and V ([slots, heads, max_len, dim]).
+    position_bytes = sum(a.shape[1] * a.shape[3] * a.dtype.itemsize
+                         for a in jax.tree.leaves(state.cache))
+    piece = kv_len  # halved until it fits: equal pieces for the power-of-two kv_len buckets
+    while piece_bytes is not None and piece > 1 and piece * position_bytes > piece_bytes:
+        piece = -(-piece // 2)
+    pieces = -(-kv_len // piece)  # else the last piece ends at kv_len, overlapping the one before
 
     def move(array):
         return array.at[dst].set(array.at[src_read].get(), mode="drop")
 
-    def one_move(i, layers):  # every layer's [slots, kv_heads, max_len, head_dim] array
-        def move_block(cache):
-            _, heads, _, dim = cache.shape
-            block = jax.lax.dynamic_slice(cache, (src_read[i], 0, 0, 0), (1, heads, kv_len, dim))
-            return jax.lax.dynamic_update_slice(cache, block, (dst[i], 0, 0, 0))
+    def copy_piece(n, layers):  # piece n % pieces of move n // pieces, in every layer's arrays
+        i, start = n // pieces, jnp.minimum(n % pieces * piece, kv_len - piece)
 
-        return jax.tree.map(move_block, layers)
+        def copy_block(cache):
+            _, heads, _, dim = cache.shape
+            block = jax.lax.dynamic_slice(cache, (src_read[i], 0, start, 0), (1, heads, piece, dim))
+            return jax.lax.dynamic_update_slice(cache, block, (dst[i], 0, start, 0))
+
+        return jax.tree.map(copy_block, layers)
 
     moves = jnp.sum(dst < state.num_slots)  # padding sits at the end
-    cache = jax.lax.fori_loop(0, moves, one_move, state.cache)
+    cache = jax.lax.fori_loop(0, moves * pieces, copy_piece, state.cache)
     moved = jax.tree.map(move, state.replace(cache=None))
     return moved.replace(cache=cache).deactivate(src)
 
@@ -208,6 +228,7 @@ class Verbs:
         kv_sharding,
         replicated,
         attention_kernel: bool = False,
+        compact_piece_bytes: int | None = None,
     ) -> None:
         prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first_token=replicated, seen=replicated)
         self.prefill = jax.jit(
@@ -229,7 +250,7 @@ class Verbs:
             donate_argnums=1,
         )
         self.compact = jax.jit(
-            compact,
+            partial(compact, piece_bytes=compact_piece_bytes),
             static_argnums=3,  # kv_len
             in_shardings=(state_sharding, replicated, replicated),
             out_shardings=state_sharding,

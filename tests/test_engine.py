@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flover_jax import step
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling import SamplingParams
+from flover_jax.state import DecodeState
 from models.presets import tiny_config
 from models.transformer import init_params
 
@@ -202,6 +204,29 @@ def test_temperature_zero_ignores_seed(engine):
     a, b = engine.generate([prompt, prompt], [SamplingParams(max_new_tokens=20, seed=1),
                                               SamplingParams(max_new_tokens=20, seed=2)])
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("kv_len", [10, 16])
+@pytest.mark.parametrize("piece", [1, 3, 5, 16])
+def test_compaction_in_pieces_copies_what_one_piece_copies(kv_len, piece):
+    """On CPU a move copies its KV in pieces of positions (step.CPU_COMPACT_PIECE_BYTES); any
+    piece size, dividing kv_len or not, must copy exactly the positions one whole block does."""
+    cfg = tiny_config("llama")  # 2 layers, 2 KV heads of 16: 512 bytes per position
+    state = DecodeState.empty(cfg, 6, 32)
+    keys = iter(jax.random.split(jax.random.key(0), 2 * cfg.n_layers))
+    cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape), state.cache)
+    state = state.replace(cache=cache, pos=jnp.arange(6, dtype=jnp.int32),
+                          active=jnp.array([1, 1, 1, 1, 0, 0], bool))
+    src, dst = jnp.array([0, 2, 6]), jnp.array([4, 5, 6])  # two moves and a padding entry
+    whole = step.compact(state, src, dst, kv_len)
+    pieced = step.compact(state, src, dst, kv_len, piece_bytes=piece * 512)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(pieced)):
+        assert np.array_equal(a, b)
+    for a, before in zip(jax.tree.leaves(pieced.cache), jax.tree.leaves(state.cache)):
+        want = np.array(before)
+        want[[4, 5], :, :kv_len] = want[[0, 2], :, :kv_len]  # the moved blocks, nothing past kv_len
+        assert np.array_equal(a, want)
+    assert pieced.active.tolist() == [False, True, False, True, True, True]
 
 
 def test_compaction_moves_every_slot_array_bitwise(engine):
