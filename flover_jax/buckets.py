@@ -23,6 +23,9 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
+DEFAULT_PREFILL_BATCH = 8  # prompts per prefill call at most, unless the engine says otherwise
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The shape buckets of one engine (max_slots slots of max_len tokens)."""
@@ -37,7 +40,7 @@ class Buckets:
         cls,
         max_slots: int,
         max_len: int,
-        max_prefill_batch: int = 8,
+        max_prefill_batch: int = DEFAULT_PREFILL_BATCH,
         fine_windows: bool = False,
         min_window: int = 1,
         batch_invariant: bool = False,

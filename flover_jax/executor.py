@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from flover_jax import sharding, step
-from flover_jax.buckets import Buckets, bucket
+from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
 from flover_jax.sampling import SamplingParams, SlotSampling
 from flover_jax.state import DecodeState
 from models import kernels
@@ -72,7 +72,7 @@ class DeviceExecutor:
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
         if max_prefill_batch is None:
-            max_prefill_batch = 1 if batch_invariant else 8
+            max_prefill_batch = 1 if batch_invariant else DEFAULT_PREFILL_BATCH
         if batch_invariant and max_prefill_batch != 1:
             raise ValueError(f"max_prefill_batch={max_prefill_batch}: must be 1 (or unset) with "
                              "batch_invariant=True, which prefills prompts one at a time")
