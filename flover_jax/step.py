@@ -180,9 +180,7 @@ def compact(
     V, take at most this many bytes (None: whole blocks).
     """
     src_read = jnp.clip(src, 0, state.num_slots - 1)
-    # Bytes of one cache position over every layer's K and V ([slots, heads, max_len, dim]).
-    position_bytes = sum(a.shape[1] * a.shape[3] * a.dtype.itemsize
-                         for a in jax.tree.leaves(state.cache))
+    position_bytes = state.cache.nbytes // (state.num_slots * state.max_len)  # of one slot
     piece = kv_len  # halved until it fits: equal pieces for the power-of-two kv_len buckets
     while piece_bytes is not None and piece > 1 and piece * position_bytes > piece_bytes:
         piece = -(-piece // 2)
