@@ -11,19 +11,21 @@ from models.presets import tiny_config
 
 
 @pytest.mark.parametrize("kv_heads, group, head_dim, q_scale", [
-    (3, 3, 64, 1.0), (2, 1, 24, 1.0),
+    (3, 3, 64, 1.0),  # SmolLM2's heads
+    (2, 4, 16, 1.0), (4, 2, 32, 1.0), (1, 5, 128, 1.0),  # the other vectorized head sizes
+    (2, 1, 24, 1.0),  # a head size the scalar path serves
     (3, 3, 64, 40.0),  # scores spread over hundreds: most weights underflow to (near) zero
 ])
 def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_dim, q_scale):
     """Rows read their own slot's first lengths[i] positions, from the window's start on;
     a row of length 0 gets zeros; positions beyond a row's length are never read."""
     assert kernels.cpu_kernel_available()
-    slots, max_len, start, width = 7, 40, 2, 4
+    slots, max_len, start, width = 7, 40, 2, 5
     cfg = tiny_config("llama", n_heads=kv_heads * group, n_kv_heads=kv_heads, head_dim=head_dim)
     rng = np.random.default_rng(0)
     k_cache, v_cache = (rng.standard_normal((slots, kv_heads, max_len, head_dim), np.float32)
                         for _ in range(2))
-    lengths = np.array([1, 17, 0, 40], np.int32)
+    lengths = np.array([1, 17, 0, 40, 32], np.int32)  # blocks of 16 positions, and tails
     for row, length in enumerate(lengths):  # what lies beyond a row's length must not matter
         k_cache[start + row, :, length:] = np.nan
         v_cache[start + row, :, length:] = np.nan
