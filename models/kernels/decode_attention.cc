@@ -115,12 +115,10 @@ inline void Softmax(float* row, int64_t length) {
   for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
 }
 
-// The `group` query rows sharing one KV head against positions [0, length).
-// scores: scratch of group * length floats.
+// The `group` query rows sharing one KV head against positions [0, length), length >= 1,
+// adding to out (zeros). scores: scratch of group * length floats.
 void AttendOneHead(const float* q, const float* k, const float* v, float* out,
                    int64_t length, int64_t group, int64_t dim, float scale, float* scores) {
-  std::fill(out, out + group * dim, 0.0f);
-  if (length == 0) return;
   for (int64_t t = 0; t < length; ++t)
     for (int64_t g = 0; g < group; ++g)
       scores[g * length + t] = Dot(k + t * dim, q + g * dim, dim) * scale;
@@ -186,15 +184,13 @@ void WeightedSum(const float* p, const float* v, float* out, int64_t length) {
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
-// AttendOneHead for head_dim = 16 * C, vectorized: scores 16 positions at a time, a vector
+// AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16 positions at a time, a vector
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
 template <int C>
 void AttendOneHeadVec(const float* q, const float* k, const float* v, float* out,
                       int64_t length, int64_t group, float scale, float* scores) {
   constexpr int64_t dim = 16 * C;
-  std::fill(out, out + group * dim, 0.0f);
-  if (length == 0) return;
   // The first V rows are read last; fetch them now so their stream starts warm.
   for (int64_t i = 0; i < std::min<int64_t>(length, 16) * dim; i += 16) __builtin_prefetch(v + i);
   // Scores 16 positions at a time, every query row while the block's K rows are in L1.
@@ -266,6 +262,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const float* k_item = k_data + cache_offset;
     const float* v_item = v_data + cache_offset;
     float* out_item = out_data + item * group * dim;
+    std::fill(out_item, out_item + group * dim, 0.0f);
+    if (length == 0) return;  // a row that attends nowhere gets zeros
     float* scratch = scores.data();
     switch (dim) {
       case 16: AttendOneHeadVec<1>(q_item, k_item, v_item, out_item, length, group, scale, scratch); break;
