@@ -26,6 +26,8 @@ flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
                   "Decode attention: auto = the CPU kernel on one CPU device in float32, else XLA.")
+flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel"],
+                  "Weight matmuls: auto = the CPU kernel on one CPU device in float32, else XLA.")
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")
@@ -97,7 +99,7 @@ def _engine():
 
     engine = Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
-        policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention,
+        policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention, matmul=FLAGS.matmul,
         batch_invariant=FLAGS.batch_invariant,
     )
     if jax.process_index() > 0:

@@ -32,7 +32,7 @@ flags.DEFINE_integer("steps", 5, "Traced decode steps per point.")
 SCOPES = ("projections", "attention", "mlp", "lm_head", "sampling")
 # What an op does, from the name XLA gives it (its thunk's name in the trace).
 KINDS = (("matmul", ("ynn", "dot", "gemm", "onednn")), ("copy / transpose", ("copy", "transpose", "slice")),
-         ("cache write", ("scatter", "update")), ("attention kernel", ("ffi_call",)))
+         ("cache write", ("scatter", "update")), ("CPU kernel", ("ffi_call",)))
 
 
 def op_scopes(compiled_text: str) -> dict[str, str]:

@@ -34,8 +34,13 @@ flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot w
 flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
 flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
                     "Where the machine's measured limits go (roofline.py bounds with them too).")
-flags.DEFINE_list("attention", ["cpu_kernel", "xla"],
-                  "Decode attentions to time, a table each (the engine's `attention` option).")
+flags.DEFINE_list("ops", ["cpu_kernels", "xla_matmuls", "xla"],
+                  "Engines to time, a table each: cpu_kernels (the CPU attention and matmul "
+                  "kernels), xla_matmuls (the attention kernel, XLA's matmuls), xla (XLA's ops).")
+
+OPS = {"cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
+       "xla_matmuls": dict(attention="cpu_kernel", matmul="xla"),
+       "xla": dict(attention="xla", matmul="xla")}
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -145,17 +150,17 @@ def main(argv):
           "`.venv/bin/python benchmarks/step_times.py`\n")
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
-    for attention in FLAGS.attention:
+    for i, name in enumerate(FLAGS.ops):
         engine = Engine.from_pretrained(
-            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, attention=attention)
-        print(f"Decode steps, attention={attention}:\n")
+            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, **OPS[name])
+        print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in OPS[name].items())}:\n")
         decode_table(engine, limits)
-        if engine.executor.attention_kernel:
+        if i == 0:  # the default engine's attention kernel and prefill
             kernel_table(engine)
+            prefill_table(engine)
         print()
-    prefill_table(engine)
-    del engine
-    gc.collect()
+        del engine
+        gc.collect()
     # Twice the slots, so that up to max_slots of them can move into the other half.
     compaction_table(Engine.from_pretrained(
         FLAGS.model, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))

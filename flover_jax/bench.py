@@ -37,7 +37,7 @@ def run(
     warmup: bool = True, solo_samples: int = 3,
 ) -> dict:
     """Run the workload and return its summary (metrics.summarize plus compile, memory, the
-    attention the steps ran, whether batch invariant, solo latency)."""
+    attention and matmuls the steps ran, whether batch invariant, solo latency)."""
     start = time.perf_counter()
     if warmup:
         engine.executor.warmup()
@@ -45,6 +45,7 @@ def run(
     result = engine.run(requests, policy)
     summary = metrics.summarize(result) | {"compile_s": compile_s} | metrics.memory(engine)
     summary["attention"] = "cpu_kernel" if engine.executor.attention_kernel else "xla"
+    summary["matmul"] = "cpu_kernel" if engine.executor.matmul_kernel else "xla"
     summary["batch_invariant"] = engine.executor.batch_invariant
     if solo_samples:
         ttft, tpot = solo_latency_fit(engine, requests, solo_samples)

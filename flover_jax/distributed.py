@@ -56,7 +56,7 @@ class BroadcastExecutor:
         self.executor = executor
         self.num_slots, self.max_len = executor.num_slots, executor.max_len
         self.vocab_size, self.buckets = executor.vocab_size, executor.buckets
-        self.attention_kernel = executor.attention_kernel
+        self.attention_kernel, self.matmul_kernel = executor.attention_kernel, executor.matmul_kernel
         self.batch_invariant = executor.batch_invariant
 
     def _call(self, name: str, *args) -> Any:

@@ -65,6 +65,7 @@ class Engine:
         mesh: Mesh | None = None,
         attention: str = "auto",
         batch_invariant: bool = False,
+        matmul: str = "auto",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
@@ -72,7 +73,7 @@ class Engine:
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
         self.executor = DeviceExecutor(
             params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention,
-            batch_invariant,
+            batch_invariant, matmul,
         )
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).

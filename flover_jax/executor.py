@@ -19,7 +19,7 @@ from flover_jax import sharding, step
 from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
 from flover_jax.sampling import SamplingParams, SlotSampling
 from flover_jax.state import DecodeState
-from models import kernels
+from models import kernels, transformer
 from models.config import ModelConfig
 from models.transformer import Params
 
@@ -32,15 +32,16 @@ def _place(x, target: jax.sharding.Sharding) -> jax.Array:
     return jax.device_put(x, target)
 
 
-ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+KERNEL_CHOICES = ("auto", "xla", "cpu_kernel")
 
 
-def _use_attention_kernel(attention: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
-    """Resolve the `attention` option. "auto" takes the CPU kernel where it applies: one CPU
-    device (the kernel is not partitioned across a mesh), float32, and a C++ compiler found."""
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention={attention!r}: must be one of {ATTENTION_CHOICES}")
-    if attention == "xla":
+def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
+    """Resolve the `attention` or `matmul` option. "auto" takes the CPU kernel where it applies:
+    one CPU device (the kernels are not partitioned across a mesh), float32, and a C++
+    compiler found."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
+    if choice == "xla":
         return False
     reasons = [why for bad, why in (
         (mesh.size != 1, f"it runs on one device, the mesh has {mesh.size}"),
@@ -49,8 +50,8 @@ def _use_attention_kernel(attention: str, cfg: ModelConfig, mesh: Mesh, on_cpu: 
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
         reasons.append("it could not be compiled (see the log)")
-    if reasons and attention == "cpu_kernel":
-        raise ValueError(f"attention='cpu_kernel' cannot be used: {'; '.join(reasons)}")
+    if reasons and choice == "cpu_kernel":
+        raise ValueError(f"{option}='cpu_kernel' cannot be used: {'; '.join(reasons)}")
     return not reasons
 
 
@@ -66,9 +67,11 @@ class DeviceExecutor:
         mesh: Mesh | None = None,
         attention: str = "auto",
         batch_invariant: bool = False,
+        matmul: str = "auto",
     ) -> None:
         """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
-        which prefills one prompt at a time and so allows only 1."""
+        which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
+        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls."""
         if num_slots < 1:
             raise ValueError(f"max_slots={num_slots}: must be >= 1")
         if max_prefill_batch is None:
@@ -86,7 +89,8 @@ class DeviceExecutor:
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
-        self.attention_kernel = _use_attention_kernel(attention, cfg, self.mesh, on_cpu)
+        self.attention_kernel = _use_cpu_kernel("attention", attention, cfg, self.mesh, on_cpu)
+        self.matmul_kernel = _use_cpu_kernel("matmul", matmul, cfg, self.mesh, on_cpu)
         self.batch_invariant = batch_invariant
         # A CPU step costs by the rows it computes, so windows start at one row, and the kernel
         # (one program per width) affords finer ones. An accelerator's step costs about the same
@@ -96,7 +100,14 @@ class DeviceExecutor:
             fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,
             batch_invariant=batch_invariant,
         )
-        params_sharding = sharding.param_shardings(params, cfg, self.mesh)
+        if self.matmul_kernel:  # on its one device every packed weight is whole
+            params = transformer.pack_weights(params)
+            params_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh), params)
+        elif transformer.is_packed(params):
+            raise ValueError("params: packed for the CPU matmul kernel, which this engine does not "
+                             "run; pass the params as loaded")
+        else:
+            params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)
         empty = partial(DecodeState.empty, cfg, num_slots, max_len)
         state_sharding = sharding.state_shardings(jax.eval_shape(empty), cfg, self.mesh)

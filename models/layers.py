@@ -1,7 +1,9 @@
 """Building blocks shared by every family: norms, rotary embeddings, attention, MLPs.
 
 Weights are stored in the layout that streams fast for `x @ W` on CPU: inputs
-first, outputs last ((in, out); per head where heads exist). Shapes use
+first, outputs last ((in, out); per head where heads exist). Where the CPU matmul
+kernel runs, each is packed into column panels instead (`kernels.pack`), and
+`dense` sends it there. Shapes use
 b = batch, t = query positions, s = key positions, d = model width,
 h = query heads, k = KV heads, g = query heads per KV head, e = head dim,
 f = MLP width.
@@ -10,10 +12,12 @@ f = MLP width.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from models import kernels
 from models.config import ModelConfig
 
 
@@ -47,6 +51,23 @@ class MlpWeights:
     w_gate: jax.Array | None = None  # [d, f]; gated MLPs only
     b_in: jax.Array | None = None  # [f]
     b_out: jax.Array | None = None  # [d]
+
+
+def dense(
+    x: jax.Array, w: jax.Array | kernels.PackedWeight, in_dims: int = 1, preferred_element_type=None
+) -> jax.Array:
+    """x [..., *inputs] @ w [*inputs, *outputs] -> [..., *outputs]: every weight matmul.
+
+    A weight packed for the CPU kernel (`kernels.pack`) goes to `kernels.packed_matmul`; an
+    array to one XLA dot over the flattened inputs and outputs (contracting two input dims
+    separately made XLA:CPU copy the weight every step).
+    """
+    if isinstance(w, kernels.PackedWeight):
+        return kernels.packed_matmul(x, w)
+    lead, inputs, outputs = x.shape[: x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
+    k, n = math.prod(inputs), math.prod(outputs)
+    y = jnp.matmul(x.reshape(*lead, k), w.reshape(k, n), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *outputs)
 
 
 def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig) -> jax.Array:
@@ -87,9 +108,7 @@ def project_qkv(
     x: jax.Array, w: AttentionWeights, positions: jax.Array, cfg: ModelConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [b, t, d] -> q [b, t, h, e], k and v [b, t, k, e], rotary applied."""
-    q = jnp.einsum("btd,dhe->bthe", x, w.wq)
-    k = jnp.einsum("btd,dke->btke", x, w.wk)
-    v = jnp.einsum("btd,dke->btke", x, w.wv)
+    q, k, v = dense(x, w.wq), dense(x, w.wk), dense(x, w.wv)
     if w.bq is not None:
         q, k, v = q + w.bq, k + w.bk, v + w.bv
     if cfg.positions != "learned":
@@ -124,17 +143,15 @@ def attend(
 
 def attention_output(o: jax.Array, w: AttentionWeights) -> jax.Array:
     """o [b, t, h, e] -> [b, t, d]."""
-    b, t, h, e = o.shape
-    # One (h*e, d) matmul: contracting h and e separately made XLA copy wo every step.
-    y = o.reshape(b, t, h * e) @ w.wo.reshape(h * e, -1)
+    y = dense(o, w.wo, in_dims=2)
     return y if w.bo is None else y + w.bo
 
 
 def mlp(x: jax.Array, w: MlpWeights, cfg: ModelConfig) -> jax.Array:
     act = jax.nn.silu if cfg.activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
-    hidden = x @ w.w_in
+    hidden = dense(x, w.w_in)
     if w.b_in is not None:
         hidden = hidden + w.b_in
-    hidden = act(x @ w.w_gate) * hidden if w.w_gate is not None else act(hidden)
-    y = hidden @ w.w_out
+    hidden = act(dense(x, w.w_gate)) * hidden if w.w_gate is not None else act(hidden)
+    y = dense(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out

@@ -18,6 +18,8 @@ about 1.5x faster than `lax.scan` over stacked layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,7 @@ from models.layers import (
     NormWeights,
     attend,
     attention_output,
+    dense,
     mlp,
     norm,
     project_qkv,
@@ -49,7 +52,7 @@ class Params:
     embed: jax.Array  # [vocab, d]
     layers: list[LayerWeights]
     final_norm: NormWeights
-    lm_head: jax.Array  # [d, vocab]; a (d, vocab) copy even when tied: x @ W streams fast
+    lm_head: jax.Array | kernels.PackedWeight  # [d, vocab]; a copy even when tied: x @ W streams fast
     lm_head_bias: jax.Array | None = None  # [vocab]
     pos_embed: jax.Array | None = None  # [max_positions, d]; learned positions only
 
@@ -124,7 +127,7 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and LM head: hidden [..., d] -> float32 logits [..., vocab]."""
     with jax.named_scope("lm_head"):
         h = norm(hidden, params.final_norm, cfg)
-        out = jnp.matmul(h, params.lm_head, preferred_element_type=jnp.float32)
+        out = dense(h, params.lm_head, preferred_element_type=jnp.float32)
         return out if params.lm_head_bias is None else out + params.lm_head_bias
 
 
@@ -266,4 +269,34 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         lm_head=embed.T if cfg.tie_embeddings else rand(d, vocab),
         lm_head_bias=maybe(cfg.lm_head_bias, vocab),
         pos_embed=maybe(cfg.positions == "learned", cfg.max_positions, d),
+    )
+
+
+def is_packed(params: Params) -> bool:
+    return isinstance(params.lm_head, kernels.PackedWeight)
+
+
+def pack_weights(params: Params) -> Params:
+    """The same params with every matmul weight packed for the CPU matmul kernel
+    (`kernels.pack`; XLA:CPU, float32, one device); packed params come back as they are.
+    `dense` then sends each weight to the kernel."""
+    if is_packed(params):
+        return params
+    pack = kernels.pack
+
+    def layer(w: LayerWeights) -> LayerWeights:
+        attn, mlp_ = w.attn, w.mlp
+        return dataclasses.replace(
+            w,
+            attn=dataclasses.replace(
+                attn, wq=pack(attn.wq), wk=pack(attn.wk), wv=pack(attn.wv), wo=pack(attn.wo, 2)
+            ),
+            mlp=dataclasses.replace(
+                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
+                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
+            ),
+        )
+
+    return dataclasses.replace(
+        params, layers=[layer(w) for w in params.layers], lm_head=pack(params.lm_head)
     )

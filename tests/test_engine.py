@@ -48,15 +48,15 @@ def tiny():
 def engine(tiny):
     cfg, params = tiny
     engine = Engine(cfg, params, max_slots=8, max_len=128)
-    assert engine.executor.attention_kernel  # "auto" on one CPU device in float32
+    assert engine.executor.attention_kernel and engine.executor.matmul_kernel  # "auto" here
     return engine
 
 
 @pytest.fixture(scope="module")
 def xla_engine(tiny):
-    """The same engine with XLA's attention ops instead of the CPU kernel."""
+    """The same engine with XLA's ops instead of the CPU kernels."""
     cfg, params = tiny
-    return Engine(cfg, params, max_slots=8, max_len=128, attention="xla")
+    return Engine(cfg, params, max_slots=8, max_len=128, attention="xla", matmul="xla")
 
 
 def mixed_workload(n=24, seed=0, sampling=False):
@@ -80,10 +80,10 @@ def solo_tokens(engine, request):
     return engine.generate([request.prompt], request.params)[0].token_ids
 
 
-@pytest.mark.parametrize("attention", ["cpu_kernel", "xla"])
+@pytest.mark.parametrize("ops", ["cpu_kernels", "xla"])
 @pytest.mark.parametrize("policy", ["flover", "fused", "static"])
-def test_fused_equals_solo_greedy(request, policy, attention):
-    engine = request.getfixturevalue({"cpu_kernel": "engine", "xla": "xla_engine"}[attention])
+def test_fused_equals_solo_greedy(request, policy, ops):
+    engine = request.getfixturevalue({"cpu_kernels": "engine", "xla": "xla_engine"}[ops])
     workload = mixed_workload()
     result = run_with_fake_clock(engine, workload, policy)
     stats = result.stats
@@ -118,7 +118,7 @@ def test_penalties_follow_each_request_through_fused_steps(engine):
     assert any(o.token_ids != p.token_ids for o, p in zip(outputs, plain))
 
 
-def test_attention_kernel_and_xla_attention_agree(engine, xla_engine):
+def test_cpu_kernels_and_xla_ops_agree(engine, xla_engine):
     workload = mixed_workload(n=12, seed=3, sampling=True)
     kernel = run_with_fake_clock(engine, workload).outputs
     xla = run_with_fake_clock(xla_engine, workload).outputs
@@ -143,15 +143,28 @@ def test_engine_sizes_are_checked(tiny):
     assert Engine(cfg, params, max_slots=8, max_len=32).executor.buckets.prefill_batches == (1, 2, 4, 8)
 
 
-def test_attention_choice_is_checked(tiny):
+@pytest.mark.parametrize("option", ["attention", "matmul"])
+def test_kernel_choices_are_checked(tiny, option):
     cfg, params = tiny
-    with pytest.raises(ValueError, match=r"attention='flash': must be one of"):
-        Engine(cfg, params, max_slots=2, max_len=32, attention="flash")
-    with pytest.raises(ValueError, match=r"attention='cpu_kernel' cannot be used: .*float32"):
+    with pytest.raises(ValueError, match=rf"{option}='flash': must be one of"):
+        Engine(cfg, params, max_slots=2, max_len=32, **{option: "flash"})
+    with pytest.raises(ValueError, match=rf"{option}='cpu_kernel' cannot be used: .*float32"):
         Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32,
-               attention="cpu_kernel")
+               **{option: "cpu_kernel"})
     bf16 = Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32)
-    assert not bf16.executor.attention_kernel  # "auto" falls back to XLA's attention
+    assert not bf16.executor.attention_kernel  # "auto" falls back to XLA's ops
+    assert not bf16.executor.matmul_kernel
+
+
+def test_packed_params_are_reused_or_refused(engine, tiny):
+    """An engine's packed params serve another kernel engine as they are; an engine on XLA's
+    matmuls refuses them with a message."""
+    cfg, _ = tiny
+    packed = engine.executor.params
+    again = Engine(cfg, packed, max_slots=2, max_len=32)
+    assert again.executor.params.lm_head.panels is packed.lm_head.panels
+    with pytest.raises(ValueError, match="params: packed for the CPU matmul kernel"):
+        Engine(cfg, packed, max_slots=2, max_len=32, matmul="xla")
 
 
 def test_cpu_windows_start_at_one_row(tiny):

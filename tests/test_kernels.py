@@ -1,4 +1,5 @@
-"""The CPU decode-attention kernel (models/kernels) against the pure-JAX attention it replaces."""
+"""The CPU kernels (models/kernels) against the pure-JAX ops they replace: decode attention and
+the packed-weight matmul."""
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +69,44 @@ def test_kernel_jits_and_rejects_mismatched_caches():
     assert out.shape == q.shape
     with pytest.raises(Exception, match="decode_attention: expected"):
         kernels.decode_attention(q, cache, cache[:, :2], jnp.int32(0), lengths).block_until_ready()
+
+
+@pytest.mark.parametrize("rows, shape, in_dims", [
+    (1, (576, 576), 1),  # one row, SmolLM2's projection
+    (13, (64, 3, 32), 1),  # per-head outputs; rows in groups of 8, 4 and 1
+    (70, (40, 100), 1),  # past one block of 64 rows; 100 columns: the last panel is partial
+    (6, (3, 32, 64), 2),  # two input dims, as the attention output's weight [h, e, d]
+    (3, (1536, 20), 1),  # one partial panel, a long sum
+])
+def test_packed_matmul_matches_matmul(rows, shape, in_dims):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(shape, np.float32)
+    x = rng.standard_normal((rows, *shape[:in_dims]), np.float32)
+    packed = kernels.pack(jnp.asarray(w), in_dims)
+    assert packed.panels.shape[0] * kernels.PANEL >= np.prod(shape[in_dims:])
+    out = jax.jit(kernels.packed_matmul)(jnp.asarray(x), packed)
+    assert out.shape == (rows, *shape[in_dims:])
+    expected = np.tensordot(x.astype(np.float64), w.astype(np.float64), in_dims)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_packed_matmul_rows_do_not_depend_on_their_neighbours():
+    """Batch invariance: a row's output is bitwise the same alone, in any group of rows, and in
+    a prompt's leading dims."""
+    rng = np.random.default_rng(3)
+    packed = kernels.pack(jnp.asarray(rng.standard_normal((96, 150), np.float32)))
+    x = jnp.asarray(rng.standard_normal((75, 96), np.float32))
+    together = np.asarray(kernels.packed_matmul(x, packed))
+    for row in (0, 7, 8, 13, 64, 74):
+        alone = np.asarray(kernels.packed_matmul(x[row:row + 1], packed))
+        np.testing.assert_array_equal(alone[0], together[row])
+    np.testing.assert_array_equal(
+        np.asarray(kernels.packed_matmul(x[:72].reshape(8, 9, 96), packed)).reshape(72, 150),
+        together[:72])
+
+
+def test_packed_matmul_rejects_mismatched_panels():
+    packed = kernels.pack(jnp.zeros((32, 48), jnp.float32))
+    wrong = kernels.PackedWeight(packed.panels, (16, 48), 1)  # says 16 inputs, holds 32
+    with pytest.raises(Exception, match="packed_matmul: expected"):
+        jax.block_until_ready(kernels.packed_matmul(jnp.zeros((2, 16), jnp.float32), wrong))

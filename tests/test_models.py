@@ -41,16 +41,18 @@ def test_llama_is_grouped_query(family_model):
 
 
 @pytest.mark.parametrize(
-    "max_len, kv_len, attention_kernel", [(32, 32, False), (64, 16, False), (64, 16, True)]
+    "max_len, kv_len, cpu_kernels", [(32, 32, False), (64, 16, False), (64, 16, True)]
 )
 def test_prefill_then_decode_through_slot_cache_matches_full_forward(
-    family_model, max_len, kv_len, attention_kernel
+    family_model, max_len, kv_len, cpu_kernels
 ):
     """Prompts of different lengths share one padded prefill; each then decodes
     token by token from its own slot (not slot 0, not contiguous with its batch row).
     The first case attends over the whole cache in place, the second over the window's block,
-    the third with the CPU attention kernel (models/kernels)."""
+    the third with the CPU kernels (models/kernels): attention, and matmuls on packed weights."""
     _, hf, cfg, params = family_model
+    if cpu_kernels:
+        params = transformer.pack_weights(params)
     rng = np.random.default_rng(1)
     lengths = np.array([3, 9, 6])
     steps, pad_to, n_slots = 5, 16, 6
@@ -89,7 +91,7 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
             tokens[row] = full[i, positions[row]]
             writes[row] = True
         out, cache = decode(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(writes), jnp.int32(start), kv_len, attention_kernel)
+                            jnp.asarray(writes), jnp.int32(start), kv_len, cpu_kernels)
         for row, i in row_of.items():
             np.testing.assert_allclose(
                 np.asarray(out[row]), reference[i][positions[row]], atol=1e-4,

@@ -1,18 +1,24 @@
 """Hand-written kernels for hot paths XLA's generic ops serve poorly, each with a pure-JAX twin.
 
-`decode_attention` (XLA:CPU, float32): a decode step's attention that reads every slot's live
-K/V in place and nothing else (decode_attention.cc says why). The C++ source is compiled once
-per machine with the system's C++ compiler into a cache folder and registered as an XLA FFI
-target; where no compiler is found, `cpu_kernel_available()` is False and the engine keeps the
-pure-JAX attention (models/layers.attend), which is also the reference the tests hold it to.
+Both run on XLA:CPU in float32:
+- `decode_attention`: a decode step's attention that reads every slot's live K/V in place and
+  nothing else (decode_attention.cc says why); its twin is models/layers.attend.
+- `packed_matmul`: x @ W for a weight packed once into column panels (`pack`), which streams
+  the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
+  says why); its twin is the plain matmul in models/layers.dense.
+The C++ sources are compiled once per machine with the system's C++ compiler into a cache
+folder and registered as XLA FFI targets; where no compiler is found, `cpu_kernel_available()`
+is False and the engine keeps XLA's ops, which are also the references the tests hold them to.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -23,8 +29,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-_SOURCE = Path(__file__).with_name("decode_attention.cc")
-_TARGET = "flover_decode_attention"
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "packed_matmul.cc"))
+_HEADER = Path(__file__).with_name("parallel_for.h")
+_ATTENTION_TARGET = "flover_decode_attention"
+_MATMUL_TARGET = "flover_packed_matmul"
+PANEL = 48  # columns per panel, as in packed_matmul.cc
 
 
 def _cache_dir() -> Path:
@@ -50,9 +59,10 @@ def _compile() -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_signature().encode()
+        b"".join(source.read_bytes() for source in (*_SOURCES, _HEADER))
+        + jaxlib.__version__.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
-    library = _cache_dir() / f"decode_attention-{key}.so"
+    library = _cache_dir() / f"flover_kernels-{key}.so"
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +70,7 @@ def _compile() -> Path:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
         command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-                   "-Wno-attributes", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
+                   "-Wno-attributes", f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -70,15 +80,15 @@ def _compile() -> Path:
 
 @functools.cache
 def cpu_kernel_available() -> bool:
-    """Whether the CPU decode-attention kernel is compiled and registered (once per process)."""
+    """Whether the CPU kernels are compiled and registered (once per process)."""
     try:
         library = ctypes.cdll.LoadLibrary(str(_compile()))
     except (RuntimeError, OSError) as error:
-        logging.getLogger(__name__).warning(
-            "CPU decode-attention kernel unavailable, using XLA's attention: %s", error)
+        logging.getLogger(__name__).warning("CPU kernels unavailable, using XLA's ops: %s", error)
         return False
-    jax.ffi.register_ffi_target(
-        _TARGET, jax.ffi.pycapsule(library.FloverDecodeAttention), platform="cpu")
+    for target, symbol in ((_ATTENTION_TARGET, library.FloverDecodeAttention),
+                           (_MATMUL_TARGET, library.FloverPackedMatmul)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
 
 
@@ -90,6 +100,38 @@ def decode_attention(
     positions (0: it reads nothing and gets zeros). Returns [w, kv_heads, group, e], float32."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU decode-attention kernel is not available (see the log)")
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()),
                 lengths.astype(jnp.int32))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"],
+                   meta_fields=["shape", "in_dims"])
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A weight of `shape` (its first `in_dims` dims are the inputs) as column panels
+    [ceil(n / 48), k, 48] for `packed_matmul`, k and n being the inputs' and outputs' sizes;
+    columns past n are zeros."""
+
+    panels: jax.Array
+    shape: tuple[int, ...]
+    in_dims: int
+
+
+def pack(w: jax.Array, in_dims: int = 1) -> PackedWeight:
+    """Lay a float32 weight [*inputs, *outputs] out as column panels (once, at load time)."""
+    k, n = math.prod(w.shape[:in_dims]), math.prod(w.shape[in_dims:])
+    panels = -(-n // PANEL)
+    flat = jnp.pad(w.reshape(k, n), ((0, 0), (0, panels * PANEL - n)))
+    return PackedWeight(flat.reshape(k, panels, PANEL).transpose(1, 0, 2), tuple(w.shape), in_dims)
+
+
+def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """x [..., *inputs] @ w -> [..., *outputs], float32."""
+    if not cpu_kernel_available():
+        raise RuntimeError("the CPU matmul kernel is not available (see the log)")
+    inputs, outputs = w.shape[: w.in_dims], w.shape[w.in_dims :]
+    lead = x.shape[: x.ndim - w.in_dims]
+    rows, k, n = math.prod(lead), math.prod(inputs), math.prod(outputs)
+    call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    return call(x.reshape(rows, k).astype(jnp.float32), w.panels).reshape(*lead, *outputs)

@@ -11,14 +11,12 @@
 // Common head sizes (16, 32, 64, 128) take a vectorized path; others a scalar one.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -253,7 +251,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   float* out_data = out->typed_data();
   const int64_t items = width * heads;
 
-  auto attend = [=](int64_t item, std::vector<float>& scores) {
+  auto attend = [=](int64_t item) {
+    thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const int64_t row = item / heads, head = item % heads;
     const int64_t length = std::clamp<int64_t>(length_data[row], 0, max_len);
     scores.resize(group * length);
@@ -273,23 +272,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       default: AttendOneHead(q_item, k_item, v_item, out_item, length, group, dim, scale, scratch);
     }
   };
-  // Work is shared through a counter: the calling thread and XLA's intra-op
-  // pool threads take (slot, head) items until none are left. Helpers that
-  // start late find nothing to do, so the caller waits only for items.
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  auto drain = [=] {
-    std::vector<float> scores;
-    int64_t finished = 0;
-    for (int64_t i; (i = progress->next.fetch_add(1)) < items; ++finished) attend(i, scores);
-    progress->done.fetch_add(finished);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([drain] { drain(); });
-  drain();
-  while (progress->done.load() < items) std::this_thread::yield();
+  ParallelFor(pool, items, attend);
   return ffi::Error::Success();
 }
 

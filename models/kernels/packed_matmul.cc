@@ -1,0 +1,100 @@
+// A matmul for XLA:CPU at decode shapes: a few rows of activations against a
+// weight streamed from memory, y [rows, n] = x [rows, k] @ W [k, n].
+//
+// Why a kernel: at 8-32 rows XLA:CPU's dot costs its weight reads plus its
+// FLOPs, as if the two took turns; a step then costs far more than its bytes.
+// Here W is stored once, at load time, as column panels [ceil(n/48), k, 48]:
+// each panel is one contiguous stream the hardware prefetcher follows, and its
+// 48 columns stay in registers (3 vectors of 16) while every k is read once.
+// The cores take panels from a shared counter, so both stream and compute at
+// once. The panel is read once per group of 8 rows (from L2 after the first).
+//
+// Each output element is one sum over k in a fixed order, whatever the number
+// of rows or how they are grouped, so a row's result does not depend on which
+// other rows share the call (batch invariance).
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
+constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
+
+typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
+
+inline F16 Load(const float* p) {
+  F16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+// R rows of x (row stride k) against one panel [k, 48]; writes `cols` <= 48 columns.
+template <int R>
+void Tile(const float* x, const float* panel, int64_t k, float* y, int64_t n, int64_t cols) {
+  F16 acc[R][3] = {};
+  for (int64_t i = 0; i < k; ++i) {
+    const float* w = panel + i * kPanel;
+    const F16 w0 = Load(w), w1 = Load(w + 16), w2 = Load(w + 32);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * k + i];
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
+      acc[r][2] += xv * w2;
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * n, acc[r], cols * sizeof(float));
+}
+
+// Rows [0, rows) of x against one panel, 8 at a time, then 4, 2, 1.
+void Panel(const float* x, int64_t rows, const float* panel, int64_t k, float* y, int64_t n,
+           int64_t cols) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, k, y + r * n, n, cols);
+  if (r + 4 <= rows) Tile<4>(x + r * k, panel, k, y + r * n, n, cols), r += 4;
+  if (r + 2 <= rows) Tile<2>(x + r * k, panel, k, y + r * n, n, cols), r += 2;
+  if (r < rows) Tile<1>(x + r * k, panel, k, y + r * n, n, cols);
+}
+
+// x [rows, k]; panels [p, k, 48] with n <= 48 p (columns past n are padding);
+// out [rows, n].
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), pd = panels.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != kPanel || pd[1] != xd[1] ||
+      od[0] != xd[0] || od[1] > pd[0] * kPanel || od[1] <= (pd[0] - 1) * kPanel) {
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: expected x [rows, k], panels [p, k, 48] and out [rows, n] with "
+        "48 (p - 1) < n <= 48 p");
+  }
+  const int64_t rows = xd[0], k = xd[1], num_panels = pd[0], n = od[1];
+  const float* x_data = x.typed_data();
+  const float* panel_data = panels.typed_data();
+  float* out_data = out->typed_data();
+  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t items = num_panels * row_blocks;
+
+  auto compute = [=](int64_t item) {
+    const int64_t p = item / row_blocks, first_row = (item % row_blocks) * kRowBlock;
+    const int64_t cols = std::min(kPanel, n - p * kPanel);
+    Panel(x_data + first_row * k, std::min(kRowBlock, rows - first_row),
+          panel_data + p * k * kPanel, k, out_data + first_row * n + p * kPanel, n, cols);
+  };
+  ParallelFor(pool, items, compute);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // panels
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
