@@ -11,6 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Engine options by name: the default CPU kernels, and the engines without them.
+ENGINE_OPS = {"cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
+              "xla_matmuls": dict(attention="cpu_kernel", matmul="xla"),
+              "xla": dict(attention="xla", matmul="xla")}
+
 
 def live_state(executor, live: int, context: int):
     """The state with `live` active slots at `context` cached tokens, never finishing."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 from absl import app, flags, logging
-from common import cpu_description, median_run, merge_results  # benchmarks/ is on the path
+from common import ENGINE_OPS, cpu_description, median_run, merge_results  # benchmarks/ is on the path
 
 from flover_jax import bench, workload
 from flover_jax.engine import Engine
@@ -47,8 +47,7 @@ flags.DEFINE_integer("max_output", 512, "Longest output (outputs are uniform in 
 POLICIES = ("flover", "fused", "static", "sequential")
 PROMPT_LEN, SLOTS = 8, 32
 # The headline's flover again on engines without the CPU kernels (models/kernels).
-OTHER_OPS = {"flover, XLA matmuls": dict(attention="cpu_kernel", matmul="xla"),
-             "flover, XLA ops": dict(attention="xla", matmul="xla")}
+OTHER_OPS = {"flover, XLA matmuls": ENGINE_OPS["xla_matmuls"], "flover, XLA ops": ENGINE_OPS["xla"]}
 
 
 def measure(engine, requests, policies, repeats: int = 1) -> dict[str, dict]:

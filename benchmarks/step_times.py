@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from common import decode_bytes, live_state, machine_limits, step_roofline  # benchmarks/ on path
+from common import ENGINE_OPS, decode_bytes, live_state, machine_limits, step_roofline  # benchmarks/ on path
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -37,10 +37,6 @@ flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
 flags.DEFINE_list("ops", ["cpu_kernels", "xla_matmuls", "xla"],
                   "Engines to time, a table each: cpu_kernels (the CPU attention and matmul "
                   "kernels), xla_matmuls (the attention kernel, XLA's matmuls), xla (XLA's ops).")
-
-OPS = {"cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
-       "xla_matmuls": dict(attention="cpu_kernel", matmul="xla"),
-       "xla": dict(attention="xla", matmul="xla")}
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -152,11 +148,12 @@ def main(argv):
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
     for i, name in enumerate(FLAGS.ops):
         engine = Engine.from_pretrained(
-            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, **OPS[name])
-        print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in OPS[name].items())}:\n")
+            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, **ENGINE_OPS[name])
+        print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in ENGINE_OPS[name].items())}:\n")
         decode_table(engine, limits)
-        if i == 0:  # the default engine's attention kernel and prefill
-            kernel_table(engine)
+        if i == 0:  # the first (default) engine's attention kernel and prefill
+            if engine.executor.attention_kernel:
+                kernel_table(engine)
             prefill_table(engine)
         print()
         del engine

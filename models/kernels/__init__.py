@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "packed_matmul.cc"))
-_HEADER = Path(__file__).with_name("parallel_for.h")
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "vectors.h"))
 _ATTENTION_TARGET = "flover_decode_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
@@ -59,7 +59,7 @@ def _compile() -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
     key = hashlib.sha256(
-        b"".join(source.read_bytes() for source in (*_SOURCES, _HEADER))
+        b"".join(source.read_bytes() for source in (*_SOURCES, *_HEADERS))
         + jaxlib.__version__.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"flover_kernels-{key}.so"

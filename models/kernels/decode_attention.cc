@@ -17,24 +17,14 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 float lanes as GCC/Clang vector types: they compile to whatever -march=native offers
-// (AVX-512, AVX2, NEON), so the vectorized path needs no intrinsics.
-typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
-typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));
-
-inline F16 Load(const float* p) {
-  F16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-inline void Store(float* p, F16 x) { std::memcpy(p, &x, sizeof x); }
-inline F16 Broadcast(float x) { return F16{} + x; }
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane indices
 
 // Lanes of a (0-15) and b (16-31), picked by constant indices.
 #if defined(__clang__) || __GNUC__ >= 12

@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "parallel_for.h"
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -26,14 +27,6 @@ namespace {
 
 constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
 constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
-
-typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
-
-inline F16 Load(const float* p) {
-  F16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
 
 // R rows of x (row stride k) against one panel [k, 48]; writes `cols` <= 48 columns.
 template <int R>
