@@ -7,7 +7,11 @@
 // each panel is one contiguous stream the hardware prefetcher follows, and its
 // 48 columns stay in registers (3 vectors of 16) while every k is read once.
 // The cores take panels from a shared counter, so both stream and compute at
-// once. The panel is read once per group of 8 rows (from L2 after the first).
+// once. The panel is read once per group of 8 rows, from L2: while a core
+// computes one panel it prefetches the next one it will take into L2, so at
+// 16-32 rows the weight streams in while the FMAs run instead of in turns
+// (each panel's first group of rows would otherwise wait on memory and the
+// others on the FMAs).
 //
 // Each output element is one sum over k in a fixed order, whatever the number
 // of rows or how they are grouped, so a row's result does not depend on which
@@ -28,9 +32,23 @@ namespace {
 constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
 constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
 
+// Fetches [next, end) into L2 a few cache lines per step, spread over a panel's tiles.
+struct Prefetcher {
+  const char* next;
+  const char* end;
+  int64_t lines_per_step;
+
+  void Step() {
+    for (int64_t j = 0; j < lines_per_step && next < end; ++j, next += 64) {
+      __builtin_prefetch(next, /*rw=*/0, /*locality=*/2);
+    }
+  }
+};
+
 // R rows of x (row stride k) against one panel [k, 48]; writes `cols` <= 48 columns.
 template <int R>
-void Tile(const float* x, const float* panel, int64_t k, float* y, int64_t n, int64_t cols) {
+void Tile(const float* x, const float* panel, int64_t k, float* y, int64_t n, int64_t cols,
+          Prefetcher& ahead) {
   F16 acc[R][3] = {};
   for (int64_t i = 0; i < k; ++i) {
     const float* w = panel + i * kPanel;
@@ -41,18 +59,25 @@ void Tile(const float* x, const float* panel, int64_t k, float* y, int64_t n, in
       acc[r][1] += xv * w1;
       acc[r][2] += xv * w2;
     }
+    ahead.Step();
   }
   for (int r = 0; r < R; ++r) std::memcpy(y + r * n, acc[r], cols * sizeof(float));
 }
 
-// Rows [0, rows) of x against one panel, 8 at a time, then 4, 2, 1.
-void Panel(const float* x, int64_t rows, const float* panel, int64_t k, float* y, int64_t n,
-           int64_t cols) {
+// Rows [0, rows) of x against one panel, 8 at a time, then 4, 2, 1, prefetching
+// `next_panel` (null: none) over the tiles.
+void Panel(const float* x, int64_t rows, const float* panel, const float* next_panel, int64_t k,
+           float* y, int64_t n, int64_t cols) {
+  const int64_t tiles = rows / 8 + (rows % 8 >= 4) + (rows % 4 >= 2) + rows % 2;
+  const int64_t panel_lines = k * kPanel * sizeof(float) / 64;
+  const char* next = reinterpret_cast<const char*>(next_panel);
+  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr,
+                   (panel_lines + tiles * k - 1) / (tiles * k)};
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, k, y + r * n, n, cols);
-  if (r + 4 <= rows) Tile<4>(x + r * k, panel, k, y + r * n, n, cols), r += 4;
-  if (r + 2 <= rows) Tile<2>(x + r * k, panel, k, y + r * n, n, cols), r += 2;
-  if (r < rows) Tile<1>(x + r * k, panel, k, y + r * n, n, cols);
+  for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, k, y + r * n, n, cols, ahead);
+  if (r + 4 <= rows) Tile<4>(x + r * k, panel, k, y + r * n, n, cols, ahead), r += 4;
+  if (r + 2 <= rows) Tile<2>(x + r * k, panel, k, y + r * n, n, cols, ahead), r += 2;
+  if (r < rows) Tile<1>(x + r * k, panel, k, y + r * n, n, cols, ahead);
 }
 
 // x [rows, k]; panels [p, k, 48] with n <= 48 p (columns past n are padding);
@@ -73,11 +98,14 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t items = num_panels * row_blocks;
 
-  auto compute = [=](int64_t item) {
+  // Items run panel by panel, row blocks within; `next` is this thread's next item.
+  auto compute = [=](int64_t item, int64_t next) {
     const int64_t p = item / row_blocks, first_row = (item % row_blocks) * kRowBlock;
+    const int64_t next_p = next < items ? next / row_blocks : p;
     const int64_t cols = std::min(kPanel, n - p * kPanel);
     Panel(x_data + first_row * k, std::min(kRowBlock, rows - first_row),
-          panel_data + p * k * kPanel, k, out_data + first_row * n + p * kPanel, n, cols);
+          panel_data + p * k * kPanel, next_p != p ? panel_data + next_p * k * kPanel : nullptr,
+          k, out_data + first_row * n + p * kPanel, n, cols);
   };
   ParallelFor(pool, items, compute);
   return ffi::Error::Success();
