@@ -7,11 +7,11 @@
 // each panel is one contiguous stream the hardware prefetcher follows, and its
 // 48 columns stay in registers (3 vectors of 16) while every k is read once.
 // The cores take panels from a shared counter, so both stream and compute at
-// once. The panel is read once per group of 8 rows, from L2: while a core
-// computes one panel it prefetches the next one it will take into L2, so at
-// 16-32 rows the weight streams in while the FMAs run instead of in turns
-// (each panel's first group of rows would otherwise wait on memory and the
-// others on the FMAs).
+// once. The panel is read once per group of 8 rows, from L2 (all but each
+// core's first panel of a call): while a core computes one panel it prefetches
+// the next one it will take into L2, so at 16-32 rows the weight streams in
+// while the FMAs run instead of in turns (each panel's first group of rows
+// would otherwise wait on memory and the others on the FMAs).
 //
 // Each output element is one sum over k in a fixed order, whatever the number
 // of rows or how they are grouped, so a row's result does not depend on which
