@@ -66,21 +66,71 @@ flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face direct
 flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
 
 
-def _sampling_from_flags(overrides: dict | None = None):
+def _default_sampling():
+    """The sampling flags as SamplingParams: every request's defaults."""
     from flover_jax.sampling import SamplingParams
 
-    fields = dict(
+    params = SamplingParams(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
         top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty,
         presence_penalty=FLAGS.presence_penalty, seed=FLAGS.seed, stop=tuple(FLAGS.stop),
         ignore_eos=FLAGS.ignore_eos,
     )
-    allowed = set(fields) | {"stop_token_ids"}
-    for key, value in (overrides or {}).items():
-        if key not in allowed:
-            raise ValueError(f"{key}={value!r}: unknown field; allowed: {sorted(allowed)}")
-        fields[key] = value
-    return SamplingParams(**fields)
+    params.validate()
+    return params
+
+
+# The flags each mode reads; giving a mode one it ignores is an error, not a silent no-op.
+ENGINE_FLAGS = ("model", "dtype", "max_slots", "max_len", "policy", "attention", "matmul",
+                "batch_invariant", "tp", "coordinator_address", "num_processes", "process_id")
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                  "presence_penalty", "seed", "stop", "ignore_eos")
+ARRIVAL_FLAGS = ("workload", "num_requests", "interval_s", "rate", "burstiness")
+MODE_FLAGS = {
+    "run": ENGINE_FLAGS + ("num_requests", "rate", "seed"),
+    "generate": ENGINE_FLAGS + SAMPLING_FLAGS + ("prompt", "prompts_file", "output", "chat"),
+    "bench": ENGINE_FLAGS + SAMPLING_FLAGS + ARRIVAL_FLAGS + (
+        "trace", "prompts_file", "chat", "prompt_len", "output_len", "output_json", "warmup",
+        "solo_samples"),
+    "convert": ("src", "dst"),
+}
+# Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
+NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")
+
+
+def _reject_given(names, why: str) -> None:
+    for name in names:
+        if FLAGS[name].present:
+            raise ValueError(f"--{name} {why}")
+
+
+def _check_flags_apply() -> None:
+    used = set(MODE_FLAGS[FLAGS.mode])
+    everything = set().union(*MODE_FLAGS.values())
+    _reject_given(sorted(everything - used), f"has no effect with --mode={FLAGS.mode}")
+    if FLAGS.mode == "bench" and FLAGS.workload == "trace":
+        _reject_given(NOT_WITH_TRACE, "has no effect with --workload=trace: the trace sets it")
+    elif FLAGS.mode == "bench":
+        _reject_given(["max_new_tokens"], "has no effect in bench: --output_len sets lengths")
+        _reject_given(["trace"], "needs --workload=trace")
+
+
+def _check_writable(flag: str) -> None:
+    """Fail before the work, not after it, when an output file cannot be written."""
+    path = Path(FLAGS[flag].value).resolve()
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag}={FLAGS[flag].value!r}: directory {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{flag}={FLAGS[flag].value!r}: is a directory")
+
+
+def _read_lines(flag: str) -> list[tuple[int, str]]:
+    """(line number, line) of an input file's non-blank lines."""
+    try:
+        text = Path(FLAGS[flag].value).read_text()
+    except OSError as e:
+        raise ValueError(f"{flag}={FLAGS[flag].value!r}: {e.strerror}") from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 class _Follower(Exception):
@@ -109,25 +159,17 @@ def _engine():
     return engine
 
 
-def _parse_line(number: int, line: str):
-    """(prompt, overrides) of one prompts-file line, or raise ValueError naming the line."""
+def _parse_line(number: int, line: str, defaults, extra=()):
+    """(prompt, SamplingParams, the `extra` keys) of one prompts-file line (see
+    workload.parse_request), or raise ValueError naming the line."""
+    from flover_jax.workload import parse_request
+
     try:
-        record = json.loads(line)
+        return parse_request(json.loads(line), defaults, extra)
     except json.JSONDecodeError as e:
         raise ValueError(f"line {number}: not JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
-    if "prompt" in record:
-        prompt = record.pop("prompt")
-        if not isinstance(prompt, str):
-            raise ValueError(f"line {number}: prompt={prompt!r}: must be a string")
-    elif "prompt_ids" in record:
-        prompt = record.pop("prompt_ids")
-        if not isinstance(prompt, list):
-            raise ValueError(f"line {number}: prompt_ids={prompt!r}: must be a list of ints")
-    else:
-        raise ValueError(f'line {number}: no "prompt" or "prompt_ids"')
-    return prompt, record
+    except ValueError as e:
+        raise ValueError(f"line {number}: {e}") from None
 
 
 def _log_finished(kind: str, request) -> None:
@@ -141,23 +183,25 @@ def generate_mode() -> int:
 
     if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
         raise app.UsageError("generate: give exactly one of --prompt or --prompts_file")
+    defaults = _default_sampling()
     lines = (
-        [json.dumps({"prompt": FLAGS.prompt})] if FLAGS.prompt
-        else Path(FLAGS.prompts_file).read_text().splitlines()
+        [(1, json.dumps({"prompt": FLAGS.prompt}))] if FLAGS.prompt else _read_lines("prompts_file")
     )
+    if FLAGS.output:
+        _check_writable("output")
     engine = _engine()
     engine.scheduler.on_event = _log_finished
     ids: list[int | None] = []
     errors: dict[int, str] = {}
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         try:
-            prompt, overrides = _parse_line(number, line)
+            prompt, params, _ = _parse_line(number, line, defaults)
             if FLAGS.chat and isinstance(prompt, str):
                 prompt = engine.chat_prompt(prompt)
-            ids.append(engine.submit(prompt, _sampling_from_flags(overrides)))
-        except (ValueError, TypeError) as e:
+            ids.append(engine.submit(prompt, params))
+        except ValueError as e:
             ids.append(None)
-            errors[len(ids) - 1] = f"line {number}: {e}" if not str(e).startswith("line") else str(e)
+            errors[len(ids) - 1] = str(e)
     outputs = {}
     # Ctrl-C only sets a flag, checked between iterations: a KeyboardInterrupt raised at an
     # arbitrary point can be swallowed (in a finalizer, say), a flag cannot.
@@ -199,25 +243,27 @@ def generate_mode() -> int:
 def _workload(engine):
     from flover_jax import workload
 
+    defaults = _default_sampling()
     if FLAGS.workload == "trace":
         if not FLAGS.trace:
-            raise app.UsageError("--workload=trace needs --trace=FILE")
-        return workload.read_trace(FLAGS.trace)
+            raise ValueError("--workload=trace needs --trace=FILE")
+        return workload.read_trace(FLAGS.trace, defaults)
+    arrivals = dict(seed=FLAGS.seed, interval_s=FLAGS.interval_s, rate=FLAGS.rate,
+                    burstiness=FLAGS.burstiness)
     if FLAGS.prompts_file:  # real prompts, arrivals and lengths as the flags say
-        prompts = [_parse_line(n, line)[0] for n, line in
-                   enumerate(Path(FLAGS.prompts_file).read_text().splitlines(), 1) if line.strip()]
-        if FLAGS.chat:
-            prompts = [engine.chat_prompt(p) if isinstance(p, str) else p for p in prompts]
-        return workload.with_prompts(
-            prompts, FLAGS.workload, FLAGS.num_requests, FLAGS.output_len,
-            ignore_eos=FLAGS.ignore_eos, seed=FLAGS.seed, interval_s=FLAGS.interval_s,
-            rate=FLAGS.rate, burstiness=FLAGS.burstiness,
-        )
-    return workload.synthetic(
-        FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len, FLAGS.output_len,
-        engine.cfg.vocab_size, ignore_eos=FLAGS.ignore_eos, seed=FLAGS.seed,
-        interval_s=FLAGS.interval_s, rate=FLAGS.rate, burstiness=FLAGS.burstiness,
-    )
+        prompts = []
+        for number, line in _read_lines("prompts_file"):
+            prompt, params, length = _parse_line(number, line, defaults, ("max_new_tokens",))
+            if length:
+                raise ValueError(f"line {number}: max_new_tokens={length['max_new_tokens']!r}: "
+                                 "bench takes output lengths from --output_len")
+            if FLAGS.chat and isinstance(prompt, str):
+                prompt = engine.chat_prompt(prompt)
+            prompts.append((prompt, params))
+        return workload.with_prompts(prompts, FLAGS.workload, FLAGS.num_requests,
+                                     FLAGS.output_len, **arrivals)
+    return workload.synthetic(FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len,
+                              FLAGS.output_len, engine.cfg.vocab_size, params=defaults, **arrivals)
 
 
 def run_mode() -> int:
@@ -248,11 +294,13 @@ def bench_mode() -> int:
 
     from flover_jax import bench, viz
 
+    if FLAGS.output_json:
+        _check_writable("output_json")
     engine = _engine()
     summary = bench.run(engine, _workload(engine), warmup=FLAGS.warmup,
                         solo_samples=FLAGS.solo_samples)
     Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
-    text = json.dumps(summary, indent=2)
+    text = json.dumps(summary, indent=2, allow_nan=False)  # undefined figures are null
     if FLAGS.output_json:
         Path(FLAGS.output_json).write_text(text)
     else:
@@ -285,17 +333,18 @@ def main(argv: list[str]) -> int:
     # Compiled programs persist across runs: the second `make run` starts at once.
     jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent / ".cache" / "jax"))
     modes = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode}
-    if FLAGS.num_processes > 1:
-        from flover_jax import distributed
-
-        if not FLAGS.coordinator_address:
-            raise app.UsageError("--num_processes > 1 needs --coordinator_address=host:port")
-        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
+        _check_flags_apply()
+        if FLAGS.num_processes > 1:
+            from flover_jax import distributed
+
+            if not FLAGS.coordinator_address:
+                raise app.UsageError("--num_processes > 1 needs --coordinator_address=host:port")
+            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         return modes[FLAGS.mode]()
     except _Follower:
         return 0
-    except ValueError as e:  # bad flag values and unreadable models: say what, not a traceback
+    except (ValueError, OSError) as e:  # bad flags, files, models: say what, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

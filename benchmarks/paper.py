@@ -72,7 +72,7 @@ def measure(engine, requests, policies, repeats: int = 1) -> dict[str, dict]:
 
 def synthetic(engine, kind, n, output_len, **arrivals):
     return workload.synthetic(kind, n, PROMPT_LEN, output_len, engine.cfg.vocab_size,
-                              ignore_eos=True, seed=0, **arrivals)
+                              seed=0, **arrivals)
 
 
 def main(argv):

@@ -20,16 +20,25 @@ def solo_latency_fit(engine: Engine, requests: Sequence[TimedRequest], samples: 
     Measured on `samples` requests of the workload (shortest, longest and between),
     each run alone on an idle engine after one untimed solo run (compiles);
     medians, since one request's decode steps cost nearly the same at any context.
+    tpot_s is 0 when no sample generated more than one token.
     """
+    if not requests or samples < 1:
+        raise ValueError(f"solo_latency_fit: needs requests and samples >= 1, got "
+                         f"{len(requests)} and {samples}")
     by_length = sorted(requests, key=lambda r: r.params.max_new_tokens)
     picks = [by_length[round(i * (len(by_length) - 1) / max(samples - 1, 1))] for i in range(samples)]
-    ttft, tpot = [], []
-    for request in [picks[0], *picks]:
+
+    def alone(request: TimedRequest):
         (output,) = engine.run([TimedRequest(request.prompt, request.params, 0.0)]).outputs
+        return output
+
+    alone(picks[0])  # untimed
+    ttft, tpot = [], []
+    for output in map(alone, picks):
         ttft.append(output.ttft_s)
         if len(output.token_ids) > 1:
             tpot.append((output.latency_s - output.ttft_s) / (len(output.token_ids) - 1))
-    return float(np.median(ttft[1:])), float(np.median(tpot[1:] if len(tpot) > 1 else tpot or [0.0]))
+    return float(np.median(ttft)), float(np.median(tpot)) if tpot else 0.0
 
 
 def run(
@@ -37,7 +46,12 @@ def run(
     warmup: bool = True, solo_samples: int = 3,
 ) -> dict:
     """Run the workload and return its summary (metrics.summarize plus compile, memory, the
-    attention and matmuls the steps ran, whether batch invariant, solo latency)."""
+    attention and matmuls the steps ran, whether batch invariant, solo latency).
+
+    latency_vs_solo: the mean over requests that finished without error of latency over the
+    latency alone, fitted on `solo_samples` of them (0: skip); null when none finished."""
+    if solo_samples < 0:
+        raise ValueError(f"solo_samples={solo_samples}: must be >= 0 (0 skips the solo runs)")
     start = time.perf_counter()
     if warmup:
         engine.executor.warmup()
@@ -47,10 +61,12 @@ def run(
     summary["attention"] = "cpu_kernel" if engine.executor.attention_kernel else "xla"
     summary["matmul"] = "cpu_kernel" if engine.executor.matmul_kernel else "xla"
     summary["batch_invariant"] = engine.executor.batch_invariant
-    if solo_samples:
-        ttft, tpot = solo_latency_fit(engine, requests, solo_samples)
-        done = [o for o in result.outputs if o.finish_reason != "error"]
-        ratios = [o.latency_s / (ttft + tpot * (len(o.token_ids) - 1)) for o in done]
-        summary["latency_vs_solo"] = float(np.mean(ratios)) if ratios else float("nan")
+    done = [(r, o) for r, o in zip(requests, result.outputs) if o.finish_reason != "error"]
+    if solo_samples and done:
+        ttft, tpot = solo_latency_fit(engine, [r for r, _ in done], solo_samples)
+        ratios = [o.latency_s / (ttft + tpot * (len(o.token_ids) - 1)) for _, o in done]
+        summary["latency_vs_solo"] = float(np.mean(ratios))
         summary["solo"] = {"ttft_s": ttft, "tpot_s": tpot}
+    elif solo_samples:
+        summary["latency_vs_solo"] = summary["solo"] = None
     return summary

@@ -11,10 +11,11 @@ import numpy as np
 from flover_jax.engine import RunResult
 
 
-def distribution(values) -> dict[str, float]:
+def distribution(values) -> dict[str, float | None]:
+    """Mean and percentiles; None (JSON null) for each when there are no values."""
     values = np.asarray(list(values), dtype=np.float64)
     if values.size == 0:
-        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+        return dict.fromkeys(("mean", "p50", "p90", "p99"))
     return {
         "mean": float(values.mean()),
         "p50": float(np.percentile(values, 50)),
@@ -27,8 +28,9 @@ def latency_figures(records: Sequence[Mapping]) -> dict:
     """Throughput and latency from per-request records of any system (ours or a peer's): dicts
     with arrival_s, first_token_s, finished_s, token_times_s and finish_reason ("error" or not)."""
     done = [r for r in records if r["finish_reason"] != "error"]
-    makespan = (max((r["finished_s"] for r in done), default=0.0)
-                - min((r["arrival_s"] for r in records), default=0.0))
+    # From the first arrival to the last completion; 0 when nothing completed.
+    makespan = (max(r["finished_s"] for r in done) - min(r["arrival_s"] for r in records)
+                if done else 0.0)
     tokens = sum(len(r["token_times_s"]) for r in done)
     timed = [r for r in done if r["first_token_s"] is not None]
     tpot = [

@@ -122,4 +122,6 @@ def summary_table(summary: dict, title: str = "summary") -> Table:
 
 
 def _ms(d: dict) -> str:
+    if d["mean"] is None:
+        return "-"
     return f"{d['mean'] * 1e3:.0f} / {d['p50'] * 1e3:.0f} / {d['p99'] * 1e3:.0f} ms"

@@ -2,13 +2,16 @@
 
 Arrival processes: `constant` (a fixed gap), `poisson` / gamma (`rate` requests per
 second; burstiness 1 = Poisson, < 1 burstier, > 1 smoother, as in vLLM's
-benchmark), `burst` (everything at t = 0) and `trace` (a JSONL file with
-`arrival_s`, `prompt` or `prompt_ids`, `max_new_tokens`).
+benchmark), `burst` (everything at t = 0) and `trace` (a JSONL file: a request a
+line with `arrival_s`, `prompt` or `prompt_ids` and any SamplingParams field).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,18 @@ DEMO_QUESTIONS = (
 )
 
 
+def _rng(seed: int, stream: int = 0) -> np.random.Generator:
+    """A generator for `seed` (validated); output lengths draw from stream 1, the rest from 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be an int >= 0")
+    return np.random.default_rng(seed + stream)
+
+
+def _positive(name: str, value: float) -> None:
+    if not (0 < value < math.inf):  # NaN fails too
+        raise ValueError(f"{name}={value}: must be > 0 and finite")
+
+
 def arrival_times(
     kind: str, n: int, *, interval_s: float = 0.5, rate: float = 1.0, burstiness: float = 1.0,
     seed: int = 0,
@@ -42,16 +57,17 @@ def arrival_times(
     """Arrival offsets in seconds of n requests, the first at 0."""
     if n < 1:
         raise ValueError(f"num_requests={n}: must be >= 1")
+    rng = _rng(seed)
     if kind == "constant":
-        if interval_s < 0:
-            raise ValueError(f"interval_s={interval_s}: must be >= 0")
+        if not (0 <= interval_s < math.inf):
+            raise ValueError(f"interval_s={interval_s}: must be >= 0 and finite")
         return np.arange(n) * interval_s
     if kind == "burst":
         return np.zeros(n)
     if kind == "poisson":
-        if rate <= 0 or burstiness <= 0:
-            raise ValueError(f"rate={rate}, burstiness={burstiness}: both must be > 0")
-        gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), n - 1)
+        _positive("rate", rate)
+        _positive("burstiness", burstiness)
+        gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n - 1)
         return np.concatenate([[0.0], np.cumsum(gaps)])
     raise ValueError(f"workload={kind!r}: must be one of {ARRIVALS}")
 
@@ -66,7 +82,7 @@ def output_lengths(spec: str | int, n: int, seed: int = 0) -> np.ndarray:
             raise ValueError(f"output_len={text!r}: expected N or uniform:LO:HI") from None
         if not 1 <= lo <= hi:
             raise ValueError(f"output_len={text!r}: need 1 <= LO <= HI")
-        return np.random.default_rng(seed + 1).integers(lo, hi + 1, n)
+        return _rng(seed, 1).integers(lo, hi + 1, n)
     try:
         value = int(text)
     except ValueError:
@@ -76,70 +92,97 @@ def output_lengths(spec: str | int, n: int, seed: int = 0) -> np.ndarray:
     return np.full(n, value)
 
 
+def parse_request(
+    record: object, defaults: SamplingParams, extra: Sequence[str] = ()
+) -> tuple[str | list, SamplingParams, dict]:
+    """One request as a JSON object: its prompt ("prompt" text or "prompt_ids"), its
+    SamplingParams (any field of it, over `defaults`, validated) and the keys named in
+    `extra` (returned as they are). Raises ValueError naming the field and its value."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    record = dict(record)
+    if ("prompt" in record) == ("prompt_ids" in record):
+        raise ValueError('give one of "prompt" (text) or "prompt_ids" (a list of ints)')
+    if "prompt" in record:
+        prompt = record.pop("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt={prompt!r}: must be a string")
+    else:
+        prompt = record.pop("prompt_ids")
+        if not isinstance(prompt, list):
+            raise ValueError(f"prompt_ids={prompt!r}: must be a list of ints")
+    others = {key: record.pop(key) for key in extra if key in record}
+    fields = [f.name for f in dataclasses.fields(SamplingParams)]
+    for key, value in record.items():
+        if key not in fields:
+            allowed = sorted({"prompt", "prompt_ids", *fields, *extra})
+            raise ValueError(f"{key}={value!r}: unknown field; allowed: {allowed}")
+    params = dataclasses.replace(defaults, **record)
+    params.validate()
+    return prompt, params, others
+
+
 def with_prompts(
-    prompts: list, kind: str, n: int, output_len: str | int, *, ignore_eos: bool = False,
-    seed: int = 0, **arrival_options,
+    prompts: Sequence[tuple[str | list, SamplingParams]], kind: str, n: int,
+    output_len: str | int, *, seed: int = 0, **arrival_options,
 ) -> list[TimedRequest]:
-    """n requests cycling through the given prompts (text or ids), arrivals and lengths as asked."""
+    """n requests cycling through the given (prompt, params) pairs, arrivals and output
+    lengths (max_new_tokens) as asked."""
     if not prompts:
         raise ValueError("prompts_file: no prompts")
     arrivals = arrival_times(kind, n, seed=seed, **arrival_options)
     lengths = output_lengths(output_len, n, seed)
-    return [
-        TimedRequest(prompts[i % len(prompts)],
-                     SamplingParams(max_new_tokens=int(m), ignore_eos=ignore_eos), float(t))
-        for i, (t, m) in enumerate(zip(arrivals, lengths))
-    ]
+    requests = []
+    for i, (t, m) in enumerate(zip(arrivals, lengths)):
+        prompt, params = prompts[i % len(prompts)]
+        requests.append(
+            TimedRequest(prompt, dataclasses.replace(params, max_new_tokens=int(m)), float(t))
+        )
+    return requests
 
 
 def synthetic(
     kind: str, n: int, prompt_len: int, output_len: str | int, vocab_size: int, *,
-    ignore_eos: bool = True, seed: int = 0, **arrival_options,
+    params: SamplingParams = SamplingParams(ignore_eos=True), seed: int = 0, **arrival_options,
 ) -> list[TimedRequest]:
-    """Random-token prompts (the paper's 8-token prompts), lengths and arrivals as asked."""
+    """Random-token prompts (the paper's 8-token prompts), arrivals and output lengths
+    (max_new_tokens over `params`) as asked."""
     if prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len}: must be >= 1")
-    rng = np.random.default_rng(seed)
-    arrivals = arrival_times(kind, n, seed=seed, **arrival_options)
-    lengths = output_lengths(output_len, n, seed)
-    return [
-        TimedRequest(
-            prompt=rng.integers(3, vocab_size, prompt_len).tolist(),
-            params=SamplingParams(max_new_tokens=int(m), ignore_eos=ignore_eos),
-            arrival_s=float(t),
-        )
-        for t, m in zip(arrivals, lengths)
-    ]
+    rng = _rng(seed)
+    prompts = [(rng.integers(3, vocab_size, prompt_len).tolist(), params) for _ in range(n)]
+    return with_prompts(prompts, kind, n, output_len, seed=seed, **arrival_options)
 
 
 def demo(chat_prompt, n: int = 24, rate: float = 4.0, seed: int = 0) -> list[TimedRequest]:
     """The default run: chat questions arriving as a Poisson process, answers of varied length."""
-    arrivals = arrival_times("poisson", n, rate=rate, seed=seed)
-    lengths = output_lengths("uniform:24:96", n, seed)
-    return [
-        TimedRequest(
-            chat_prompt(DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)]),
-            SamplingParams(max_new_tokens=int(m)),
-            float(t),
-        )
-        for i, (t, m) in enumerate(zip(arrivals, lengths))
-    ]
+    prompts = [(chat_prompt(q), SamplingParams()) for q in DEMO_QUESTIONS]
+    return with_prompts(prompts, "poisson", n, "uniform:24:96", seed=seed, rate=rate)
 
 
-def read_trace(path: str | Path) -> list[TimedRequest]:
-    """A JSONL trace: one request a line with arrival_s, prompt or prompt_ids, max_new_tokens."""
+def read_trace(path: str | Path, defaults: SamplingParams = SamplingParams()) -> list[TimedRequest]:
+    """A JSONL trace: a request a line, `arrival_s` (seconds from the start, >= 0) and what
+    `parse_request` reads; fields a line leaves out take `defaults`. Blank lines are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"trace={str(path)!r}: {e.strerror}") from None
     requests = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            prompt = record["prompt"] if "prompt" in record else record["prompt_ids"]
-            requests.append(TimedRequest(
-                prompt, SamplingParams(max_new_tokens=int(record.get("max_new_tokens", 16)),
-                                       ignore_eos=bool(record.get("ignore_eos", False))),
-                float(record.get("arrival_s", 0.0)),
-            ))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{number}: bad trace line ({e})") from None
+            prompt, params, others = parse_request(json.loads(line), defaults, ("arrival_s",))
+            arrival = others.get("arrival_s", 0.0)
+            if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not (
+                0 <= arrival < math.inf
+            ):
+                raise ValueError(f"arrival_s={arrival!r}: must be a number of seconds >= 0")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        requests.append(TimedRequest(prompt, params, float(arrival)))
+    if not requests:
+        raise ValueError(f"trace={str(path)!r}: no requests")
     return requests

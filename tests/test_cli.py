@@ -21,7 +21,7 @@ def run_main(*args, timeout=300):
 LINES = [
     ('{"prompt_ids": [5, 6, 7], "max_new_tokens": 6}', None),
     ("not json at all", "line 2: not JSON"),
-    ('{"max_new_tokens": 4}', 'line 3: no "prompt" or "prompt_ids"'),
+    ('{"max_new_tokens": 4}', 'line 3: give one of "prompt" (text) or "prompt_ids"'),
     ('{"prompt_ids": []}', "prompt: empty"),
     ('{"prompt_ids": [1, 4096]}', r"prompt_ids[1]=4096: must be in [0, 256)"),
     ('{"prompt_ids": [1, 2], "max_new_tokens": 100}', "max_new_tokens=100"),
@@ -30,6 +30,8 @@ LINES = [
     ('{"prompt_ids": [1, 2], "top_p": 0}', "top_p=0"),
     ('{"prompt_ids": [1, 2], "top_k": -3}', "top_k=-3"),
     ('{"prompt_ids": [1, 2], "colour": "red"}', "colour='red': unknown field"),
+    ('{"prompt_ids": [1, 2], "stop_token_ids": [[1]]}',
+     "line 12: stop_token_ids=([1],): entries must be ints"),
     ('{"prompt": "text needs a tokenizer"}', "no tokenizer"),
     ('{"prompt_ids": [9, 8], "max_new_tokens": 5, "temperature": 0.7, "seed": 3}', None),
 ]
@@ -37,7 +39,7 @@ LINES = [
 
 def test_generate_writes_one_result_per_line_in_order(tmp_path):
     prompts = tmp_path / "in.jsonl"
-    prompts.write_text("\n".join(line for line, _ in LINES) + "\n")
+    prompts.write_text("\n".join(line for line, _ in LINES) + "\n\n")  # blank lines are skipped
     out = tmp_path / "out.jsonl"
     result = run_main("--mode=generate", "--model=tiny-llama", f"--prompts_file={prompts}",
                       f"--output={out}", "--max_slots=4", "--max_len=64", "--max_new_tokens=8")
@@ -126,3 +128,68 @@ def test_bad_flags_fail_before_work():
     env_result = run_main("--mode=bench", "--model=tiny-llama", "--output_len=uniform:9:3",
                           "--num_requests=2")
     assert env_result.returncode == 2 and "output_len='uniform:9:3'" in env_result.stderr
+
+
+def strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_reports_runs_with_failed_requests_in_valid_json(tmp_path):
+    # One request asks for more than max_len allows: it ends with an error, the others run,
+    # and the solo reference is fitted on the requests that finished.
+    trace = tmp_path / "trace.jsonl"
+    lines = [{"arrival_s": 0.0, "prompt_ids": [5, 6], "max_new_tokens": 6},
+             {"arrival_s": 0.01, "prompt_ids": [7], "max_new_tokens": 200},
+             {"arrival_s": 0.02, "prompt_ids": [8, 9, 10], "max_new_tokens": 1}]
+    trace.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "bench.json"
+    common = ["--mode=bench", "--model=tiny-llama", "--workload=trace", f"--trace={trace}",
+              "--max_slots=2", "--max_len=64", "--ignore_eos", "--nowarmup", f"--output_json={out}"]
+    result = run_main(*common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = strict_json(out.read_text())
+    assert summary["errors"] == 1 and summary["output_tokens"] == 7
+    assert summary["latency_vs_solo"] > 0 and summary["solo"]["tpot_s"] > 0
+    # Nothing finishes: undefined figures are null, the makespan 0.
+    trace.write_text(json.dumps(lines[1]))
+    result = run_main(*common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = strict_json(out.read_text())
+    assert summary["errors"] == 1 and summary["makespan_s"] == 0.0
+    assert summary["latency_vs_solo"] is None and summary["tpot_s"]["p50"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=generate", "--prompt=x", "--output_len=5"], "--output_len has no effect with --mode=generate"),
+    (["--mode=run", "--temperature=0.5"], "--temperature has no effect with --mode=run"),
+    (["--mode=convert", "--src=a", "--dst=b", "--max_slots=4"],
+     "--max_slots has no effect with --mode=convert"),
+    (["--mode=bench", "--max_new_tokens=5"], "--max_new_tokens has no effect in bench: --output_len"),
+    (["--mode=bench", "--workload=trace", "--trace=t.jsonl", "--num_requests=3"],
+     "--num_requests has no effect with --workload=trace"),
+    (["--mode=bench", "--trace=t.jsonl"], "--trace needs --workload=trace"),
+    (["--mode=bench", "--rate=nan"], "rate=nan: must be > 0 and finite"),
+    (["--mode=bench", "--seed=-1"], "seed=-1: must be an int in"),
+    (["--mode=bench", "--temperature=-5"], "temperature=-5.0: must be >= 0"),
+    (["--mode=bench", "--output_json=/nonexistent/dir/r.json"],
+     "output_json='/nonexistent/dir/r.json': directory '/nonexistent/dir' does not exist"),
+    (["--mode=generate", "--prompts_file=/nonexistent.jsonl"],
+     "prompts_file='/nonexistent.jsonl': No such file"),
+])
+def test_flags_that_do_not_apply_or_hold_bad_values_fail_before_work(args, message):
+    model = [] if "--mode=convert" in args else ["--model=tiny-llama"]
+    result = run_main(*args, *model)
+    assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr[-2000:]
+
+
+def test_every_flag_belongs_to_a_mode():
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("flover_main", REPO / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    ours = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', (REPO / "main.py").read_text()))
+    assert len(ours) > 30 and ours == set().union(*main.MODE_FLAGS.values()) | {"mode"}

@@ -32,4 +32,11 @@ def test_latency_figures_follow_vllm_definitions():
 def test_single_token_requests_have_no_tpot():
     figures = metrics.latency_figures([record(0.0, [0.25])])
     assert figures["output_tokens"] == 1 and figures["ttft_s"]["p50"] == pytest.approx(0.25)
-    assert figures["tpot_s"]["mean"] != figures["tpot_s"]["mean"]  # nan: undefined, not 0
+    assert figures["tpot_s"] == dict.fromkeys(("mean", "p50", "p90", "p99"))  # undefined, not 0
+
+
+def test_a_run_where_nothing_finished_has_zero_makespan_and_no_latencies():
+    figures = metrics.latency_figures([record(3.0, [], "error"), record(1.0, [], "error")])
+    assert figures["errors"] == 2 and figures["makespan_s"] == 0.0
+    assert figures["output_tokens_per_s"] == figures["requests_per_s"] == 0.0
+    assert all(figures[k]["p99"] is None for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"))
