@@ -11,7 +11,6 @@ on the caller's thread; `submit` and `cancel` only record intent.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +24,7 @@ from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
 from flover_jax.request import Request, RequestOutput, StreamDelta
 from flover_jax.sampling import SamplingParams
-from flover_jax.scheduler import POLICIES, Scheduler, Stats
+from flover_jax.scheduler import POLICIES, RequestIds, Scheduler, Stats
 from flover_jax.sharding import make_mesh
 from flover_jax.tokenizer import Tokenizer
 from models.config import ModelConfig
@@ -78,7 +77,7 @@ class Engine:
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).
             self.executor = BroadcastExecutor(self.executor)
-        self._request_ids = itertools.count()  # unique across this engine's schedulers
+        self._request_ids = RequestIds()  # unique across this engine's schedulers
         self._outputs: dict[int, RequestOutput] = {}  # finished, not yet returned
         self.scheduler = self._new_scheduler(policy)
 
@@ -165,6 +164,9 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or ids), each with its own or a shared SamplingParams."""
+        if isinstance(prompts, (str, bytes)):
+            raise ValueError(f"prompts={prompts!r}: expected a list of prompts (text or token ids); "
+                             "wrap a single prompt in a list")
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -189,14 +191,19 @@ class Engine:
         """
         if self.scheduler.has_work():
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
+        self._collect()  # requests that ended unreturned stay returnable
         scheduler = self.scheduler = self._new_scheduler(policy or self.policy, clock, sleep)
         scheduler.on_event = on_event
-        ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
-        start = time.perf_counter()
-        scheduler.run_until_idle(on_iteration)
-        wall = time.perf_counter() - start
-        self._collect()
-        outputs = [self._outputs.pop(i) for i in ids]
+        try:
+            ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
+            start = time.perf_counter()
+            scheduler.run_until_idle(on_iteration)
+            wall = time.perf_counter() - start
+            self._collect()
+            outputs = [self._outputs.pop(i) for i in ids]
+        finally:  # later calls get the engine's own policy, clock and no callbacks
+            if not scheduler.has_work():
+                self.scheduler = self._new_scheduler(self.policy)
         return RunResult(outputs, scheduler.stats, scheduler.policy.name, wall)
 
     def _collect(self) -> None:

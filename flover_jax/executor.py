@@ -183,8 +183,11 @@ class DeviceExecutor:
         prompt_lengths: Sequence[int] | None = None,
     ) -> None:
         """Compile the buckets that hold the given sizes (all buckets by default) by running
-        every verb on padding rows only: no slot changes, so a warm-up never disturbs the state.
-        A size is rounded up to its bucket, the shape a request of that size will run with."""
+        every verb on padding rows only, on an idle engine (a decode step would advance live
+        slots). A size is rounded up to its bucket, the shape a request of that size will run
+        with."""
+        if np.any(self.read(self.state.active)):
+            raise RuntimeError("warmup: slots are decoding; warm up before submitting requests")
         b = self.buckets
 
         def buckets_of(sizes, all_sizes):

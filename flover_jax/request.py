@@ -54,6 +54,7 @@ class StreamDelta:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class Request:
@@ -155,7 +156,7 @@ class Request:
         self._streamed_tokens = len(self.token_ids)
         self._streamed_chars = max(self._streamed_chars, end)
         reason = self.finish_reason.value if self.finished else None
-        return StreamDelta(self.request_id, tokens, text, reason)
+        return StreamDelta(self.request_id, tokens, text, reason, self.error)
 
     def output(self) -> RequestOutput:
         assert self.finish_reason is not None and self.finished_s is not None

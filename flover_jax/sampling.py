@@ -44,7 +44,6 @@ different settings (greedy next to top-p next to a penalised row).  Design:
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +64,8 @@ __all__ = [
 ]
 
 MAX_SEED = 2**31 - 1  # seeds live in an int32 device array
+_MAX_INT32 = 2**31 - 1
+_MAX_FLOAT32 = float(np.finfo(np.float32).max)  # settings live in float32 device arrays
 _MIN_TEMPERATURE = 1e-6
 
 
@@ -113,21 +114,24 @@ class SamplingParams:
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", self.max_new_tokens, "must be an int >= 1")
-        # `not (x >= 0)` also rejects NaN.
-        if not _is_real(self.temperature) or not (0 <= self.temperature < math.inf):
-            raise bad("temperature", self.temperature, "must be >= 0 and finite (0 = greedy)")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "must be an int >= 0 (0 disables)")
+        # `not (x >= 0)` also rejects NaN; values must also fit the device arrays.
+        if not _is_real(self.temperature) or not (0 <= self.temperature <= _MAX_FLOAT32):
+            raise bad("temperature", self.temperature,
+                      "must be >= 0 and finite in float32 (0 = greedy)")
+        if not _is_int(self.top_k) or not (0 <= self.top_k <= _MAX_INT32):
+            raise bad("top_k", self.top_k, f"must be an int in [0, {_MAX_INT32}] (0 disables)")
         if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
             raise bad("top_p", self.top_p, "must be in (0, 1] (1 disables)")
         if not _is_real(self.repetition_penalty) or not (
-            0 < self.repetition_penalty < math.inf
+            0 < self.repetition_penalty <= _MAX_FLOAT32
         ):
-            raise bad(
-                "repetition_penalty", self.repetition_penalty, "must be > 0 and finite (1 disables)"
-            )
-        if not _is_real(self.presence_penalty) or not math.isfinite(self.presence_penalty):
-            raise bad("presence_penalty", self.presence_penalty, "must be a finite number")
+            raise bad("repetition_penalty", self.repetition_penalty,
+                      "must be > 0 and finite in float32 (1 disables)")
+        if not _is_real(self.presence_penalty) or not (
+            abs(self.presence_penalty) <= _MAX_FLOAT32
+        ):
+            raise bad("presence_penalty", self.presence_penalty,
+                      "must be a number finite in float32")
         if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
             raise bad("seed", self.seed, f"must be an int in [0, {MAX_SEED}]")
         if not isinstance(self.stop, tuple):

@@ -23,8 +23,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import itertools
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -105,6 +105,17 @@ class _DecodeInFlight:
     rows: list[Request | None]  # the owner of each window row when the step was dispatched
 
 
+class RequestIds:
+    """Request ids, unique across the schedulers that share one (an engine's)."""
+
+    def __init__(self) -> None:
+        self.newest = -1  # ids up to this one were issued
+
+    def next(self) -> int:
+        self.newest += 1
+        return self.newest
+
+
 class Scheduler:
     def __init__(
         self,
@@ -114,7 +125,7 @@ class Scheduler:
         eos_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
-        request_ids: Iterator[int] | None = None,
+        request_ids: RequestIds | None = None,
     ) -> None:
         self.executor = executor
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
@@ -124,14 +135,13 @@ class Scheduler:
         self._t0 = clock()
         self.table = SlotTable(executor.num_slots)
         self.stats = Stats()
-        self._ids = request_ids if request_ids is not None else itertools.count()
+        self._ids = request_ids if request_ids is not None else RequestIds()
         self._arrivals: list[tuple[float, int, Request]] = []  # heap by arrival time
         self._queue: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
         self._positions: dict[int, int] = {}  # request_id -> next cache position (upper bound)
         self._cancels: set[int] = set()
         self._requests: dict[int, Request] = {}  # until `pop_finished` hands the output out
-        self._newest_id = -1  # ids up to this one were issued; those not in _requests have ended
         self._finished: list[Request] = []  # finished, not yet collected by `pop_finished`
         self._in_flight: _DecodeInFlight | None = None
         self.on_event: Callable[[str, Request], None] | None = None  # "added" / "finished"
@@ -151,21 +161,31 @@ class Scheduler:
         arrival_s: float | None = None,
     ) -> int:
         """Queue a request; returns its id. An invalid request ends at once with "error"."""
-        request_id = next(self._ids)
-        self._newest_id = max(self._newest_id, request_id)
-        params = params or SamplingParams()
+        request_id = self._ids.next()
         now = self.now()
         arrival = now if arrival_s is None else arrival_s
-        valid_arrival = isinstance(arrival, (int, float)) and math.isfinite(arrival)
-        request = Request(
-            request_id, [], params, arrival if valid_arrival else now, self.tokenizer, self.eos_ids
-        )
+        valid_arrival = (isinstance(arrival, numbers.Real) and not isinstance(arrival, bool)
+                         and math.isfinite(arrival))
+        params = SamplingParams() if params is None else params
+        try:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"params={params!r}: must be a SamplingParams")
+            params.validate()
+            params_error = None
+        except ValueError as e:  # the request ends below; a valid stand-in lets it be built
+            params, params_error = SamplingParams(), str(e)
+        request = Request(request_id, [], params, float(arrival) if valid_arrival else now,
+                          self.tokenizer, self.eos_ids)
         self._requests[request_id] = request
         try:
             if not valid_arrival:
                 raise ValueError(f"arrival_s={arrival!r}: must be a finite number of seconds")
+            if params_error:
+                raise ValueError(params_error)
             request.prompt_ids = self._prompt_ids(prompt)
-            params.validate()
+            if params.stop and self.tokenizer is None:
+                raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer; this model "
+                                 "has none (use stop_token_ids)")
             self._check_fits(request)
         except (ValueError, TypeError) as e:
             request.finish(FinishReason.ERROR, max(request.arrival_s, now), error=str(e))
@@ -179,8 +199,10 @@ class Scheduler:
             if self.tokenizer is None:
                 raise ValueError("prompt: text given but this model has no tokenizer; pass ids")
             ids = self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
             ids = list(prompt)
+        else:
+            raise ValueError(f"prompt={prompt!r}: must be text or a list of token ids")
         if not ids:
             raise ValueError("prompt: empty; at least one token is required")
         vocab = self.executor.vocab_size
@@ -204,7 +226,7 @@ class Scheduler:
         """Cancel a request; its slot is free by the end of the next iteration. A request
         that has already ended is left as it ended."""
         request = self._requests.get(request_id)
-        if request is None and not 0 <= request_id <= self._newest_id:
+        if request is None and not 0 <= request_id <= self._ids.newest:
             raise KeyError(f"request_id={request_id}: no such request")
         if request is not None and not request.finished:
             self._cancels.add(request_id)
@@ -298,7 +320,9 @@ class Scheduler:
         now = self.now()
         while self._arrivals and self._arrivals[0][0] <= now:
             self._queue.append(heapq.heappop(self._arrivals)[2])
-        for request_id in self._cancels:
+        # A handler of the "finished" events below may cancel more: those apply next iteration.
+        cancels, self._cancels = self._cancels, set()
+        for request_id in cancels:
             request = self._requests[request_id]
             if request.finished:
                 continue
@@ -313,7 +337,6 @@ class Scheduler:
             self._finished.append(request)
             if self.on_event:
                 self.on_event("finished", request)
-        self._cancels.clear()
 
     def _admit(self) -> list[tuple[Any, list[Request]]]:
         if not self._queue or (self._running and not self.policy.admit_while_running):
@@ -344,12 +367,27 @@ class Scheduler:
                     self._positions[request.request_id] = len(request.prompt_ids)
                     if self.on_event:
                         self.on_event("added", request)
-                handle = self.executor.prefill(
-                    slots, [r.prompt_ids for r in chunk], [r.params for r in chunk]
-                )
+                try:
+                    handle = self.executor.prefill(
+                        slots, [r.prompt_ids for r in chunk], [r.params for r in chunk]
+                    )
+                except Exception as e:  # a bad chunk ends with the error; the others go on
+                    self._fail(chunk, f"prefill failed: {type(e).__name__}: {e}")
+                    continue
                 self.stats.prefill_calls += 1
                 calls.append((handle, chunk))
         return calls
+
+    def _fail(self, requests: Sequence[Request], error: str) -> None:
+        """End admitted requests whose prefill failed (never inserted, so nothing to release
+        on the device) with an error, and free their slots."""
+        now = self.now()
+        for request in requests:
+            self._free_slot(request)
+            request.finish(FinishReason.ERROR, now, error=error)
+            self._finished.append(request)
+            if self.on_event:
+                self.on_event("finished", request)
 
     def _window(self, live: int) -> tuple[int, int]:
         """(start, width) of the decode window for the current slot table."""

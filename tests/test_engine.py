@@ -389,3 +389,32 @@ def test_request_ids_stay_unique_across_runs_and_outputs_return_once(engine):
     assert engine.result(later).token_ids == engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[
         0
     ].token_ids
+
+
+def test_run_keeps_unreturned_outputs_and_leaves_no_callbacks_behind(engine):
+    short = SamplingParams(max_new_tokens=2)
+    bad = engine.submit([], short)  # ends at once, not yet returned
+    events = []
+    run_with_fake_clock(engine, [TimedRequest([3, 4], short)])
+    assert engine.result(bad).finish_reason == "error"
+    engine.run([TimedRequest([5], short)], on_event=lambda kind, r: events.append(kind))
+    assert events == ["added", "finished"]
+    engine.generate([[6, 7]], short)  # on the engine's own scheduler: no run callbacks
+    assert events == ["added", "finished"] and engine.scheduler.policy.name == engine.policy
+    engine.run([])
+    engine.cancel(bad)  # an id from an earlier scheduler: returned already, so a no-op
+    with pytest.raises(KeyError, match="no such request"):
+        engine.cancel(10**6)
+
+
+def test_api_misuse_is_named(engine):
+    with pytest.raises(ValueError, match="prompts='Hello': expected a list of prompts"):
+        engine.generate("Hello")
+    running = engine.submit([1, 2], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    engine.scheduler.iteration()
+    with pytest.raises(RuntimeError, match="warmup: slots are decoding"):
+        engine.executor.warmup(windows=[1], kv_lengths=[16], prompt_lengths=[4])
+    assert len(engine.result(running).token_ids) == 50
+    bad = engine.submit([1], SamplingParams(top_k=-1))
+    (delta,) = engine.stream(bad)
+    assert delta.finish_reason == "error" and delta.error.startswith("top_k=-1")

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -525,6 +526,14 @@ def test_nan_arrival_is_rejected_or_ends():
         ([1], SamplingParams(top_k=-1), "top_k"),
         ([1], SamplingParams(seed=-1), "seed"),
         ([1], SamplingParams(stop_token_ids=(-3,)), "stop_token_ids"),
+        ([1], SamplingParams(stop_token_ids=None), "stop_token_ids"),
+        ([1], SamplingParams(stop_token_ids=([1],)), "stop_token_ids"),
+        ([1], SamplingParams(top_k=2**31), "top_k"),  # would overflow the int32 device array
+        ([1], SamplingParams(temperature=1e39), "temperature"),  # inf in float32
+        ([1], SamplingParams(stop=("x",)), "stop"),  # stop strings need a tokenizer
+        ([1], {"max_new_tokens": 3}, "params"),
+        (5, SamplingParams(), "prompt"),
+        (b"hi", SamplingParams(), "prompt"),
     ],
 )
 def test_bad_request_ends_with_error_naming_field(prompt, params, field):
@@ -542,6 +551,67 @@ def test_bad_request_ends_with_error_naming_field(prompt, params, field):
     sched.cancel(now)  # no-op on a finished request
     assert not sched.has_work() and sched.pop_finished() == []
     assert sum(ex.calls.values()) == 0
+
+
+def test_numpy_arrival_times_are_accepted():
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=2, max_len=16, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    sp = SamplingParams(max_new_tokens=3)
+    ids = [sched.submit([1, 2], sp, arrival_s=t) for t in (np.float32(0.5), np.int64(1))]
+    outputs = _drive(sched, clock, ex)
+    assert [outputs[i].finish_reason for i in ids] == ["length", "length"]
+    assert [outputs[i].arrival_s for i in ids] == [0.5, 1.0]
+
+
+class FailingPrefill(FakeExecutor):
+    """Fails the prefill of any batch holding a prompt that starts with 13."""
+
+    def prefill(self, slots, prompts, params):
+        if any(p[0] == 13 for p in prompts):
+            raise RuntimeError("boom")
+        return super().prefill(slots, prompts, params)
+
+
+def test_a_failed_prefill_ends_its_requests_and_spares_the_others():
+    clock = FakeClock()
+    ex = FailingPrefill(num_slots=4, max_len=16, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    good = sched.submit([1, 2], sp)
+    outputs = {}
+    sched.iteration()
+    outputs.update((o.request_id, o) for o in sched.pop_finished())
+    bad = [sched.submit([13, i], sp) for i in range(2)]  # one prefill batch
+    sched.iteration()
+    later = sched.submit([3, 4], sp)  # takes a slot the failed ones left
+    outputs.update(_drive(sched, clock, ex))
+    for request_id in bad:
+        assert outputs[request_id].finish_reason == "error"
+        assert outputs[request_id].error == "prefill failed: RuntimeError: boom"
+    for request_id, prompt in ((good, [1, 2]), (later, [3, 4])):
+        assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
+    assert len(sched.table) == 0 and not ex.occupied.any()
+
+
+def test_cancel_from_a_finished_handler_applies_next_iteration():
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=4, max_len=32, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    sp = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    group = [sched.submit([1, i], sp) for i in range(3)]
+
+    def cancel_the_group(kind, request):
+        if kind == "finished":
+            for request_id in group:
+                sched.cancel(request_id)
+
+    sched.iteration()
+    sched.on_event = cancel_the_group
+    sched.cancel(group[0])
+    outputs = _drive(sched, clock, ex, max_iters=5)
+    assert [outputs[i].finish_reason for i in group] == ["cancelled"] * 3
+    assert len(sched.table) == 0
 
 
 def test_exact_fit_and_stop_tokens():
