@@ -34,6 +34,10 @@ def save(
     """Write a checkpoint (replacing one already at `directory`)."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
+    # An older checkpoint's marker and tokenizer go first: an interrupted save must not look
+    # complete, and a save without a tokenizer must not restore the old one.
+    for name in ("config.json", *Tokenizer.FILES):
+        (directory / name).unlink(missing_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "params", _stored(cfg, params), force=True)
     if tokenizer is not None:

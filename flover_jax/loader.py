@@ -8,6 +8,7 @@ from there afterwards. Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ from flover_jax import checkpoint, sharding
 from flover_jax.convert.gguf import load_gguf, open_gguf
 from flover_jax.convert.huggingface import load_hf
 from flover_jax.convert.tensors import CheckpointError
-from flover_jax.tokenizer import Tokenizer
+from flover_jax.tokenizer import Tokenizer, UnsupportedTokenizer
 from models.config import DTYPES, ModelConfig
 from models.presets import PRESETS, smollm2_gguf_path, tiny_config
 from models.transformer import Params, init_params
@@ -31,10 +32,16 @@ CHECKPOINT_DIR = Path(
 def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """Read a Hugging Face directory or a GGUF file into float32 numpy params."""
     path = Path(source)
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         reader = open_gguf(path)
         cfg, params = load_gguf(path, reader)
-        return cfg, params, Tokenizer.from_gguf(reader)
+        try:
+            tokenizer = Tokenizer.from_gguf(reader)
+        except UnsupportedTokenizer as e:  # token-id prompts still work, as for HF directories
+            warnings.warn(f"{e}; loading without a tokenizer: prompts must be token ids",
+                          stacklevel=2)
+            tokenizer = None
+        return cfg, params, tokenizer
     if path.is_dir() and not checkpoint.is_checkpoint(path):
         cfg, params = load_hf(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None

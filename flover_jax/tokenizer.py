@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,30 @@ _PRE_TOKENIZER_SPLITS: dict[str, str] = {
 }
 
 
+class UnsupportedTokenizer(ValueError):
+    """A GGUF file carries no tokenizer, or one of a kind we cannot build."""
+
+
+# The ids llama.cpp stops generating at: end of sequence, of turn, of message.
+GGUF_STOP_KEYS = tuple(f"tokenizer.ggml.{kind}_token_id" for kind in ("eos", "eot", "eom"))
+
+
+def gguf_stop_ids(field: Callable[[str], Any]) -> tuple[int, ...]:
+    """The distinct stop ids of a GGUF file, given its metadata reader `field(key)`."""
+    ids = (field(key) for key in GGUF_STOP_KEYS)
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the model's special ids and chat template.
 
     `encode` adds special tokens only where the source asks for them (the
     tokenizer.json post-processor, or a GGUF's `add_bos_token`/`add_eos_token`).
     """
+
+    # What `from_file` reads beside config.json (`save` writes the first three).
+    FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+             "chat_template.jinja")
 
     def __init__(
         self,
@@ -258,9 +276,10 @@ class Tokenizer:
 
         model_type = field("tokenizer.ggml.model")
         if model_type is None:
-            raise ValueError(f"{source}: the GGUF has no tokenizer (no tokenizer.ggml.model)")
+            raise UnsupportedTokenizer(
+                f"{source}: the GGUF has no tokenizer (no tokenizer.ggml.model)")
         if model_type != "gpt2":
-            raise ValueError(
+            raise UnsupportedTokenizer(
                 f"{source}: tokenizer.ggml.model is {model_type!r}; only 'gpt2' "
                 "(byte-level BPE) is supported"
             )
@@ -321,11 +340,9 @@ class Tokenizer:
 
         bos = field("tokenizer.ggml.bos_token_id")
         eos = field("tokenizer.ggml.eos_token_id")
-        for name, value in (("bos", bos), ("eos", eos)):
-            if value is not None and not 0 <= value < len(tokens):
-                raise ValueError(
-                    f"{source}: tokenizer.ggml.{name}_token_id {value} is out of range"
-                )
+        for key in ("tokenizer.ggml.bos_token_id", *GGUF_STOP_KEYS):
+            if (value := field(key)) is not None and not 0 <= value < len(tokens):
+                raise ValueError(f"{source}: {key} {value} is out of range")
         add_bos = bool(field("tokenizer.ggml.add_bos_token", False)) and bos is not None
         add_eos = bool(field("tokenizer.ggml.add_eos_token", False)) and eos is not None
         if add_bos or add_eos:
@@ -336,7 +353,7 @@ class Tokenizer:
         return cls(
             tok,
             bos_token_id=bos,
-            eos_token_ids=() if eos is None else (eos,),
+            eos_token_ids=gguf_stop_ids(field),
             chat_template=field("tokenizer.chat_template"),
             source=source,
         )

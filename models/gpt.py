@@ -19,6 +19,14 @@ from models.transformer import LayerWeights, Params
 TensorGetter = Callable[[str, tuple[int, ...]], np.ndarray]
 
 
+def _count(hf: dict, key: str, default: int | None = None) -> int:
+    """A positive int field of config.json (KeyError if it is missing and has no default)."""
+    value = hf[key] if default is None else (hf.get(key) or default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}: must be a positive int")
+    return value
+
+
 def _eos_ids(hf: dict) -> tuple[int, ...]:
     eos = hf.get("eos_token_id")
     if eos is None:
@@ -35,17 +43,17 @@ def _check_activation(hf: dict, family: str) -> None:
 def _gpt_fields(hf: dict, family: str) -> dict:
     """What GPT-2 and GPT-J share: LayerNorm, GELU (tanh), MLP biases, multi-head attention."""
     _check_activation(hf, family)
-    d, heads = hf["n_embd"], hf["n_head"]
+    d, heads = _count(hf, "n_embd"), _count(hf, "n_head")
     return dict(
         family=family,
-        vocab_size=hf["vocab_size"],
+        vocab_size=_count(hf, "vocab_size"),
         d_model=d,
-        n_layers=hf["n_layer"],
+        n_layers=_count(hf, "n_layer"),
         n_heads=heads,
         n_kv_heads=heads,
         head_dim=d // heads,
-        d_ff=hf.get("n_inner") or 4 * d,
-        max_positions=hf["n_positions"],
+        d_ff=_count(hf, "n_inner", 4 * d),
+        max_positions=_count(hf, "n_positions"),
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         activation="gelu_tanh",
@@ -56,9 +64,15 @@ def _gpt_fields(hf: dict, family: str) -> dict:
 
 
 def gpt2_config(hf: dict) -> ModelConfig:
-    """Learned positions, biases everywhere, LM head tied to the embedding."""
+    """Learned positions, biases everywhere, LM head tied to the embedding (by default)."""
+    # Attention scaled by 1 / sqrt(head_dim) only: the variants HF offers are refused, not
+    # silently computed another way.
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if hf.get(key, supported) != supported:
+            raise ValueError(f"gpt2: {key}={hf[key]!r} is unsupported ({supported} only)")
     return ModelConfig(
-        **_gpt_fields(hf, "gpt2"), positions="learned", attention_bias=True, tie_embeddings=True
+        **_gpt_fields(hf, "gpt2"), positions="learned", attention_bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
@@ -101,12 +115,13 @@ def gpt2_params(get: TensorGetter, cfg: ModelConfig) -> Params:
             mlp_norm=_layernorm(get, f"{p}.ln_2", d), mlp=mlp,
         ))
     embed = get("wte.weight", (cfg.vocab_size, d))
+    head = embed if cfg.tie_embeddings else get("lm_head.weight", (cfg.vocab_size, d))
     return Params(
         embed=embed,
         pos_embed=get("wpe.weight", (cfg.max_positions, d)),
         layers=layers,
         final_norm=_layernorm(get, "ln_f", d),
-        lm_head=np.ascontiguousarray(embed.T),
+        lm_head=np.ascontiguousarray(head.T),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import ModelConfig
-from models.gpt import TensorGetter, _eos_ids
+from models.gpt import TensorGetter, _count, _eos_ids
 from models.layers import AttentionWeights, MlpWeights, NormWeights
 from models.transformer import LayerWeights, Params
 
@@ -26,17 +26,25 @@ def _rope_theta(hf: dict) -> float:
 def llama_config(hf: dict) -> ModelConfig:
     if hf.get("mlp_bias"):
         raise ValueError("llama: mlp_bias=True is unsupported")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if (act := hf.get("hidden_act", "silu")) != "silu":
+        raise ValueError(f"llama: hidden_act={act!r} is unsupported (silu only)")
+    d, heads = _count(hf, "hidden_size"), _count(hf, "num_attention_heads")
+    max_positions = _count(hf, "max_position_embeddings", 2048)
+    # Mistral's sliding window: up to the window every key is in it, so capping the sequence
+    # length there keeps us exact without a windowed mask.
+    window = hf.get("sliding_window")
+    if window is not None:
+        max_positions = min(max_positions, _count(hf, "sliding_window"))
     return ModelConfig(
         family="llama",
-        vocab_size=hf["vocab_size"],
+        vocab_size=_count(hf, "vocab_size"),
         d_model=d,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=_count(hf, "num_hidden_layers"),
         n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or d // heads,
-        d_ff=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048),
+        n_kv_heads=_count(hf, "num_key_value_heads", heads),
+        head_dim=_count(hf, "head_dim", d // heads),
+        d_ff=_count(hf, "intermediate_size"),
+        max_positions=max_positions,
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         positions="rope_half",

@@ -1,6 +1,7 @@
 """orbax round trips, the importers' error messages, and the `convert` CLI mode."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,15 @@ import numpy as np
 import pytest
 
 from flover_jax import checkpoint
-from flover_jax.convert.huggingface import load_hf
+from flover_jax.convert.huggingface import load_hf, load_hf_config
 from flover_jax.convert.tensors import CheckpointError
 from flover_jax.loader import convert, load_model
+from flover_jax.tokenizer import Tokenizer
+from models import transformer
 from models.presets import tiny_config
 from models.transformer import init_params
 from tests.hf_models import make_hf_model
+from tests.test_tokenizer import _write_gguf
 
 
 def assert_bitwise_equal(a, b):
@@ -150,3 +154,122 @@ def test_convert_cli_mode(hf_llama_dir, tmp_path):
     _, params, _ = checkpoint.restore(dst)
     _, reference = load_hf(hf_llama_dir)
     assert_bitwise_equal(jax.tree.map(jnp.asarray, reference), params)
+
+
+# -- configs that would load but compute other logits are refused -------------------------------
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 128}
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "n_positions": 128}
+
+
+@pytest.mark.parametrize("config, message", [
+    (LLAMA | {"hidden_act": "gelu"}, "hidden_act='gelu' is unsupported"),
+    (LLAMA | {"hidden_size": "64"}, "hidden_size='64': must be a positive int"),
+    (LLAMA | {"num_hidden_layers": 0}, "num_hidden_layers=0: must be a positive int"),
+    (GPT2 | {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+    (GPT2 | {"scale_attn_weights": False}, "scale_attn_weights=False is unsupported"),
+    (["not", "an", "object"], "expected a JSON object, got list"),
+])
+def test_configs_we_would_compute_differently_are_refused(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*" + re.escape(message)):
+        load_hf_config(tmp_path)
+
+
+def test_mistral_sliding_window_caps_the_sequence_length(tmp_path):
+    config = LLAMA | {"architectures": ["MistralForCausalLM"], "sliding_window": 32}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_hf_config(tmp_path)[1].max_positions == 32  # every key within the window
+    (tmp_path / "config.json").write_text(json.dumps(config | {"sliding_window": None}))
+    assert load_hf_config(tmp_path)[1].max_positions == 128
+
+
+def test_untied_gpt2_head_matches_hf(tmp_path):
+    import torch
+
+    hf = make_hf_model("gpt2", tmp_path, tie_word_embeddings=False)
+    cfg, params = load_hf(tmp_path)
+    assert not cfg.tie_embeddings
+    tokens = np.random.default_rng(0).integers(0, 256, size=(2, 9))
+    ours = transformer.forward(jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_a_bad_shard_index_is_named(hf_llama_dir, tmp_path):
+    shutil.copy(hf_llama_dir / "config.json", tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    with pytest.raises(CheckpointError, match="index.json: weight_map must map tensor names"):
+        load_hf(tmp_path)
+
+
+def test_resaving_without_a_tokenizer_drops_the_old_one(tmp_path):
+    cfg = tiny_config("llama")
+    params = init_params(cfg, jax.random.key(0))
+    tokenizer = Tokenizer.from_gguf(_write_gguf(tmp_path / "tok.gguf"))
+    checkpoint.save(tmp_path / "ck", cfg, params, tokenizer)
+    assert checkpoint.restore(tmp_path / "ck")[2] is not None
+    checkpoint.save(tmp_path / "ck", cfg, params)
+    assert checkpoint.restore(tmp_path / "ck")[2] is None
+
+
+# -- GGUF metadata -------------------------------------------------------------------------------
+
+
+def write_llama_gguf(path, tokenizer: str | None = None, tensors=(), **metadata):
+    """A GGUF of tiny_config("llama")'s shapes (random weights) with extra metadata."""
+    cfg = tiny_config("llama")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_eos_token_id(1)
+    if tokenizer is not None:
+        writer.add_tokenizer_model(tokenizer)
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+    rng = np.random.default_rng(0)
+    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    for i in range(cfg.n_layers):
+        shapes |= {f"blk.{i}.{name}": shape for name, shape in (
+            ("attn_norm.weight", (d,)), ("attn_q.weight", (q, d)), ("attn_k.weight", (kv, d)),
+            ("attn_v.weight", (kv, d)), ("attn_output.weight", (d, q)),
+            ("ffn_norm.weight", (d,)), ("ffn_gate.weight", (cfg.d_ff, d)),
+            ("ffn_up.weight", (cfg.d_ff, d)), ("ffn_down.weight", (d, cfg.d_ff)))}
+    for name, shape in [*shapes.items(), *tensors]:
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("metadata, tensors, message", [
+    ({"llama.rope.scaling.type": "linear"}, (), "llama.rope.scaling.type='linear'"),
+    ({"llama.rope.scaling.factor": 4.0}, (), "llama.rope.scaling.factor=4.0"),
+    ({"llama.rope.dimension_count": 4}, (), "llama.rope.dimension_count=4"),
+    ({}, [("rope_freqs.weight", (4,))], "rope_freqs.weight"),
+])
+def test_gguf_scaled_rotary_embeddings_are_refused(tmp_path, metadata, tensors, message):
+    path = write_llama_gguf(tmp_path / "m.gguf", tensors=tensors, **metadata)
+    with pytest.raises(CheckpointError, match=re.escape(message) + ".* unsupported"):
+        convert(path)
+
+
+def test_gguf_stops_at_end_of_turn_and_loads_without_a_tokenizer_it_cannot_build(tmp_path):
+    path = write_llama_gguf(tmp_path / "m.gguf", tokenizer="llama",
+                            **{"tokenizer.ggml.eot_token_id": 5})
+    with pytest.warns(UserWarning, match="tokenizer.ggml.model is 'llama'.*prompts must be token"):
+        cfg, params, tokenizer = convert(path)
+    assert tokenizer is None and cfg.eos_token_ids == (1, 5)
+    assert params.embed.shape == (cfg.vocab_size, cfg.d_model)

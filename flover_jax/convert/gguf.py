@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
+from flover_jax.tokenizer import gguf_stop_ids
 from models.config import ModelConfig
 from models.llama import llama_params
 from models.transformer import Params
@@ -45,9 +46,22 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         return value
 
     d, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(_field(reader, "llama.attention.key_length", d // heads))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens else None)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    if vocab is None:
+        raise CheckpointError(
+            f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+    # Scaled or partial rotary embeddings would compute other logits than llama.cpp: refuse.
+    for key, plain in (("llama.rope.scaling.type", "none"), ("llama.rope.scaling.factor", 1.0),
+                       ("llama.rope.dimension_count", head_dim)):
+        value = _field(reader, key)
+        if value not in (None, plain):
+            raise CheckpointError(f"{path}: GGUF metadata {key}={value!r} is unsupported "
+                                  f"({plain!r} only)")
+    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise CheckpointError(f"{path}: rope_freqs.weight (scaled rotary frequencies) is "
+                              "unsupported")
     return ModelConfig(
         family="llama",
         vocab_size=int(vocab),
@@ -55,7 +69,7 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         n_layers=int(need("block_count")),
         n_heads=heads,
         n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, "llama.attention.key_length", d // heads)),
+        head_dim=head_dim,
         d_ff=int(need("feed_forward_length")),
         max_positions=int(_field(reader, "llama.context_length", 2048)),
         norm="rmsnorm",
@@ -66,7 +80,7 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         activation="silu",
         tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=gguf_stop_ids(lambda key: _field(reader, key)),
     )
 
 

@@ -25,18 +25,25 @@ ARCHITECTURES = {
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        return [directory / name for name in shards]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) for name in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if single.exists():
         return [single]
