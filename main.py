@@ -20,7 +20,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert"], "What to do.")
 flags.DEFINE_string("model", "smollm2-135m", "Preset, Hugging Face directory, .gguf or checkpoint.")
-flags.DEFINE_string("dtype", None, "Override the weights' dtype (float32 on CPU, bfloat16 on GPU).")
+flags.DEFINE_string("dtype", None, "Weights' dtype (default: the checkpoint's; imports are float32); "
+                    "bfloat16 suits GPU/TPU.")
 flags.DEFINE_integer("max_slots", 16, "Requests decoded at once (slot capacity).")
 flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")

@@ -75,8 +75,8 @@ class BroadcastExecutor:
     def release(self, slots: Sequence[int]) -> None:
         self._call("release", list(slots))
 
-    def warmup(self, *args) -> None:
-        self._call("warmup", *args)
+    def warmup(self, windows=None, kv_lengths=None, prompt_lengths=None) -> None:
+        self._call("warmup", windows, kv_lengths, prompt_lengths)
 
     def read(self, handle: jax.Array) -> np.ndarray:
         return self.executor.read(handle)

@@ -64,3 +64,16 @@ def test_two_processes_bench_reports_on_process_0(tmp_path):
     summary = json.loads((tmp_path / "out0").read_text())
     assert summary["errors"] == 0 and summary["output_tokens"] == 3 * 5
     assert summary["attention"] == "xla" and summary["batch_invariant"] is False
+
+
+def test_broadcast_executor_takes_every_device_call_as_the_executor_does():
+    import inspect
+
+    from flover_jax.distributed import BroadcastExecutor
+    from flover_jax.executor import DeviceExecutor
+
+    for name in ("prefill", "decode", "compact", "release", "warmup", "read"):
+        ours, theirs = (inspect.signature(getattr(c, name)) for c in (BroadcastExecutor, DeviceExecutor))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        assert [p.default for p in ours.parameters.values()] == [
+            p.default for p in theirs.parameters.values()], name
