@@ -179,9 +179,19 @@ def _log_finished(kind: str, request) -> None:
               f"{len(request.token_ids)} tokens", file=sys.stderr, flush=True)
 
 
+def _follow_unless_process_0() -> None:
+    """Processes other than 0 replay process 0's device calls and leave the mode: the
+    inputs and outputs are process 0's alone."""
+    import jax
+
+    if jax.process_index() > 0:
+        _engine()
+
+
 def generate_mode() -> int:
     from flover_jax.request import FinishReason
 
+    _follow_unless_process_0()
     if bool(FLAGS.prompt) == bool(FLAGS.prompts_file):
         raise app.UsageError("generate: give exactly one of --prompt or --prompts_file")
     defaults = _default_sampling()
@@ -295,6 +305,7 @@ def bench_mode() -> int:
 
     from flover_jax import bench, viz
 
+    _follow_unless_process_0()
     if FLAGS.output_json:
         _check_writable("output_json")
     engine = _engine()

@@ -11,6 +11,7 @@ replicated, so process 0 reads them from its own devices.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -96,4 +97,7 @@ def follow(executor: DeviceExecutor) -> None:
         name, args = pickle.loads(_broadcast(None))
         if name == _STOP:
             return
-        getattr(executor, name)(*args)
+        try:
+            getattr(executor, name)(*args)
+        except Exception as e:  # process 0 met the same error and decides what follows
+            logging.getLogger(__name__).warning("replayed %s failed: %s", name, e)

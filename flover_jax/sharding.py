@@ -61,8 +61,8 @@ PER_SLOT = ("slots",)
 def make_mesh(tp: int = 1, devices: list | None = None) -> Mesh:
     """A (data=1, model=tp) mesh over the first tp devices (of every process)."""
     devices = jax.devices() if devices is None else devices
-    if tp < 1:
-        raise ValueError(f"tp={tp}: must be >= 1")
+    if isinstance(tp, bool) or not isinstance(tp, (int, np.integer)) or tp < 1:
+        raise ValueError(f"tp={tp!r}: must be an int >= 1")
     if tp > len(devices):
         raise ValueError(f"tp={tp}: more devices asked than exist ({len(devices)} available)")
     grid = np.asarray(devices[:tp]).reshape(1, tp)

@@ -17,14 +17,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, args: list[str], output_flag: str) -> None:
-    """main.py with args in two processes at tp=4; process i writes output_flag=out{i}."""
+def run_two_processes(tmp_path, args: list[str], output_flag: str, follower_args=()) -> None:
+    """main.py with args in two processes at tp=4; process i writes output_flag=out{i}.
+    follower_args: process 1's own (later flags win): inputs and outputs are process 0's."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     processes = [
         subprocess.Popen(
             [sys.executable, "main.py", *args, "--tp=4", f"{output_flag}={tmp_path / f'out{i}'}",
-             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+             *(follower_args if i else ())],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -44,7 +46,8 @@ def test_two_processes_tp4_equal_one_process(tmp_path):
     prompts.write_text("\n".join(json.dumps(line) for line in lines))
     common = ["--mode=generate", "--model=tiny-llama", "--max_slots=2", "--max_len=64",
               f"--prompts_file={prompts}"]
-    run_two_processes(tmp_path, common, "--output")
+    # The prompts file exists on process 0's host only.
+    run_two_processes(tmp_path, common, "--output", [f"--prompts_file={tmp_path / 'absent'}"])
     two = [json.loads(line) for line in (tmp_path / "out0").read_text().splitlines()]
 
     single = subprocess.run([sys.executable, "main.py", *common], cwd=REPO, capture_output=True,
@@ -60,7 +63,7 @@ def test_two_processes_bench_reports_on_process_0(tmp_path):
     run_two_processes(tmp_path, [
         "--mode=bench", "--model=tiny-llama", "--max_slots=2", "--max_len=64", "--workload=burst",
         "--num_requests=3", "--output_len=5", "--ignore_eos", "--solo_samples=0", "--nowarmup",
-    ], "--output_json")
+    ], "--output_json", [f"--output_json={tmp_path / 'absent' / 'out1'}"])
     summary = json.loads((tmp_path / "out0").read_text())
     assert summary["errors"] == 0 and summary["output_tokens"] == 3 * 5
     assert summary["attention"] == "xla" and summary["batch_invariant"] is False
@@ -77,3 +80,25 @@ def test_broadcast_executor_takes_every_device_call_as_the_executor_does():
         assert list(ours.parameters) == list(theirs.parameters), name
         assert [p.default for p in ours.parameters.values()] == [
             p.default for p in theirs.parameters.values()], name
+
+
+def test_a_follower_outlives_a_replayed_call_that_fails(monkeypatch):
+    """Process 0 catches what its own call raised and goes on; so must the followers."""
+    import pickle
+
+    from flover_jax import distributed
+
+    messages = iter(pickle.dumps(m) for m in [
+        ("warmup", (None, None, None)), ("release", ([1],)), (distributed._STOP, ())])
+    monkeypatch.setattr(distributed, "_broadcast", lambda payload: next(messages))
+    calls = []
+
+    class Executor:
+        def warmup(self, *args):
+            raise RuntimeError("warmup: slots are decoding")
+
+        def release(self, slots):
+            calls.append(slots)
+
+    distributed.follow(Executor())
+    assert calls == [[1]]
