@@ -110,3 +110,18 @@ def test_packed_matmul_rejects_mismatched_panels():
     wrong = kernels.PackedWeight(packed.panels, (16, 48), 1)  # says 16 inputs, holds 32
     with pytest.raises(Exception, match="packed_matmul: expected"):
         jax.block_until_ready(kernels.packed_matmul(jnp.zeros((2, 16), jnp.float32), wrong))
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A library cut short (a crash mid-copy) can pass dlopen's checks and kill the process on
+    first use; the digest beside it catches that. CXX may be a command with arguments."""
+    import ctypes
+
+    monkeypatch.setenv("FLOVER_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "env c++")
+    library = kernels._compile()
+    size = library.stat().st_size
+    library.write_bytes(library.read_bytes()[: size // 2])
+    assert kernels._compile() == library and library.stat().st_size == size
+    assert library.with_suffix(".sha256").read_text() == kernels._digest(library)
+    assert ctypes.cdll.LoadLibrary(str(library)).FloverPackedMatmul  # loads, symbols present

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -42,39 +43,55 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+    """What -march=native compiles for: the architecture and the CPU's model and features
+    (x86 names them `model name` and `flags`, ARM `CPU implementer`, `CPU part`, `Features`)."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor()
-    return "".join(next((line for line in info if line.startswith(field)), "")
-                   for field in ("model name", "flags"))
+        return platform.machine() + platform.processor()
+    fields = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+    return platform.machine() + "".join(
+        next((line for line in info if line.startswith(field)), "") for field in fields)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _compile() -> Path:
-    """The shared library, compiled unless this source, jaxlib and CPU already have one."""
+    """The shared library, compiled unless this source, compiler command, jaxlib and CPU
+    already have one whose bytes match the digest written beside it."""
     import jaxlib
 
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CXX", "")) or [
+        found for found in (shutil.which("c++") or shutil.which("g++"),) if found]
+    if not compiler:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
+    flags = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+             "-Wno-attributes", f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES)]
     key = hashlib.sha256(
         b"".join(source.read_bytes() for source in (*_SOURCES, *_HEADERS))
-        + jaxlib.__version__.encode() + _cpu_signature().encode()
+        + " ".join(flags).encode() + jaxlib.__version__.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"flover_kernels-{key}.so"
-    if library.is_file():
+    digest = library.with_suffix(".sha256")
+    # A library cut short (a crash mid-copy) can pass dlopen's checks and then kill the process
+    # on first use, so only a library whose bytes match its digest is loaded; others are rebuilt.
+    if library.is_file() and digest.is_file() and digest.read_text() == _digest(library):
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: concurrent processes never load a half-written file.
+    # Build under private names and rename: concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        built = Path(scratch) / library.name
-        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-                   "-Wno-attributes", f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
+        built, built_digest = Path(scratch) / library.name, Path(scratch) / digest.name
+        command = [*flags, "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        with open(built, "rb") as f:
+            os.fsync(f.fileno())
+        built_digest.write_text(_digest(built))
         os.replace(built, library)
+        os.replace(built_digest, digest)
     return library
 
 
