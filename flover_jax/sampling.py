@@ -66,7 +66,6 @@ __all__ = [
 MAX_SEED = 2**31 - 1  # seeds live in an int32 device array
 _MAX_INT32 = 2**31 - 1
 _MAX_FLOAT32 = float(np.finfo(np.float32).max)  # settings live in float32 device arrays
-_MIN_TEMPERATURE = 1e-6
 
 
 def _is_int(value: Any) -> bool:
@@ -240,12 +239,17 @@ def _tier_thresholds(
         desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # sorting values only: no indices
     else:
         desc = lax.top_k(scaled, size)[0]  # f32[B, size], descending
-    in_top_k = jnp.arange(size)[None, :] < k_eff[:, None]
+    # top-k keeps every token tied with its k-th value, so the kept set is the prefix of
+    # values >= that value; the candidates know it when the ties end inside them.
+    top_k_off = k_eff >= vocab
+    kth = jnp.take_along_axis(desc, jnp.clip(jnp.minimum(k_eff, size), 1, size)[:, None] - 1, -1)
+    in_top_k = top_k_off[:, None] | (desc >= kth)
+    ties_inside = (size >= vocab) | (desc[:, -1] < kth[:, 0])
     weights = jnp.where(in_top_k, jnp.exp(desc - top), 0.0)
     # top-p sees the distribution renormalised over the top-k set (HF order).
     # With top-k off the normaliser is the whole row's, which the candidates
     # alone cannot give; with k <= size it is the candidates' own sum.
-    z = jnp.where(k_eff >= vocab, z_full, jnp.sum(weights, axis=-1))
+    z = jnp.where(top_k_off, z_full, jnp.sum(weights, axis=-1))
     probs = weights / z[:, None]
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumsum
     # Keep position i iff the mass strictly above it is < p: the smallest prefix
@@ -254,8 +258,9 @@ def _tier_thresholds(
     # p = 1 is exactly "off" whatever the rounding; n_p == size means the
     # nucleus may run past the candidates (only the full sort can tell).
     n_p = jnp.where((top_p >= 1.0) | (n_p >= size), vocab, n_p)
-    cutoff = jnp.clip(jnp.minimum(k_eff, n_p), 1, vocab)  # i32[B], tokens kept
-    z_known = (k_eff <= size) | (k_eff >= vocab)
+    n_k = jnp.where(top_k_off, vocab, jnp.sum(in_top_k, axis=-1))
+    cutoff = jnp.clip(jnp.minimum(n_k, n_p), 1, vocab)  # i32[B], tokens kept
+    z_known = top_k_off | ((k_eff <= size) & ties_inside)
     resolved = z_known & (cutoff <= size)
     threshold = jnp.take_along_axis(desc, jnp.minimum(cutoff, size)[:, None] - 1, axis=-1)
     return threshold, resolved
@@ -386,11 +391,13 @@ def sample_tokens(
     sampling = params.temperature > 0  # bool[B]
 
     def sample() -> jax.Array:
-        # Greedy rows divide by 1 (no 0-division); a tiny temperature is floored
-        # so logits / T cannot overflow to inf (and the softmax to NaN) - at the
-        # floor the distribution is already one-hot to f32 precision.
-        temperature = jnp.where(sampling, jnp.maximum(params.temperature, _MIN_TEMPERATURE), 1.0)
-        scaled = logits / temperature[:, None]
+        # Greedy rows divide by 1 (no 0-division). Shifted to a row maximum of 0 first, the
+        # logits stay <= 0 however small T is: no overflow to inf (and NaN in the softmax),
+        # and a gap of one ulp still counts at T = 1e-9.
+        temperature = jnp.where(sampling, params.temperature, 1.0)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all -inf row must not make NaNs
+        scaled = (logits - top) / temperature[:, None]
         filtered = sampling & ((params.top_k > 0) | (params.top_p < 1.0))  # bool[B]
 
         def mask() -> jax.Array:

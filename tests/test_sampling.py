@@ -113,7 +113,7 @@ def test_greedy_ties_pick_lowest_index():
 def test_tiny_temperature_is_finite_and_near_greedy():
     logits = np.zeros((B, V), np.float32)
     logits[:, :3] = [300.0, 310.0, 305.0]
-    temps = [1e-45, 1e-37, 1e-20, 1e-6] * 2  # 1e-37 overflows logits / T to inf without a floor
+    temps = [1e-45, 1e-37, 1e-20, 1e-6] * 2  # logits / 1e-37 would overflow to inf
     params = [
         SamplingParams(temperature=t, top_p=0.9 if i % 2 else 1.0, seed=i)
         for i, t in enumerate(temps)
@@ -141,6 +141,31 @@ def test_top_k_never_leaves_the_k_best(seed):
     assert np.all(token_rank < ks)
     # Meaningful: rows with k > 1 do not collapse to greedy.
     assert np.mean(token_rank[ks > 1] > 0) > 0.2
+
+
+@pytest.mark.parametrize("ties", [3, 20])  # ending inside the first candidate tier, or past it
+def test_top_p_renormalises_over_every_token_tied_at_the_top_k_boundary(ties):
+    """top_k=2 keeps the best token and all `ties` tied second ones; top-p then sees the
+    distribution over all of them, so at p = 0.6 the nucleus must reach past the best token
+    (its share is e^2 / (e^2 + ties * e) < 0.6) and takes the whole tie."""
+    logits = np.full((BIG, V), -30.0, np.float32)
+    logits[:, 0], logits[:, 1 : 1 + ties] = 2.0, 1.0
+    params = SlotSampling.from_params([SamplingParams(temperature=1.0, top_k=2, top_p=0.6, seed=3)]
+                                      * BIG)
+    steps, zeros = np.arange(BIG, dtype=np.int32), np.zeros((BIG, V), bool)
+    for sampler in (sample, sample_full_sort):
+        counts = np.bincount(np.asarray(sampler(logits, params, steps, zeros, zeros)), minlength=V)
+        assert counts[1 + ties :].sum() == 0
+        expected = softmax64(logits[0, : 1 + ties]) * BIG
+        assert np.all(np.abs(counts[: 1 + ties] - expected) <= 5 * np.sqrt(expected) + 1), counts
+
+
+def test_a_gap_of_one_ulp_decides_at_a_tiny_temperature():
+    logits = np.zeros((B, V), np.float32)
+    logits[:, 0], logits[:, 1] = 10.0, np.nextafter(np.float32(10.0), np.float32(0.0))
+    params = [SamplingParams(temperature=1e-9, seed=i) for i in range(B)]
+    for step in range(8):
+        np.testing.assert_array_equal(run(logits, params, step=np.full(B, step)), np.zeros(B))
 
 
 def numpy_nucleus(logits: np.ndarray, temp: float, k: int, p: float, slack: float = 1e-5):
