@@ -323,8 +323,8 @@ class Scheduler:
         # A handler of the "finished" events below may cancel more: those apply next iteration.
         cancels, self._cancels = self._cancels, set()
         for request_id in cancels:
-            request = self._requests[request_id]
-            if request.finished:
+            request = self._requests.get(request_id)  # gone: it ended and was returned since
+            if request is None or request.finished:
                 continue
             if request_id in self._running:
                 self.executor.release([self._free_slot(request)])

@@ -729,3 +729,23 @@ def test_fake_compaction_that_drops_cache_changes_tokens():
     steps_bad = [bad.read(bad.decode(0, 1, 16))[0] for _ in range(4)]
     assert steps_good == expected_tokens(prompt, sp, (), 16, 97)[0][2:6]
     assert steps_bad != steps_good
+
+
+def test_a_cancel_of_a_request_returned_before_the_cancel_applies_is_dropped():
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=2, max_len=16, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    first, second = sched.submit([1, 2], sp), sched.submit([3], sp)  # end in one iteration
+    # When `first` ends, a handler cancels `second`, whose last token comes next in the loop.
+    def cancel_second(kind, request):
+        if kind == "finished" and request.request_id == first:
+            sched.cancel(second)
+
+    sched.on_event = cancel_second
+    ended = []
+    while len(ended) < 2:
+        sched.iteration()
+        ended += sched.pop_finished()  # both returned: the engine forgets them
+    sched.iteration()  # the cancel would apply now, to a request that is gone
+    assert [o.finish_reason for o in ended] == ["length", "length"] and not sched.has_work()
