@@ -140,10 +140,17 @@ class Engine:
         self._collect()
 
     def poll(self, request_id: int) -> RequestOutput | None:
-        """The output of a finished request, else None; never blocks. Each output is
-        returned once, by `poll` or `result`."""
+        """The output of a finished request, else None (also for an id unknown or already
+        returned); never blocks, and never drives the loop: between polls, call `step`. Each
+        output is returned once, by `poll` or `result`."""
         self._collect()
         return self._outputs.pop(request_id, None)
+
+    def step(self) -> None:
+        """One iteration of the loop (admit, decode, read tokens) if any request waits or runs:
+        for callers that `submit` and `poll` instead of blocking in `result`."""
+        if self.scheduler.has_work():
+            self.scheduler.iteration()
 
     def result(
         self, request_id: int, stop: threading.Event | None = None

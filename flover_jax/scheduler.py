@@ -197,7 +197,8 @@ class Scheduler:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: text given but this model has no tokenizer; pass ids")
+                raise ValueError("prompt: text given but this model has no tokenizer; pass token "
+                                 "ids (prompt_ids in a prompts file)")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
             ids = list(prompt)
@@ -214,12 +215,13 @@ class Scheduler:
         return [int(t) for t in ids]
 
     def _check_fits(self, request: Request) -> None:
-        total = len(request.prompt_ids) + request.params.max_new_tokens
-        if total > self.executor.max_len:
+        prompt, max_len = len(request.prompt_ids), self.executor.max_len
+        if prompt >= max_len:
+            raise ValueError(f"prompt: {prompt} tokens; must be shorter than max_len={max_len}")
+        if prompt + request.params.max_new_tokens > max_len:
             raise ValueError(
-                f"max_new_tokens={request.params.max_new_tokens}: prompt "
-                f"({len(request.prompt_ids)} tokens) + max_new_tokens = {total} exceeds "
-                f"max_len={self.executor.max_len}"
+                f"max_new_tokens={request.params.max_new_tokens}: must be <= {max_len - prompt} "
+                f"(max_len={max_len} minus the prompt's {prompt} tokens)"
             )
 
     def cancel(self, request_id: int) -> None:
@@ -296,7 +298,9 @@ class Scheduler:
 
     def stream(self, request_id: int) -> Iterator[StreamDelta]:
         """Drive the loop and yield the request's new tokens and text as they come."""
-        request = self._requests[request_id]
+        request = self._requests.get(request_id)
+        if request is None:
+            raise KeyError(f"request_id={request_id}: unknown or already returned")
         while True:
             delta = request.take_delta()
             if delta is not None:

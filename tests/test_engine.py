@@ -418,3 +418,12 @@ def test_api_misuse_is_named(engine):
     bad = engine.submit([1], SamplingParams(top_k=-1))
     (delta,) = engine.stream(bad)
     assert delta.finish_reason == "error" and delta.error.startswith("top_k=-1")
+    engine.result(bad)
+    with pytest.raises(KeyError, match="unknown or already returned"):
+        list(engine.stream(bad))
+    waiting = engine.submit([4, 5], SamplingParams(max_new_tokens=3))
+    assert engine.poll(waiting) is None  # poll never drives the loop; step does
+    while (output := engine.poll(waiting)) is None:
+        engine.step()
+    assert output.token_ids == engine.generate([[4, 5]], SamplingParams(max_new_tokens=3))[
+        0].token_ids

@@ -517,7 +517,8 @@ def test_nan_arrival_is_rejected_or_ends():
         ([1, -1], SamplingParams(), "prompt_ids[1]"),
         ([True], SamplingParams(), "prompt_ids[0]"),
         ([1.0], SamplingParams(), "prompt_ids[0]"),
-        ([1] * 10, SamplingParams(max_new_tokens=7), "max_new_tokens"),  # 10 + 7 > 16
+        ([1] * 10, SamplingParams(max_new_tokens=7), "max_new_tokens=7: must be <= 6"),
+        ([1] * 16, SamplingParams(max_new_tokens=1), "prompt: 16 tokens; must be shorter than"),
         ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
         ([1], SamplingParams(max_new_tokens=-2), "max_new_tokens"),
         ([1], SamplingParams(temperature=-0.1), "temperature"),
