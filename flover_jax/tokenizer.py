@@ -138,9 +138,14 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in the text are matched whole.
 
         A byte with no token in a byte-level vocabulary (SmolLM2 lacks e.g. 0x04) is
-        dropped, as llama.cpp and transformers do.
+        dropped, as llama.cpp and transformers do. Text that begins with BOS (a chat template
+        writes one) gets no second BOS from the post-processor, as llama.cpp does.
         """
-        return self._tokenizer.encode(text).ids
+        ids = self._tokenizer.encode(text).ids
+        bos = self.bos_token_id
+        if bos is not None and ids[:2] == [bos, bos] and text.startswith(self.id_to_token(bos)):
+            return ids[1:]
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence decodes to U+FFFD."""
@@ -174,6 +179,9 @@ class Tokenizer:
             if token_id is not None:
                 variables[name] = self.id_to_token(token_id)
         variables.update(template_kwargs)
+        # As transformers: a field set to None (an assistant turn's content beside its tool
+        # calls) is absent, not the text "None".
+        messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
         return _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
@@ -522,8 +530,18 @@ def _compile_template(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks an assistant's tokens for training
+        (transformers); to serve, it renders its body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception

@@ -365,6 +365,25 @@ def test_tiny_gguf(tmp_path):
     assert Tokenizer.from_gguf(reader).encode("ab") == [0, 4]
 
 
+def test_a_rendered_chat_prompt_gets_one_bos(tmp_path):
+    """The template writes BOS and the post-processor adds one: encoding keeps one, as
+    transformers (which encodes chat prompts without special tokens) and llama.cpp do."""
+    tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "tiny.gguf", add_bos=True))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "ab"}])
+    assert prompt == "<s>ab" and tok.encode(prompt) == [0, 4] == tok.encode("ab")
+    assert tok.encode("ab<s>ab") == [0, 4, 0, 4]  # only a leading duplicate goes
+
+
+def test_chat_template_drops_none_fields_and_renders_generation_blocks(tmp_path):
+    tok = Tokenizer(_tiny_tokenizer().backend, bos_token_id=0, chat_template=(
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}"
+        "{{ m.tool_calls | default('') }}|{% endfor %}"))
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": "f()"}]
+    assert tok.apply_chat_template(messages) == "hi|f()|"  # content None: absent, not "None"
+
+
 def test_gguf_pre_tokenizers(tmp_path):
     gpt2 = Tokenizer.from_gguf(_write_gguf(tmp_path / "gpt2.gguf", pre="gpt-2"))
     assert gpt2.encode("123") == [10]
