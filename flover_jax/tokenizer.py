@@ -143,8 +143,10 @@ class Tokenizer:
         """
         ids = self._tokenizer.encode(text).ids
         bos = self.bos_token_id
-        if bos is not None and ids[:2] == [bos, bos] and text.startswith(self.id_to_token(bos)):
-            return ids[1:]
+        if bos is not None and ids[:2] == [bos, bos]:
+            written = self.id_to_token(bos)  # None for an id the vocabulary lacks
+            if written and text.startswith(written):
+                return ids[1:]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
