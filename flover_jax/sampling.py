@@ -63,8 +63,8 @@ __all__ = [
     "sample_tokens",
 ]
 
-MAX_SEED = 2**31 - 1  # seeds live in an int32 device array
 _MAX_INT32 = 2**31 - 1
+MAX_SEED = _MAX_INT32  # seeds live in an int32 device array
 _MAX_FLOAT32 = float(np.finfo(np.float32).max)  # settings live in float32 device arrays
 
 
@@ -220,7 +220,6 @@ DEFAULT_CANDIDATE_TIERS: tuple[int, ...] = (256, 4096)
 
 def _tier_thresholds(
     scaled: jax.Array,
-    top: jax.Array,
     z_full: jax.Array,
     k_eff: jax.Array,
     top_p: jax.Array,
@@ -245,7 +244,7 @@ def _tier_thresholds(
     kth = jnp.take_along_axis(desc, jnp.clip(jnp.minimum(k_eff, size), 1, size)[:, None] - 1, -1)
     in_top_k = top_k_off[:, None] | (desc >= kth)
     ties_inside = (size >= vocab) | (desc[:, -1] < kth[:, 0])
-    weights = jnp.where(in_top_k, jnp.exp(desc - top), 0.0)
+    weights = jnp.where(in_top_k, jnp.exp(desc), 0.0)
     # top-p sees the distribution renormalised over the top-k set (HF order).
     # With top-k off the normaliser is the whole row's, which the candidates
     # alone cannot give; with k <= size it is the candidates' own sum.
@@ -284,21 +283,22 @@ def _filter_thresholds(
     if some filtered row still needs it.  A row always takes its answer from
     the smallest tier that resolves it, a fact about the row alone, so the
     result does not depend on which other rows forced the larger tiers.
+
+    `scaled` is sample_tokens' (logits shifted to a row maximum of 0, over the
+    temperature), so its exponentials cannot overflow.
     """
     vocab = scaled.shape[-1]
     sizes = sorted({t for t in tiers if 0 < t < vocab}) + [vocab]
     k_eff = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(jnp.int32)
-    top = jnp.max(scaled, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all -inf row must not make NaNs
-    z_full = jnp.sum(jnp.exp(scaled - top), axis=-1)
+    z_full = jnp.sum(jnp.exp(scaled), axis=-1)
 
-    threshold, resolved = _tier_thresholds(scaled, top, z_full, k_eff, top_p, sizes[0])
+    threshold, resolved = _tier_thresholds(scaled, z_full, k_eff, top_p, sizes[0])
     for size in sizes[1:]:
 
         def refine(
             threshold: jax.Array = threshold, resolved: jax.Array = resolved, size: int = size
         ) -> tuple[jax.Array, jax.Array]:
-            t, r = _tier_thresholds(scaled, top, z_full, k_eff, top_p, size)
+            t, r = _tier_thresholds(scaled, z_full, k_eff, top_p, size)
             return jnp.where(resolved[:, None], threshold, t), resolved | r
 
         def keep(

@@ -67,11 +67,11 @@ def _compile() -> Path:
         found for found in (shutil.which("c++") or shutil.which("g++"),) if found]
     if not compiler:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-    flags = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-             "-Wno-attributes", f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES)]
+    # The key leaves out paths (the checkout's, jaxlib's headers'), so checkouts share a build.
+    options = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes"]
     key = hashlib.sha256(
         b"".join(source.read_bytes() for source in (*_SOURCES, *_HEADERS))
-        + " ".join(flags).encode() + jaxlib.__version__.encode() + _cpu_signature().encode()
+        + " ".join(options).encode() + jaxlib.__version__.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"flover_kernels-{key}.so"
     digest = library.with_suffix(".sha256")
@@ -83,7 +83,7 @@ def _compile() -> Path:
     # Build under private names and rename: concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built, built_digest = Path(scratch) / library.name, Path(scratch) / digest.name
-        command = [*flags, "-o", str(built)]
+        command = [*options, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
