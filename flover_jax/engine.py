@@ -78,7 +78,8 @@ class Engine:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).
             self.executor = BroadcastExecutor(self.executor)
         self._request_ids = RequestIds()  # unique across this engine's schedulers
-        self._outputs: dict[int, RequestOutput] = {}  # finished, not yet returned
+        # Ended on a scheduler that `run` has since replaced, not yet returned.
+        self._ended: dict[int, Request] = {}
         self.scheduler = self._new_scheduler(policy)
 
     @classmethod
@@ -135,16 +136,22 @@ class Engine:
         self.scheduler.cancel(request_id)
 
     def stream(self, request_id: int) -> Iterator[StreamDelta]:
-        """Drive the loop and yield the request's new tokens and text as they come."""
-        yield from self.scheduler.stream(request_id)
-        self._collect()
+        """Drive the loop and yield the request's new tokens and text as they come. The last
+        delta (finish_reason set) carries the whole output: a stream read to its end returns
+        the request, as `result` does, and the engine keeps nothing of it."""
+        ended = self._ended.get(request_id)
+        deltas = self.scheduler.stream(request_id) if ended is None else [ended.take_delta()]
+        for delta in deltas:
+            if delta.finish_reason is not None:
+                delta.output = self.poll(request_id)
+            yield delta
 
     def poll(self, request_id: int) -> RequestOutput | None:
         """The output of a finished request, else None (also for an id unknown or already
         returned); never blocks, and never drives the loop: between polls, call `step`. Each
-        output is returned once, by `poll` or `result`."""
-        self._collect()
-        return self._outputs.pop(request_id, None)
+        output is returned once, by `poll`, `result` or the end of `stream`."""
+        request = self._ended.pop(request_id, None) or self.scheduler.pop_request(request_id)
+        return None if request is None else request.output()
 
     def step(self) -> None:
         """One iteration of the loop (admit, decode, read tokens) if any request waits or runs:
@@ -158,7 +165,7 @@ class Engine:
         """The output of a request, driving the loop until it finishes (returned once), or
         None once `stop` is set (checked between iterations; a signal handler may set it)."""
         while (output := self.poll(request_id)) is None:
-            if not self.scheduler.knows(request_id):
+            if not self.scheduler.knows(request_id) and request_id not in self._ended:
                 raise KeyError(f"request_id={request_id}: unknown or already returned")
             if stop is not None and stop.is_set():
                 return None
@@ -198,7 +205,7 @@ class Engine:
         """
         if self.scheduler.has_work():
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
-        self._collect()  # requests that ended unreturned stay returnable
+        self._keep_ended()
         scheduler = self.scheduler = self._new_scheduler(policy or self.policy, clock, sleep)
         scheduler.on_event = on_event
         try:
@@ -206,13 +213,14 @@ class Engine:
             start = time.perf_counter()
             scheduler.run_until_idle(on_iteration)
             wall = time.perf_counter() - start
-            self._collect()
-            outputs = [self._outputs.pop(i) for i in ids]
+            outputs = [scheduler.pop_request(i).output() for i in ids]
         finally:  # later calls get the engine's own policy, clock and no callbacks
             if not scheduler.has_work():
+                self._keep_ended()
                 self.scheduler = self._new_scheduler(self.policy)
         return RunResult(outputs, scheduler.stats, scheduler.policy.name, wall)
 
-    def _collect(self) -> None:
-        for output in self.scheduler.pop_finished():
-            self._outputs[output.request_id] = output
+    def _keep_ended(self) -> None:
+        """Before the scheduler is replaced: its ended, unreturned requests stay returnable."""
+        for request_id in self.scheduler.finished_ids():
+            self._ended[request_id] = self.scheduler.pop_request(request_id)

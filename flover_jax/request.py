@@ -55,6 +55,7 @@ class StreamDelta:
     text: str
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    output: RequestOutput | None = None  # on the last delta of `Engine.stream`: the whole output
 
 
 class Request:

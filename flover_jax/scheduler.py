@@ -141,8 +141,8 @@ class Scheduler:
         self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
         self._positions: dict[int, int] = {}  # request_id -> next cache position (upper bound)
         self._cancels: set[int] = set()
-        self._requests: dict[int, Request] = {}  # until `pop_finished` hands the output out
-        self._finished: list[Request] = []  # finished, not yet collected by `pop_finished`
+        self._requests: dict[int, Request] = {}  # until the request is handed out, finished
+        self._finished: dict[int, Request] = {}  # finished, not yet handed out (in order)
         self._in_flight: _DecodeInFlight | None = None
         self.on_event: Callable[[str, Request], None] | None = None  # "added" / "finished"
 
@@ -189,7 +189,7 @@ class Scheduler:
             self._check_fits(request)
         except (ValueError, TypeError) as e:
             request.finish(FinishReason.ERROR, max(request.arrival_s, now), error=str(e))
-            self._finished.append(request)
+            self._finished[request.request_id] = request
             return request_id
         heapq.heappush(self._arrivals, (arrival, request_id, request))
         return request_id
@@ -239,18 +239,25 @@ class Scheduler:
         return self._requests[request_id]
 
     def knows(self, request_id: int) -> bool:
-        """Whether the request was submitted to this scheduler and has not yet been
-        handed out by `pop_finished`."""
-        request = self._requests.get(request_id)
-        return request is not None and (not request.finished or request in self._finished)
+        """Whether the request was submitted to this scheduler and not yet handed out."""
+        return request_id in self._requests
+
+    def finished_ids(self) -> list[int]:
+        """Requests finished and not yet handed out, in the order they finished."""
+        return list(self._finished)
+
+    def pop_request(self, request_id: int) -> Request | None:
+        """Hand out a finished request, which the scheduler then forgets (so a long-lived
+        engine holds only requests not yet returned); None while it runs, or if unknown or
+        handed out already."""
+        request = self._finished.pop(request_id, None)
+        if request is not None:
+            del self._requests[request_id]
+        return request
 
     def pop_finished(self) -> list[RequestOutput]:
-        """Outputs of the requests finished since the last call (each exactly once). The
-        scheduler then forgets them, so a long-lived engine holds only unreturned requests."""
-        done, self._finished = self._finished, []
-        for request in done:
-            del self._requests[request.request_id]
-        return [r.output() for r in done]
+        """Outputs of the requests finished since the last call (each exactly once)."""
+        return [self.pop_request(i).output() for i in self.finished_ids()]
 
     def has_work(self) -> bool:
         return bool(self._arrivals or self._queue or self._running or self._in_flight)
@@ -338,7 +345,7 @@ class Scheduler:
                 self._arrivals = [a for a in self._arrivals if a[2] is not request]
                 heapq.heapify(self._arrivals)
             request.finish(FinishReason.CANCELLED, max(now, request.arrival_s))
-            self._finished.append(request)
+            self._finished[request.request_id] = request
             if self.on_event:
                 self.on_event("finished", request)
 
@@ -389,7 +396,7 @@ class Scheduler:
         for request in requests:
             self._free_slot(request)
             request.finish(FinishReason.ERROR, now, error=error)
-            self._finished.append(request)
+            self._finished[request.request_id] = request
             if self.on_event:
                 self.on_event("finished", request)
 
@@ -444,7 +451,7 @@ class Scheduler:
             if lo < slot < hi - 1:
                 self.stats.mid_window_finishes += 1
             released.append(slot)
-            self._finished.append(request)
+            self._finished[request.request_id] = request
             if self.on_event:
                 self.on_event("finished", request)
 

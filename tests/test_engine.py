@@ -356,12 +356,33 @@ def test_bad_requests_end_with_error_and_harm_no_one(engine):
     assert outputs[-1].token_ids == engine.generate([[13, 14]], good)[0].token_ids
 
 
-def test_streaming_yields_every_token_once(engine):
+def test_streaming_yields_every_token_once_and_returns_the_output(engine):
     request_id = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=17, ignore_eos=True))
     deltas = list(engine.stream(request_id))
     tokens = [t for d in deltas for t in d.token_ids]
-    assert deltas[-1].finish_reason == "length"
-    assert tokens == engine.result(request_id).token_ids and len(tokens) == 17
+    assert deltas[-1].finish_reason == "length" and len(tokens) == 17
+    assert all(d.output is None for d in deltas[:-1])
+    assert deltas[-1].output.token_ids == tokens  # the stream returned it: the engine keeps none
+    assert engine.poll(request_id) is None and not engine.scheduler.knows(request_id)
+    with pytest.raises(KeyError, match="unknown or already returned"):
+        engine.result(request_id)
+    assert tokens == engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=17,
+                                                                 ignore_eos=True))[0].token_ids
+
+
+def test_a_request_that_ended_while_another_drove_the_loop_still_streams(engine):
+    long, short = SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=2)
+    first, second = engine.submit([1, 2, 3], long), engine.submit([4, 5], short)
+    half = engine.submit([6, 7], SamplingParams(max_new_tokens=6))
+    partial = next(engine.stream(half))  # one delta, then the stream is left
+    engine.result(first)  # drives the loop until `second` and `half` have ended too
+    (delta,) = engine.stream(second)
+    assert delta.output.token_ids == delta.token_ids == engine.generate([[4, 5]], short)[0].token_ids
+    run_with_fake_clock(engine, [])  # `half` ended on the scheduler `run` replaces
+    (rest,) = engine.stream(half)
+    assert partial.token_ids + rest.token_ids == rest.output.token_ids
+    assert rest.output.token_ids == engine.generate([[6, 7]], SamplingParams(max_new_tokens=6))[
+        0].token_ids
 
 
 def test_max_new_tokens_one_and_eos(engine, tiny):
@@ -418,7 +439,7 @@ def test_api_misuse_is_named(engine):
     bad = engine.submit([1], SamplingParams(top_k=-1))
     (delta,) = engine.stream(bad)
     assert delta.finish_reason == "error" and delta.error.startswith("top_k=-1")
-    engine.result(bad)
+    assert delta.output.error == delta.error
     with pytest.raises(KeyError, match="unknown or already returned"):
         list(engine.stream(bad))
     waiting = engine.submit([4, 5], SamplingParams(max_new_tokens=3))

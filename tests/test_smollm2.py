@@ -92,8 +92,8 @@ def test_stop_strings_cut_text_and_never_leak_when_streamed(engine):
     stop = full[12:15]
     cut = full.index(stop)
     request_id = engine.submit(prompt, SamplingParams(max_new_tokens=40, stop=(stop,)))
-    pieces = [d.text for d in engine.stream(request_id)]
-    out = engine.result(request_id)
+    deltas = list(engine.stream(request_id))
+    pieces, out = [d.text for d in deltas], deltas[-1].output
     assert out.finish_reason == "stop"
     assert out.text == full[:cut] == "".join(pieces)
     assert all(stop not in p for p in pieces)
