@@ -423,7 +423,8 @@ class Scheduler:
         if bucket(hi - lo, windows) == bucket(live, windows):
             return
         moves = plan_compaction(self.table.owned())
-        self.executor.compact(moves, self._kv_len(list(self._running.values())))
+        moved = [self._running[self.table.owner(src)] for src, _ in moves]
+        self.executor.compact(moves, self._kv_len(moved))  # copy only what the moved slots hold
         self.table.apply_moves(moves)
         self.stats.compactions += 1
         self.stats.moves += len(moves)

@@ -402,6 +402,24 @@ def test_mid_window_finish_then_compaction_narrows_window():
         assert outputs[request_id].finish_reason == "length"
 
 
+def test_compaction_copies_only_what_the_moved_slots_hold():
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=8, max_len=128, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    long = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    # Slot 0 (a 3-token prompt) moves to 2; slots 3 and 4 hold 70-token prompts and stay.
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1] * 70, [2] * 70]
+    ids = [sched.submit(p, sp) for p, sp in zip(prompts, [long, short, short, long, long])]
+    outputs = _drive(sched, clock, ex)
+    (log,) = ex.compactions
+    assert log.moves == [(0, 2)]
+    assert log.kv_len == bucket(3 + 3, ex.buckets.kv_lengths) < 128  # 3 prompt + 2 decoded + 1
+    for request_id, prompt in zip(ids, prompts):
+        sp = long if len(outputs[request_id].token_ids) == 10 else short
+        assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
+
+
 @pytest.mark.parametrize("policy", ["fused", "static"])
 def test_no_compaction_without_flover(policy):
     clock = FakeClock()
