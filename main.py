@@ -97,6 +97,8 @@ MODE_FLAGS = {
 }
 # Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
 NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")
+# The gap flags each arrival process reads.
+GAP_FLAGS = {"constant": ("interval_s",), "poisson": ("rate", "burstiness"), "burst": ()}
 
 
 def _reject_given(names, why: str) -> None:
@@ -114,6 +116,15 @@ def _check_flags_apply() -> None:
     elif FLAGS.mode == "bench":
         _reject_given(["max_new_tokens"], "has no effect in bench: --output_len sets lengths")
         _reject_given(["trace"], "needs --workload=trace")
+        unread = sorted(set().union(*GAP_FLAGS.values()) - set(GAP_FLAGS[FLAGS.workload]))
+        _reject_given(unread, f"has no effect with --workload={FLAGS.workload}")
+    if FLAGS.num_processes < 1:
+        raise ValueError(f"--num_processes={FLAGS.num_processes}: must be >= 1")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise ValueError(f"--process_id={FLAGS.process_id}: must be in [0, {FLAGS.num_processes}) "
+                         "(--num_processes)")
+    if FLAGS.num_processes == 1:
+        _reject_given(["coordinator_address"], "has no effect with --num_processes=1")
 
 
 def _check_writable(flag: str) -> None:
@@ -258,16 +269,31 @@ def generate_mode() -> int:
     return 130 if interrupted else 0
 
 
+def _arrival_flags() -> dict:
+    return dict(seed=FLAGS.seed, interval_s=FLAGS.interval_s, rate=FLAGS.rate,
+                burstiness=FLAGS.burstiness)
+
+
+def _check_workload() -> None:
+    """Refuse bad workload and sampling flags before the model loads."""
+    from flover_jax import workload
+
+    _default_sampling()
+    if FLAGS.workload == "trace":
+        if not FLAGS.trace:
+            raise ValueError("--workload=trace needs --trace=FILE")
+        return
+    workload.arrival_times(FLAGS.workload, FLAGS.num_requests, **_arrival_flags())
+    workload.output_lengths(FLAGS.output_len, FLAGS.num_requests, FLAGS.seed)
+
+
 def _workload(engine):
     from flover_jax import workload
 
     defaults = _default_sampling()
     if FLAGS.workload == "trace":
-        if not FLAGS.trace:
-            raise ValueError("--workload=trace needs --trace=FILE")
         return workload.read_trace(FLAGS.trace, defaults)
-    arrivals = dict(seed=FLAGS.seed, interval_s=FLAGS.interval_s, rate=FLAGS.rate,
-                    burstiness=FLAGS.burstiness)
+    arrivals = _arrival_flags()
     if FLAGS.prompts_file:  # real prompts, arrivals and lengths as the flags say
         prompts = []
         for number, line in _read_lines("prompts_file"):
@@ -287,23 +313,35 @@ def _workload(engine):
 def run_mode() -> int:
     """The main job: chat requests arriving over a few seconds, shown live, then a summary."""
     from rich.console import Console
+    from rich.text import Text
 
     from flover_jax import metrics, viz, workload
 
     console = Console()
     with console.status(f"loading {FLAGS.model}"):
         engine = _engine()
+    if engine.tokenizer is None:
+        raise ValueError(f"model={FLAGS.model!r}: run mode sends chat prompts and this model has "
+                         "no tokenizer (bench and generate take token ids)")
     requests = workload.demo(engine.chat_prompt, FLAGS.num_requests, FLAGS.rate, FLAGS.seed)
     with console.status("compiling the decode buckets (cached in .cache/jax after the first run)"):
         engine.executor.warmup(kv_lengths=[k for k in engine.executor.buckets.kv_lengths if k <= 256],
                                prompt_lengths=[k for k in engine.executor.buckets.prompt_lengths if k <= 64])
     title = f"flover_jax · {FLAGS.model} · policy={FLAGS.policy} · {FLAGS.max_slots} slots"
     view = viz.LiveView(len(requests), FLAGS.max_slots, title, console)
-    with view:
-        result = engine.run(requests, on_event=view.event, on_iteration=view.iteration)
+    try:
+        with view:
+            result = engine.run(requests, on_event=view.event, on_iteration=view.iteration)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     console.print(viz.summary_table(metrics.summarize(result)))
-    sample = result.outputs[0]
-    console.print(f"[dim]request 0 answered:[/dim] {sample.text!r}")
+    for output in result.outputs:
+        if output.error:
+            print(f"request {output.request_id}: {output.error}", file=sys.stderr)
+    if answered := [o for o in result.outputs if not o.error]:  # text, not rich markup
+        console.print(Text.assemble((f"request {answered[0].request_id} answered: ", "dim"),
+                                    repr(answered[0].text)))
     return 0
 
 
@@ -313,14 +351,15 @@ def bench_mode() -> int:
     from flover_jax import bench, viz
 
     _follow_unless_process_0()
+    _check_workload()
     if FLAGS.output_json:
         _check_writable("output_json")
     engine = _engine()
+    requests = _workload(engine)
     if FLAGS.warmup:
         print("compiling every shape bucket first (excluded from the timings; cached in "
               ".cache/jax for later runs)", file=sys.stderr, flush=True)
-    summary = bench.run(engine, _workload(engine), warmup=FLAGS.warmup,
-                        solo_samples=FLAGS.solo_samples)
+    summary = bench.run(engine, requests, warmup=FLAGS.warmup, solo_samples=FLAGS.solo_samples)
     Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
     text = json.dumps(summary, indent=2, allow_nan=False)  # undefined figures are null
     if FLAGS.output_json:

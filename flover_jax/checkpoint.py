@@ -24,15 +24,27 @@ FORMAT_VERSION = 1
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and (path / "params").is_dir()
+    """Whether `path` is a flover_jax checkpoint (its config.json, written last, says so)."""
+    return _config_fields(Path(path) / "config.json").get("format_version") is not None
+
+
+def _config_fields(path: Path) -> dict:
+    """A config.json's fields; {} when it is missing or not a JSON object."""
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def save(
     directory: str | Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | None = None
 ) -> Path:
-    """Write a checkpoint (replacing one already at `directory`)."""
+    """Write a checkpoint (replacing one already at `directory`, and nothing else)."""
     directory = Path(directory).absolute()
+    if not _replaceable(directory):
+        raise CheckpointError(f"{directory}: exists and is not a flover_jax checkpoint; give a "
+                              "new or empty directory (nothing was written)")
     directory.mkdir(parents=True, exist_ok=True)
     # An older checkpoint's marker and tokenizer go first: an interrupted save must not look
     # complete, and a save without a tokenizer must not restore the old one.
@@ -46,6 +58,20 @@ def save(
     config = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def _replaceable(directory: Path) -> bool:
+    """Whether a save may write at `directory`: nothing there, or only a checkpoint's own files
+    (a complete one, or one whose save was cut short)."""
+    if not directory.exists():
+        return True
+    if not directory.is_dir():
+        return False
+    if (directory / "config.json").exists() and not is_checkpoint(directory):
+        return False
+    # orbax writes params/ through a temporary sibling named after it.
+    return all(entry.name == "config.json" or entry.name in Tokenizer.FILES
+               or entry.name.startswith("params") for entry in directory.iterdir())
 
 
 def load_config(directory: str | Path) -> ModelConfig:
@@ -84,12 +110,17 @@ def restore(directory: str | Path, shardings=None) -> tuple[ModelConfig, Params,
     """Read a checkpoint; with `shardings` (a Params-shaped pytree) each array lands sharded."""
     directory = Path(directory).absolute()
     cfg = load_config(directory)
+    if not (directory / "params").is_dir():
+        raise CheckpointError(f"{directory / 'params'}: missing; the checkpoint is incomplete")
     target = _stored(cfg, abstract_params(cfg, shardings))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(directory / "params", target)
-    except Exception as e:
-        raise CheckpointError(f"{directory / 'params'}: cannot restore ({e})") from None
+    except Exception as e:  # orbax's message goes on for pages of storage specs: its gist
+        gist = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        gist = gist.split(" See full TensorStore details")[0]
+        raise CheckpointError(f"{directory / 'params'}: cannot restore ({gist}); the "
+                              "checkpoint is damaged") from None
     if cfg.tie_embeddings:
         params = dataclasses.replace(params, lm_head=params.embed.T)
     tokenizer = Tokenizer.from_file(directory) if (directory / "tokenizer.json").exists() else None

@@ -30,8 +30,12 @@ CHECKPOINT_DIR = Path(
 
 
 def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    """Read a Hugging Face directory or a GGUF file into float32 numpy params."""
-    path = Path(source)
+    """Read a Hugging Face directory or a GGUF file (or the default model's) into float32
+    numpy params."""
+    if PRESETS.get(str(source)) == "tiny":
+        raise CheckpointError(f"{source}: a preset of random weights, made in memory; there "
+                              "is no file to convert")
+    path = smollm2_gguf_path() if PRESETS.get(str(source)) == "gguf" else Path(source)
     if path.suffix.lower() == ".gguf":
         reader = open_gguf(path)
         cfg, params = load_gguf(path, reader)
@@ -83,7 +87,7 @@ def load_model(
         if PRESETS.get(name) == "gguf":
             source = CHECKPOINT_DIR / name
             if not checkpoint.is_checkpoint(source):
-                checkpoint.save(source, *convert(smollm2_gguf_path()))
+                checkpoint.save(source, *convert(name))
         if checkpoint.is_checkpoint(source):
             cfg, params, tokenizer = _restore(Path(source), mesh)
         else:

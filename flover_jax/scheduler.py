@@ -144,7 +144,8 @@ class Scheduler:
         self._requests: dict[int, Request] = {}  # until the request is handed out, finished
         self._finished: dict[int, Request] = {}  # finished, not yet handed out (in order)
         self._in_flight: _DecodeInFlight | None = None
-        self.on_event: Callable[[str, Request], None] | None = None  # "added" / "finished"
+        # "added" when admitted, "finished" once for every request (one refused at submit too).
+        self.on_event: Callable[[str, Request], None] | None = None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -190,6 +191,8 @@ class Scheduler:
         except (ValueError, TypeError) as e:
             request.finish(FinishReason.ERROR, max(request.arrival_s, now), error=str(e))
             self._finished[request.request_id] = request
+            if self.on_event:
+                self.on_event("finished", request)
             return request_id
         heapq.heappush(self._arrivals, (arrival, request_id, request))
         return request_id

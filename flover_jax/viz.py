@@ -23,9 +23,9 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: list[int], top: int) -> str:
-    """One character per value, height proportional to value / top."""
-    top = max(top, 1)
-    return "".join(BLOCKS[min(len(BLOCKS) - 1, round(v / top * (len(BLOCKS) - 1)))] for v in values)
+    """One character per value, height proportional to value / top; any value above 0 shows."""
+    top, highest = max(top, 1), len(BLOCKS) - 1
+    return "".join(BLOCKS[min(highest, max(v > 0, round(v / top * highest)))] for v in values)
 
 
 def downsample(values: list[int], width: int) -> list[int]:
@@ -69,8 +69,9 @@ class LiveView:
         if kind == "finished":
             self.progress.advance(self.task)
             self.tokens += len(request.token_ids)
+            why = f" ({request.error})" if request.error else ""
             self.log.append(
-                f"request {request.request_id} finished: {request.finish_reason.value}, "
+                f"request {request.request_id} finished: {request.finish_reason.value}{why}, "
                 f"{len(request.token_ids)} tokens"
             )
         else:

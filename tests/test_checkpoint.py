@@ -156,6 +156,39 @@ def test_convert_cli_mode(hf_llama_dir, tmp_path):
     assert_bitwise_equal(jax.tree.map(jnp.asarray, reference), params)
 
 
+def test_a_save_writes_over_nothing_but_a_checkpoint(hf_llama_dir, tmp_path):
+    cfg = tiny_config("llama")
+    params = init_params(cfg, jax.random.key(0))
+    before = {f.name: f.read_bytes() for f in hf_llama_dir.iterdir()}
+    with pytest.raises(CheckpointError, match="exists and is not a flover_jax checkpoint"):
+        checkpoint.save(hf_llama_dir, cfg, params)  # convert --dst=<the source>, say
+    assert {f.name: f.read_bytes() for f in hf_llama_dir.iterdir()} == before
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a flover_jax checkpoint"):
+        checkpoint.save(tmp_path, cfg, params)
+    cut_short = tmp_path / "ck"  # a save interrupted after params/: no config.json yet
+    checkpoint.save(cut_short, cfg, params)
+    (cut_short / "config.json").unlink()
+    assert not checkpoint.is_checkpoint(cut_short)
+    checkpoint.save(cut_short, cfg, params)
+    assert_bitwise_equal(params, checkpoint.restore(cut_short)[1])
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    cfg = tiny_config("llama")
+    checkpoint.save(tmp_path / "ck", cfg, init_params(cfg, jax.random.key(0)))
+    data = max((tmp_path / "ck" / "params").rglob("d/*"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"params: cannot restore \([^\n]*\); the "
+                       "checkpoint is damaged$"):
+        load_model(tmp_path / "ck")
+    shutil.rmtree(tmp_path / "ck" / "params")
+    with pytest.raises(CheckpointError, match="params: missing; the checkpoint is incomplete"):
+        load_model(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="tiny-llama: a preset of random weights"):
+        convert("tiny-llama")
+
+
 # -- configs that would load but compute other logits are refused -------------------------------
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,

@@ -171,6 +171,17 @@ def test_bench_reports_runs_with_failed_requests_in_valid_json(tmp_path):
      "--num_requests has no effect with --workload=trace"),
     (["--mode=bench", "--trace=t.jsonl"], "--trace needs --workload=trace"),
     (["--mode=bench", "--rate=nan"], "rate=nan: must be > 0 and finite"),
+    (["--mode=bench", "--workload=constant", "--rate=2"],
+     "--rate has no effect with --workload=constant"),
+    (["--mode=bench", "--num_requests=0"], "num_requests=0: must be >= 1"),
+    (["--mode=bench", "--workload=trace"], "--workload=trace needs --trace=FILE"),
+    (["--mode=generate", "--prompt=x", "--num_processes=0"], "--num_processes=0: must be >= 1"),
+    (["--mode=generate", "--prompt=x", "--process_id=7"], "--process_id=7: must be in [0, 1)"),
+    (["--mode=generate", "--prompt=x", "--coordinator_address=localhost:1"],
+     "--coordinator_address has no effect with --num_processes=1"),
+    (["--mode=run"], "model='tiny-llama': run mode sends chat prompts"),
+    (["--mode=convert", "--src=tiny-llama", "--dst=/nonexistent/x"],
+     "tiny-llama: a preset of random weights"),
     (["--mode=bench", "--seed=-1"], "seed=-1: must be an int in"),
     (["--mode=bench", "--temperature=-5"], "temperature=-5.0: must be >= 0"),
     (["--mode=bench", "--output_json=/nonexistent/dir/r.json"],
@@ -179,7 +190,7 @@ def test_bench_reports_runs_with_failed_requests_in_valid_json(tmp_path):
      "prompts_file='/nonexistent.jsonl': No such file"),
 ])
 def test_flags_that_do_not_apply_or_hold_bad_values_fail_before_work(args, message):
-    model = [] if "--mode=convert" in args else ["--model=tiny-llama"]
+    model = [] if "--mode=convert" in args else ["--model=tiny-llama"]  # loads at once
     result = run_main(*args, *model)
     assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr[-2000:]
 

@@ -422,6 +422,8 @@ def test_run_keeps_unreturned_outputs_and_leaves_no_callbacks_behind(engine):
     assert events == ["added", "finished"]
     engine.generate([[6, 7]], short)  # on the engine's own scheduler: no run callbacks
     assert events == ["added", "finished"] and engine.scheduler.policy.name == engine.policy
+    engine.run([TimedRequest([], short)], on_event=lambda kind, r: events.append(kind))
+    assert events[2:] == ["finished"]  # refused at submit: never added, but it ends
     engine.run([])
     engine.cancel(bad)  # an id from an earlier scheduler: returned already, so a no-op
     with pytest.raises(KeyError, match="no such request"):

@@ -1,8 +1,10 @@
-"""metrics.latency_figures: vLLM's definitions, on records of any system."""
+"""metrics.latency_figures: vLLM's definitions, on records of any system; the live view's
+histogram."""
 
 import pytest
 
 from flover_jax import metrics
+from flover_jax.viz import sparkline
 
 
 def record(arrival, times, reason="length"):
@@ -40,3 +42,8 @@ def test_a_run_where_nothing_finished_has_zero_makespan_and_no_latencies():
     assert figures["errors"] == 2 and figures["makespan_s"] == 0.0
     assert figures["output_tokens_per_s"] == figures["requests_per_s"] == 0.0
     assert all(figures[k]["p99"] is None for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"))
+
+
+def test_sparkline_shows_any_request_in_flight():
+    assert sparkline([0, 1, 2, 8, 16], 16) == " ▁▁▄█"
+    assert sparkline([0, 0], 0) == "  "

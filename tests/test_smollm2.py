@@ -97,3 +97,21 @@ def test_stop_strings_cut_text_and_never_leak_when_streamed(engine):
     assert out.finish_reason == "stop"
     assert out.text == full[:cut] == "".join(pieces)
     assert all(stop not in p for p in pieces)
+
+
+def test_run_mode_shows_the_run_and_names_the_requests_that_failed():
+    # With max_len=96 the demo's first request fits (58 new tokens after a 37-token prompt)
+    # and the other two ask for more than is left: they end with an error, named on stderr.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "main.py", "--num_requests=3", "--max_slots=2", "--max_len=96"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 (2 errors)" in result.stdout and "request 0 answered: '" in result.stdout
+    assert "request 0 finished: stop" in result.stdout  # at EOS, within its 58 tokens
+    for request_id, asked in ((1, 61), (2, 79)):
+        assert f"request {request_id}: max_new_tokens={asked}: must be <= " in result.stderr
