@@ -7,6 +7,8 @@ for them: JAX's async dispatch lets the host run ahead of the device.
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -33,6 +35,50 @@ def _place(x, target: jax.sharding.Sharding) -> jax.Array:
 
 
 KERNEL_CHOICES = ("auto", "xla", "cpu_kernel")
+STATE_SHARE = 0.9  # of a device's free memory the decode state may take; steps need the rest
+
+
+def _free_bytes(pool: jax.Device | str) -> int | None:
+    """Memory an accelerator (or "host", the CPU devices' RAM) has free; None where it cannot
+    tell (a CPU host other than Linux, a device without memory stats)."""
+    if pool == "host":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+    stats = pool.memory_stats()
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if stats and "bytes_limit" in stats else None
+
+
+def state_bytes(state, shardings) -> dict[jax.Device | str, int]:
+    """Bytes an (abstract) decode state takes where it lives: per accelerator, and on "host"
+    for this process's CPU devices, which share its memory."""
+    needed: dict[jax.Device | str, int] = collections.defaultdict(int)
+    for leaf, where in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        shard = math.prod(where.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for device in where.addressable_devices:
+            needed["host" if device.platform == "cpu" else device] += shard
+    return dict(needed)
+
+
+def _check_state_fits(state, shardings, num_slots: int, max_len: int) -> None:
+    """Refuse a decode state too big for memory before allocating it: on CPU an oversized one
+    gets the process killed by the OOM killer, with no message."""
+    for pool, needed in state_bytes(state, shardings).items():
+        free = _free_bytes(pool)
+        if free is None or needed <= STATE_SHARE * free:
+            continue
+        fit = int(STATE_SHARE * free // (needed / num_slots))
+        where = "the host" if pool == "host" else pool
+        raise ValueError(
+            f"max_slots={num_slots}, max_len={max_len}: the decode state (KV cache and per-slot "
+            f"arrays) needs {needed / 2**30:.2f} GiB on {where}, which has {free / 2**30:.2f} GiB "
+            f"free; at most {fit} slots of max_len={max_len} fit in {STATE_SHARE:.0%} of that "
+            "(lower max_slots or max_len)")
 
 
 def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
@@ -111,6 +157,7 @@ class DeviceExecutor:
         self.params = jax.tree.map(_place, params, params_sharding)
         empty = partial(DecodeState.empty, cfg, num_slots, max_len)
         state_sharding = sharding.state_shardings(jax.eval_shape(empty), cfg, self.mesh)
+        _check_state_fits(jax.eval_shape(empty), state_sharding, num_slots, max_len)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding,

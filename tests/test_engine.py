@@ -430,6 +430,19 @@ def test_run_keeps_unreturned_outputs_and_leaves_no_callbacks_behind(engine):
         engine.cancel(10**6)
 
 
+def test_a_decode_state_too_big_for_memory_is_refused_before_it_is_allocated(tiny, monkeypatch):
+    cfg, params = tiny
+    state = Engine(cfg, params, max_slots=64, max_len=256).executor.state
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    free = int(needed / 0.9 * 0.6)  # room for 60% of the slots
+    monkeypatch.setattr("flover_jax.executor._free_bytes", lambda pool: free if pool == "host" else None)
+    with pytest.raises(ValueError, match=r"max_slots=64, max_len=256: the decode state \(KV cache "
+                       r"and per-slot arrays\) needs [\d.]+ GiB on the host, which has [\d.]+ GiB "
+                       r"free; at most 38 slots of max_len=256 fit"):
+        Engine(cfg, params, max_slots=64, max_len=256)
+    Engine(cfg, params, max_slots=38, max_len=256)  # what the message offers fits
+
+
 def test_api_misuse_is_named(engine):
     with pytest.raises(ValueError, match="prompts='Hello': expected a list of prompts"):
         engine.generate("Hello")

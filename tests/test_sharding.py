@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flover_jax.engine import Engine, TimedRequest
+from flover_jax.executor import state_bytes
 from flover_jax.sampling import SamplingParams
 from flover_jax.sharding import make_mesh, param_shardings
 from models import transformer
@@ -73,6 +74,10 @@ def test_each_device_holds_a_slice_and_the_step_communicates(params):
     for k_cache in engine.executor.state.cache.k:  # each layer's [slots, kv_heads, max_len, head_dim]
         assert k_cache.addressable_shards[0].data.shape[1] == CFG.n_kv_heads // 2
     ex = engine.executor
+    # The capacity check's estimate is what the state's shards take: both devices share the host.
+    shards = [s for leaf in jax.tree.leaves(ex.state) for s in leaf.addressable_shards]
+    estimate = state_bytes(ex.state, jax.tree.map(lambda leaf: leaf.sharding, ex.state))
+    assert estimate == {"host": sum(s.data.nbytes for s in shards)}
     hlo = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), 4, 64).compile().as_text()
     assert any(op in hlo for op in ("all-reduce", "reduce-scatter", "all-gather"))
 
