@@ -248,13 +248,14 @@ def generate_mode() -> int:
         for index, request_id in enumerate(ids):
             if request_id is None:
                 record = {"index": index, "prompt_ids": [], "token_ids": [], "text": None,
-                          "finish_reason": FinishReason.ERROR.value, "error": errors[index],
-                          "ttft_s": None, "latency_s": 0.0}
+                          "logprobs": None, "finish_reason": FinishReason.ERROR.value,
+                          "error": errors[index], "ttft_s": None, "latency_s": 0.0}
             elif request_id in outputs:
                 o = outputs[request_id]
                 error = o.error and f"line {numbers[index]}: {o.error}"
                 record = {"index": index, "prompt_ids": o.prompt_ids, "token_ids": o.token_ids,
-                          "text": o.text, "finish_reason": o.finish_reason, "error": error,
+                          "text": o.text, "logprobs": o.logprobs,
+                          "finish_reason": o.finish_reason, "error": error,
                           "ttft_s": o.ttft_s, "latency_s": o.latency_s}
             else:
                 continue  # unfinished when interrupted

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from flover_jax.buckets import powers_of_two
 from flover_jax.executor import DeviceExecutor
+from flover_jax.sampling import Sampled
 
 _STOP = "stop"
 # Message sizes are padded to these buckets so the broadcast compiles a few times only.
@@ -64,10 +65,10 @@ class BroadcastExecutor:
         _broadcast(pickle.dumps((name, args)))
         return getattr(self.executor, name)(*args)
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]], params) -> jax.Array:
+    def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]], params) -> Sampled:
         return self._call("prefill", list(slots), [list(p) for p in prompts], list(params))
 
-    def decode(self, start: int, width: int, kv_len: int) -> jax.Array:
+    def decode(self, start: int, width: int, kv_len: int) -> Sampled:
         return self._call("decode", start, width, kv_len)
 
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
@@ -79,7 +80,7 @@ class BroadcastExecutor:
     def warmup(self, windows=None, kv_lengths=None, prompt_lengths=None) -> None:
         self._call("warmup", windows, kv_lengths, prompt_lengths)
 
-    def read(self, handle: jax.Array) -> np.ndarray:
+    def read(self, handle):
         return self.executor.read(handle)
 
     @property

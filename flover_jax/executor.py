@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from flover_jax import sharding, step
 from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
-from flover_jax.sampling import SamplingParams, SlotSampling
+from flover_jax.sampling import Sampled, SamplingParams, SlotSampling
 from flover_jax.state import DecodeState
 from models import kernels, transformer
 from models.config import ModelConfig
@@ -173,7 +173,7 @@ class DeviceExecutor:
 
     def prefill(
         self, slots: Sequence[int], prompts: Sequence[list[int]], params: Sequence[SamplingParams]
-    ) -> jax.Array:
+    ) -> Sampled:
         b = bucket(len(prompts), self.buckets.prefill_batches)
         t = bucket(max(len(p) for p in prompts), self.buckets.prompt_lengths)
         tokens = np.zeros((b, t), np.int32)
@@ -186,7 +186,7 @@ class DeviceExecutor:
     def _prefill_insert(
         self, tokens: np.ndarray, lengths: np.ndarray, slots: np.ndarray,
         params: Sequence[SamplingParams],
-    ) -> jax.Array:
+    ) -> Sampled:
         b = len(slots)
         sampling = SlotSampling.from_params(list(params), b)
         max_new = np.ones(b, np.int32)
@@ -197,18 +197,18 @@ class DeviceExecutor:
         self.state = self.verbs.insert(
             self.state, prefilled, slots, lengths, max_new, ignore_eos, sampling
         )
-        return prefilled.first_token
+        return prefilled.first
 
     def program_kv_len(self, kv_len: int) -> int:
         """The kv_len a decode step is compiled for: the kernel reads each slot's live positions
         whatever kv_len says, so with it every kv_len shares one program per width."""
         return self.max_len if self.attention_kernel else kv_len
 
-    def decode(self, start: int, width: int, kv_len: int) -> jax.Array:
-        self.state, tokens = self.verbs.decode_step(
+    def decode(self, start: int, width: int, kv_len: int) -> Sampled:
+        self.state, sampled = self.verbs.decode_step(
             self.params, self.state, jnp.int32(start), width, self.program_kv_len(kv_len)
         )
-        return tokens
+        return sampled
 
     # Move and release lists are padded to the capacity: one shape, one compile per kv_len.
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
@@ -219,9 +219,10 @@ class DeviceExecutor:
     def release(self, slots: Sequence[int]) -> None:
         self.state = self.verbs.release(self.state, self._pad_slots(slots, self.num_slots))
 
-    def read(self, handle: jax.Array) -> np.ndarray:
+    def read(self, handle):
+        """A device array, or a pytree of them (a `Sampled`), on the host."""
         # Outputs are replicated: this process's copy is the whole array, even across hosts.
-        return np.asarray(handle.addressable_data(0))
+        return jax.tree.map(lambda array: np.asarray(array.addressable_data(0)), handle)
 
     def warmup(
         self,

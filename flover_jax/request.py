@@ -36,6 +36,7 @@ class RequestOutput:
     first_token_s: float | None
     finished_s: float
     token_times_s: list[float]
+    logprobs: list[float] | None = None  # per token, when the request asked for them
 
     @property
     def ttft_s(self) -> float | None:
@@ -55,6 +56,7 @@ class StreamDelta:
     text: str
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: list[float] | None = None  # of token_ids, when the request asked for them
     output: RequestOutput | None = None  # on the last delta of `Engine.stream`: the whole output
 
 
@@ -78,6 +80,7 @@ class Request:
             frozenset() if params.ignore_eos else frozenset(eos_ids)
         )
         self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs else None
         self.token_times_s: list[float] = []
         self.admitted_s: float | None = None
         self.first_token_s: float | None = None
@@ -97,9 +100,12 @@ class Request:
     def text(self) -> str | None:
         return None if self._decoder is None else self._text
 
-    def add_token(self, token_id: int, now_s: float, max_len: int) -> bool:
-        """Record one generated token; returns True when it finishes the request."""
+    def add_token(self, token_id: int, logprob: float, now_s: float, max_len: int) -> bool:
+        """Record one generated token (and its log-probability, if the request asked);
+        returns True when it finishes the request."""
         self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         self.token_times_s.append(now_s)
         if self.first_token_s is None:
             self.first_token_s = now_s
@@ -150,6 +156,7 @@ class Request:
     def take_delta(self) -> StreamDelta | None:
         """Tokens and text not yet streamed; None when there is nothing new."""
         tokens = self.token_ids[self._streamed_tokens :]
+        logprobs = None if self.logprobs is None else self.logprobs[self._streamed_tokens :]
         end = self._safe_text_end() if self._decoder is not None else 0
         text = self._text[self._streamed_chars : end] if end > self._streamed_chars else ""
         if not tokens and not text and not self.finished:
@@ -157,7 +164,7 @@ class Request:
         self._streamed_tokens = len(self.token_ids)
         self._streamed_chars = max(self._streamed_chars, end)
         reason = self.finish_reason.value if self.finished else None
-        return StreamDelta(self.request_id, tokens, text, reason, self.error)
+        return StreamDelta(self.request_id, tokens, text, reason, self.error, logprobs)
 
     def output(self) -> RequestOutput:
         assert self.finish_reason is not None and self.finished_s is not None
@@ -173,4 +180,5 @@ class Request:
             first_token_s=self.first_token_s,
             finished_s=self.finished_s,
             token_times_s=self.token_times_s,
+            logprobs=self.logprobs,
         )

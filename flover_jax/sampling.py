@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +55,14 @@ from jax import lax
 
 __all__ = [
     "DEFAULT_CANDIDATE_TIERS",
+    "Sampled",
     "SamplingParams",
     "SlotSampling",
     "apply_penalties",
     "first_argmax",
     "mark_tokens",
     "sample_tokens",
+    "token_logprobs",
 ]
 
 _MAX_INT32 = 2**31 - 1
@@ -97,6 +99,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # return each token's log-probability under the model
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but store tuples: frozen + hashable.
@@ -145,8 +148,9 @@ class SamplingParams:
                 raise bad(
                     "stop_token_ids", self.stop_token_ids, f"entries must be ints >= 0, got {t!r}"
                 )
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", self.ignore_eos, "must be a bool")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "must be a bool")
 
 
 _GREEDY = SamplingParams()
@@ -168,6 +172,7 @@ class SlotSampling:
     repetition_penalty: jax.Array  # f32[S]; 1 = off
     presence_penalty: jax.Array  # f32[S]; 0 = off
     seed: jax.Array  # i32[S]
+    logprobs: jax.Array  # bool[S]: report the sampled token's log-probability
 
     @classmethod
     def from_params(
@@ -187,6 +192,7 @@ class SlotSampling:
             repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),
             presence_penalty=np.array([p.presence_penalty for p in rows], np.float32),
             seed=np.array([p.seed for p in rows], np.int32),
+            logprobs=np.array([p.logprobs for p in rows], bool),
         )
 
     @classmethod
@@ -197,6 +203,28 @@ class SlotSampling:
     @property
     def num_slots(self) -> int:
         return int(self.temperature.shape[0])
+
+
+class Sampled(NamedTuple):
+    """What a prefill or decode step sampled, a row each: device arrays from the verbs,
+    numpy once the host reads them."""
+
+    tokens: Any  # int32[rows]; -1 where a row sampled nothing
+    logprobs: Any  # float32[rows]; log P(token) for rows that asked for it, 0 elsewhere
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> jax.Array:
+    """log P(token) under each row's model distribution (the logits as the model gives them:
+    before penalties, temperature and filters), f32[B]; 0 where not `wanted`. Computed only
+    when some row wants it."""
+
+    def compute() -> jax.Array:
+        top = jnp.max(logits, axis=-1)
+        normaliser = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+        return jnp.where(wanted, chosen - normaliser, 0.0).astype(jnp.float32)
+
+    return lax.cond(jnp.any(wanted), compute, lambda: jnp.zeros(tokens.shape, jnp.float32))
 
 
 def apply_penalties(

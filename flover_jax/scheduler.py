@@ -33,7 +33,7 @@ import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
 from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling import Sampled, SamplingParams
 from flover_jax.slots import SlotTable, plan_compaction
 from flover_jax.tokenizer import Tokenizer
 
@@ -48,15 +48,15 @@ class Executor(Protocol):
     buckets: Buckets
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]],
-                params: Sequence[SamplingParams]) -> Any: ...  # -> handle of first tokens [b]
+                params: Sequence[SamplingParams]) -> Any: ...  # -> handle of a Sampled [b]
 
-    def decode(self, start: int, width: int, kv_len: int) -> Any: ...  # -> handle of tokens [width]
+    def decode(self, start: int, width: int, kv_len: int) -> Any: ...  # -> of a Sampled [width]
 
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None: ...
 
     def release(self, slots: Sequence[int]) -> None: ...
 
-    def read(self, handle: Any) -> np.ndarray: ...
+    def read(self, handle: Any) -> Sampled: ...  # numpy arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,16 +279,16 @@ class Scheduler:
         previous, self._in_flight = self._in_flight, self._dispatch_decode()
         released: list[int] = []
         if previous is not None:
-            tokens = self.executor.read(previous.handle)
+            sampled = self.executor.read(previous.handle)
             now = self.now()
-            for request, token in zip(previous.rows, tokens):
+            for request, token, logprob in zip(previous.rows, *sampled):
                 if request is not None and not request.finished and token >= 0:
-                    self._add_token(request, int(token), now, released)
+                    self._add_token(request, int(token), float(logprob), now, released)
         for handle, requests in first_tokens:
-            tokens = self.executor.read(handle)
+            sampled = self.executor.read(handle)
             now = self.now()
-            for request, token in zip(requests, tokens):
-                self._add_token(request, int(token), now, released)
+            for request, token, logprob in zip(requests, *sampled):
+                self._add_token(request, int(token), float(logprob), now, released)
         if released:
             self.executor.release(released)
         if not self._running:
@@ -448,8 +448,9 @@ class Scheduler:
         self.stats.windows[width] += 1
         return _DecodeInFlight(handle, rows)
 
-    def _add_token(self, request: Request, token: int, now: float, released: list[int]) -> None:
-        if request.add_token(token, now, self.executor.max_len):
+    def _add_token(self, request: Request, token: int, logprob: float, now: float,
+                   released: list[int]) -> None:
+        if request.add_token(token, logprob, now, self.executor.max_len):
             lo, hi = self.table.span()
             slot = self._free_slot(request)
             if lo < slot < hi - 1:

@@ -1,6 +1,8 @@
 """The device verbs: pure, jitted, DecodeState donated. Everything the host dispatches.
 
 - `prefill`:  right-padded prompts [b, t] -> their K/V and first sampled token.
+- The tokens a step samples come back as `Sampled` (tokens, and log-probabilities
+  for the rows that ask).
 - `insert`:   write a prefill into chosen slots (padding rows carry slot = S and drop).
 - `decode_step`: one token for every active slot in the window [start, start + width).
 - `compact`:  move whole slots src -> dst (the memory shuffle), in place.
@@ -21,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from flover_jax.sampling import SlotSampling, mark_tokens, sample_tokens
+from flover_jax.sampling import Sampled, SlotSampling, mark_tokens, sample_tokens, token_logprobs
 from flover_jax.state import DecodeState
 from models import transformer
 from models.config import ModelConfig
@@ -33,7 +35,7 @@ from models.transformer import KVCache, Params
 class Prefilled:
     k: jax.Array  # [layers, b, kv_heads, t, head_dim]
     v: jax.Array  # [layers, b, kv_heads, t, head_dim]
-    first_token: jax.Array  # [b] int32
+    first: Sampled  # [b]: the first token (and its log-probability)
     seen: jax.Array  # [b, vocab] bool: the prompt's tokens
 
 
@@ -62,7 +64,8 @@ def prefill(
     seen = seen.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
     no_output = jnp.zeros_like(seen)
     first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
-    return Prefilled(k=k, v=v, first_token=first, seen=seen)
+    first = Sampled(first, token_logprobs(logits, first, sampling.logprobs))
+    return Prefilled(k=k, v=v, first=first, seen=seen)
 
 
 def insert(
@@ -83,7 +86,7 @@ def insert(
         return tuple(c.at[slots, :, :t].set(p, mode="drop") for c, p in zip(layers, prompts))
 
     cache = KVCache(write(state.cache.k, prefilled.k), write(state.cache.v, prefilled.v))
-    first = prefilled.first_token
+    first = prefilled.first.tokens
     done = (max_new_tokens <= 1) | (_is_eos(first, eos_ids) & ~ignore_eos)
     done = done | (lengths >= state.max_len)
     everyone = jnp.ones_like(first, bool)
@@ -116,7 +119,7 @@ def decode_step(
     cfg: ModelConfig,
     eos_ids: tuple[int, ...],
     attention_kernel: bool = False,
-) -> tuple[DecodeState, jax.Array]:
+) -> tuple[DecodeState, Sampled]:
     """One token for each active slot of [start, start + width); -1 for the others.
 
     Rows outside the window are not computed. kv_len must exceed the position
@@ -156,7 +159,8 @@ def decode_step(
         seen=mark_tokens(state.seen, new, active, start),
         output_seen=mark_tokens(state.output_seen, new, active, start),
     )
-    return state, jnp.where(active, new, -1)
+    logprobs = token_logprobs(logits, new, active & sampling.logprobs)
+    return state, Sampled(jnp.where(active, new, -1), logprobs)
 
 
 # XLA:CPU allocates a program's temporaries on every call, and glibc maps an allocation over
@@ -228,7 +232,8 @@ class Verbs:
         attention_kernel: bool = False,
         compact_piece_bytes: int | None = None,
     ) -> None:
-        prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first_token=replicated, seen=replicated)
+        sampled = Sampled(replicated, replicated)
+        prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first=sampled, seen=replicated)
         self.prefill = jax.jit(
             partial(prefill, cfg=cfg),
             in_shardings=(params_sharding, replicated, replicated, replicated),
@@ -244,7 +249,7 @@ class Verbs:
             partial(decode_step, cfg=cfg, eos_ids=eos_ids, attention_kernel=attention_kernel),
             static_argnums=(3, 4),  # width, kv_len
             in_shardings=(params_sharding, state_sharding, replicated),
-            out_shardings=(state_sharding, replicated),
+            out_shardings=(state_sharding, sampled),
             donate_argnums=1,
         )
         self.compact = jax.jit(

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling import Sampled, SamplingParams
 
 STALE = -7  # cache cells holding padding / nothing written (never read by a correct host)
 
@@ -55,6 +55,18 @@ def next_token(seed: int, sequence: Sequence[int], vocab_size: int) -> int:
     data = np.asarray([seed, *sequence], np.int64).tobytes()
     digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "little") % vocab_size
+
+
+def token_logprob(seed: int, sequence: Sequence[int]) -> float:
+    """The fake log-probability of the token sampled after `sequence` (a float32 value)."""
+    data = np.asarray([seed, *sequence, -1], np.int64).tobytes()
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return float(np.float32(-(int.from_bytes(digest, "little") % 1000) / 100 - 0.01))
+
+
+def expected_logprobs(prompt: Sequence[int], tokens: Sequence[int], seed: int) -> list[float]:
+    """The fake log-probabilities of `tokens`, generated after `prompt`."""
+    return [token_logprob(seed, [*prompt, *tokens[:i]]) for i in range(len(tokens))]
 
 
 def expected_tokens(
@@ -80,7 +92,7 @@ def expected_tokens(
 @dataclasses.dataclass
 class Handle:
     kind: str  # "prefill" / "decode"
-    tokens: np.ndarray
+    sampled: Sampled
     owner: int  # id() of the executor that issued it
     read: bool = False
 
@@ -140,6 +152,7 @@ class FakeExecutor:
         self.generated = np.zeros(s, np.int64)
         self.ignore_eos = np.zeros(s, bool)
         self.seed = np.zeros(s, np.int64)
+        self.logprobs = np.zeros(s, bool)  # the request asked for log-probabilities
         self.calls: collections.Counter[str] = collections.Counter()
         self.decodes: list[DecodeLog] = []
         self.prefills: list[PrefillLog] = []
@@ -148,7 +161,7 @@ class FakeExecutor:
         self.mark = 0  # free for tests: e.g. the iteration number, recorded by prefill
 
     _ROW_FIELDS = ("tokens", "pos", "active", "occupied", "remaining", "generated",
-                   "ignore_eos", "seed")
+                   "ignore_eos", "seed", "logprobs")
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -157,8 +170,8 @@ class FakeExecutor:
             0 <= slot < self.num_slots
         )
 
-    def _handle(self, kind: str, tokens: np.ndarray) -> Handle:
-        return Handle(kind, tokens, id(self))
+    def _handle(self, kind: str, tokens: np.ndarray, logprobs: np.ndarray) -> Handle:
+        return Handle(kind, Sampled(tokens, logprobs), id(self))
 
     def _check_invariants(self) -> None:
         _check(not np.any(self.active & ~self.occupied), "an active slot is not occupied")
@@ -191,6 +204,7 @@ class FakeExecutor:
         self.prefills.append(PrefillLog([int(s) for s in slots], int(self.occupied.sum()),
                                         self.mark))
         first = np.zeros(len(slots), np.int64)
+        first_logprobs = np.zeros(len(slots), np.float32)
         for i, (slot, prompt, p) in enumerate(zip(slots, prompts, params)):
             length = len(prompt)
             padded = bucket(length, self.buckets.prompt_lengths)
@@ -198,6 +212,7 @@ class FakeExecutor:
             self.cache[slot, length:padded] = STALE  # the padding's K/V: garbage
             token = next_token(p.seed, prompt, self.vocab_size)
             first[i] = token
+            first_logprobs[i] = token_logprob(p.seed, prompt) if p.logprobs else 0.0
             done = (
                 p.max_new_tokens <= 1
                 or (token in self.eos_ids and not p.ignore_eos)
@@ -207,8 +222,9 @@ class FakeExecutor:
             self.active[slot], self.occupied[slot] = not done, True
             self.remaining[slot], self.generated[slot] = p.max_new_tokens - 1, 1
             self.ignore_eos[slot], self.seed[slot] = p.ignore_eos, p.seed
+            self.logprobs[slot] = p.logprobs
         self._check_invariants()
-        return self._handle("prefill", first)
+        return self._handle("prefill", first, first_logprobs)
 
     def decode(self, start: int, width: int, kv_len: int) -> Handle:
         self.calls["decode"] += 1
@@ -230,12 +246,16 @@ class FakeExecutor:
         self.decodes.append(DecodeLog(start, width, kv_len, int(self.occupied.sum()),
                                       int(self.active.sum())))
         out = np.full(width, -1, np.int64)
+        out_logprobs = np.zeros(width, np.float32)
         for row, s in enumerate(window):
             if not self.active[s]:
                 continue
             p = self.pos[s]
             self.cache[s, p] = self.tokens[s]  # the input token's K/V lands at position p
-            new = next_token(int(self.seed[s]), self.cache[s, : p + 1].tolist(), self.vocab_size)
+            context = self.cache[s, : p + 1].tolist()
+            new = next_token(int(self.seed[s]), context, self.vocab_size)
+            if self.logprobs[s]:
+                out_logprobs[row] = token_logprob(int(self.seed[s]), context)
             self.remaining[s] -= 1
             stop = (
                 self.remaining[s] <= 0
@@ -246,7 +266,7 @@ class FakeExecutor:
             self.generated[s] += 1
             self.active[s] = not stop
             out[row] = new
-        return self._handle("decode", out)
+        return self._handle("decode", out, out_logprobs)
 
     def compact(self, moves: Sequence[tuple[int, int]], kv_len: int) -> None:
         self.calls["compact"] += 1
@@ -292,11 +312,11 @@ class FakeExecutor:
         self.active[slots] = False
         self.occupied[slots] = False
 
-    def read(self, handle: Handle) -> np.ndarray:
+    def read(self, handle: Handle) -> Sampled:
         self.calls["read"] += 1
         _check(isinstance(handle, Handle) and handle.owner == id(self),
                f"read: bad handle {handle!r}")
         _check(not handle.read, f"read: {handle.kind} result read twice (tokens added twice?)")
         handle.read = True
         self.calls[f"read_{handle.kind}"] += 1
-        return handle.tokens.copy()
+        return Sampled(handle.sampled.tokens.copy(), handle.sampled.logprobs.copy())

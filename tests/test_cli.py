@@ -33,7 +33,9 @@ LINES = [
     ('{"prompt_ids": [1, 2], "stop_token_ids": [[1]]}',
      "line 12: stop_token_ids=([1],): entries must be ints"),
     ('{"prompt": "text needs a tokenizer"}', "no tokenizer"),
-    ('{"prompt_ids": [9, 8], "max_new_tokens": 5, "temperature": 0.7, "seed": 3}', None),
+    ('{"prompt_ids": [9, 8], "max_new_tokens": 5, "temperature": 0.7, "seed": 3, '
+     '"logprobs": true}', None),
+    ('{"prompt_ids": [9, 8], "logprobs": "yes"}', "logprobs='yes': must be a bool"),
 ]
 
 
@@ -53,8 +55,11 @@ def test_generate_writes_one_result_per_line_in_order(tmp_path):
         else:
             assert record["finish_reason"] == "error" and error in record["error"], record
     assert len(records[0]["token_ids"]) <= 6
-    assert set(records[0]) >= {"index", "prompt_ids", "token_ids", "text", "finish_reason",
-                               "ttft_s", "latency_s"}
+    assert set(records[0]) >= {"index", "prompt_ids", "token_ids", "text", "logprobs",
+                               "finish_reason", "ttft_s", "latency_s"}
+    asked = records[-2]
+    assert records[0]["logprobs"] is None and len(asked["logprobs"]) == len(asked["token_ids"])
+    assert all(logprob <= 0 for logprob in asked["logprobs"])
 
 
 def test_ctrl_c_stops_cleanly_and_writes_what_finished(tmp_path):

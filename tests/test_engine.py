@@ -12,6 +12,7 @@ from flover_jax import step
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling import SamplingParams
 from flover_jax.state import DecodeState
+from models import transformer
 from models.presets import tiny_config
 from models.transformer import init_params
 
@@ -428,6 +429,34 @@ def test_run_keeps_unreturned_outputs_and_leaves_no_callbacks_behind(engine):
     engine.cancel(bad)  # an id from an earlier scheduler: returned already, so a no-op
     with pytest.raises(KeyError, match="no such request"):
         engine.cancel(10**6)
+
+
+def test_logprobs_are_the_models_whatever_the_sampling_and_the_batch(engine, tiny):
+    cfg, params = tiny
+    prompt, n = [1, 2, 3], 6
+    asked = [SamplingParams(max_new_tokens=n, logprobs=True, ignore_eos=True),
+             SamplingParams(max_new_tokens=n, logprobs=True, ignore_eos=True, temperature=0.9,
+                            top_k=5, repetition_penalty=1.3, seed=4)]
+    quiet = SamplingParams(max_new_tokens=n, ignore_eos=True)  # neighbours that do not ask
+    outs = engine.generate([prompt, prompt, [7, 8], [9]], [*asked, quiet, quiet])
+    for out in outs[:2]:
+        # The model's own distribution at each position: a full causal recompute (XLA).
+        sequence = jnp.array([prompt + out.token_ids[:-1]])
+        hidden, _, _ = transformer.prefill(params, cfg, sequence)
+        log_probs = jax.nn.log_softmax(transformer.logits(params, hidden[0], cfg), axis=-1)
+        reference = log_probs[len(prompt) - 1 + np.arange(n), np.array(out.token_ids)]
+        np.testing.assert_allclose(out.logprobs, reference, rtol=1e-5, atol=1e-5)
+    # Alone: the same tokens; log-probabilities equal to rounding (a prefill's batch can
+    # change the last bits of its logits, never which token is largest).
+    for params, fused in zip(asked, outs):
+        alone = engine.generate([prompt], params)[0]
+        assert alone.token_ids == fused.token_ids
+        np.testing.assert_allclose(alone.logprobs, fused.logprobs, rtol=1e-5, atol=1e-5)
+    assert outs[0].token_ids != outs[1].token_ids  # the sampled row drew other tokens
+    assert [o.logprobs for o in outs[2:]] == [None, None]
+    deltas = list(engine.stream(engine.submit(prompt, asked[0])))
+    assert sum((d.logprobs for d in deltas), []) == deltas[-1].output.logprobs
+    assert all(d.logprobs == [] for d in deltas if not d.token_ids)
 
 
 def test_a_decode_state_too_big_for_memory_is_refused_before_it_is_allocated(tiny, monkeypatch):

@@ -458,7 +458,7 @@ def test_slot_sampling_build_and_update():
     ps = [
         SamplingParams(
             temperature=0.5, top_k=7, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.2,
-            seed=42,
+            seed=42, logprobs=True,
         )
     ]
     slots = SlotSampling.from_params(ps, num_slots=3)
@@ -469,12 +469,14 @@ def test_slot_sampling_build_and_update():
     np.testing.assert_allclose(slots.repetition_penalty, [1.1, 1.0, 1.0])
     np.testing.assert_allclose(slots.presence_penalty, [0.2, 0.0, 0.0])
     np.testing.assert_array_equal(slots.seed, [42, 0, 0])
+    np.testing.assert_array_equal(slots.logprobs, [True, False, False])
     dtypes = {f.name: getattr(slots, f.name).dtype for f in dataclasses.fields(SlotSampling)}
     assert dtypes == {
         "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
         "repetition_penalty": np.float32, "presence_penalty": np.float32, "seed": np.int32,
+        "logprobs": np.bool_,
     }
-    assert len(jax.tree_util.tree_leaves(slots)) == 6
+    assert len(jax.tree_util.tree_leaves(slots)) == 7
     greedy = SlotSampling.greedy(3)
     np.testing.assert_array_equal(greedy.temperature, [0.0, 0.0, 0.0])
     np.testing.assert_array_equal(greedy.top_p, [1.0, 1.0, 1.0])

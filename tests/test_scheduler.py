@@ -21,7 +21,12 @@ from hypothesis import strategies as st
 from flover_jax.buckets import Buckets, bucket, powers_of_two
 from flover_jax.sampling import SamplingParams
 from flover_jax.scheduler import POLICIES, Scheduler
-from tests.fake_executor import DeviceContractError, FakeExecutor, expected_tokens
+from tests.fake_executor import (
+    DeviceContractError,
+    FakeExecutor,
+    expected_logprobs,
+    expected_tokens,
+)
 
 
 class FakeClock:
@@ -402,6 +407,25 @@ def test_mid_window_finish_then_compaction_narrows_window():
         assert outputs[request_id].finish_reason == "length"
 
 
+def test_logprobs_follow_their_request_through_compaction():
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=8, max_len=32, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    asks = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True)
+    short = SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=True)
+    quiet = SamplingParams(max_new_tokens=10, ignore_eos=True, seed=3)
+    params = [asks, short, short, quiet, asks]
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1], [2, 2, 2]]
+    ids = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
+    outputs = _drive(sched, clock, ex)
+    assert [c.moves for c in ex.compactions] == [[(0, 2)]]  # the first request moved
+    for request_id, prompt, sp in zip(ids, prompts, params):
+        out = outputs[request_id]
+        assert out.token_ids == _solo(prompt, sp, ex)[0]
+        expected = expected_logprobs(prompt, out.token_ids, sp.seed) if sp.logprobs else None
+        assert out.logprobs == expected
+
+
 def test_compaction_copies_only_what_the_moved_slots_hold():
     clock = FakeClock()
     ex = FakeExecutor(num_slots=8, max_len=128, vocab_size=50)
@@ -699,7 +723,7 @@ def test_fake_executor_enforces_device_contract():
                                       prompt_lengths=(4, 8, 16), prefill_batches=(1, 2)))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
     handle = ex.prefill([1, 2], [[1, 2, 3], [4]], [sp, sp])
-    first = ex.read(handle)
+    first = ex.read(handle).tokens
     assert first.tolist() == [expected_tokens(p, sp, (), 16, 20)[0][0] for p in ([1, 2, 3], [4])]
     with pytest.raises(DeviceContractError, match="active"):
         ex.prefill([2], [[1]], [sp])  # onto a live slot
@@ -744,8 +768,8 @@ def test_fake_compaction_that_drops_cache_changes_tokens():
     for f in FakeExecutor._ROW_FIELDS:
         getattr(bad, f)[0] = getattr(bad, f)[1]
     bad.active[1] = bad.occupied[1] = False
-    steps_good = [good.read(good.decode(0, 1, 16))[0] for _ in range(4)]
-    steps_bad = [bad.read(bad.decode(0, 1, 16))[0] for _ in range(4)]
+    steps_good = [good.read(good.decode(0, 1, 16)).tokens[0] for _ in range(4)]
+    steps_bad = [bad.read(bad.decode(0, 1, 16)).tokens[0] for _ in range(4)]
     assert steps_good == expected_tokens(prompt, sp, (), 16, 97)[0][2:6]
     assert steps_bad != steps_good
 

@@ -48,16 +48,20 @@ def test_last_token_logits_match_hf(engine, hf_model):
         assert np.abs(np.asarray(ours) - theirs).max() <= 1e-3, question
 
 
-def test_greedy_32_tokens_equal_hf_generate(engine, hf_model):
+def test_greedy_32_tokens_and_their_logprobs_equal_hf_generate(engine, hf_model):
     for question in QUESTIONS:
         ids = engine.tokenizer.encode(engine.chat_prompt(question))
         with torch.no_grad():
-            expected = hf_model.generate(
+            generated = hf_model.generate(
                 torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=2,
-                pad_token_id=2,
-            )[0, len(ids):].tolist()
-        out = engine.generate([ids], SamplingParams(max_new_tokens=32))[0]
+                pad_token_id=2, output_logits=True, return_dict_in_generate=True,
+            )
+        expected = generated.sequences[0, len(ids):].tolist()
+        hf_logprobs = [torch.log_softmax(step[0].float(), -1)[token].item()
+                       for step, token in zip(generated.logits, expected)]
+        out = engine.generate([ids], SamplingParams(max_new_tokens=32, logprobs=True))[0]
         assert out.token_ids == expected, question
+        np.testing.assert_allclose(out.logprobs, hf_logprobs, atol=2e-3)
     capital = engine.generate([engine.chat_prompt(QUESTIONS[0])], SamplingParams(max_new_tokens=32))
     assert capital[0].text == "The capital of France is Paris."
     assert capital[0].finish_reason == "stop"
