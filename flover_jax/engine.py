@@ -165,7 +165,7 @@ class Engine:
         """The output of a request, driving the loop until it finishes (returned once), or
         None once `stop` is set (checked between iterations; a signal handler may set it)."""
         while (output := self.poll(request_id)) is None:
-            if not self.scheduler.knows(request_id) and request_id not in self._ended:
+            if not self.scheduler.knows(request_id):  # (poll has taken it from _ended)
                 raise KeyError(f"request_id={request_id}: unknown or already returned")
             if stop is not None and stop.is_set():
                 return None

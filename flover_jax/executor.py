@@ -50,8 +50,10 @@ def _free_bytes(pool: jax.Device | str) -> int | None:
         except OSError:
             pass
         return None
-    stats = pool.memory_stats()
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if stats and "bytes_limit" in stats else None
+    stats = pool.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 def state_bytes(state, shardings) -> dict[jax.Device | str, int]:

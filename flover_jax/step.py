@@ -1,12 +1,13 @@
 """The device verbs: pure, jitted, DecodeState donated. Everything the host dispatches.
 
 - `prefill`:  right-padded prompts [b, t] -> their K/V and first sampled token.
-- The tokens a step samples come back as `Sampled` (tokens, and log-probabilities
-  for the rows that ask).
 - `insert`:   write a prefill into chosen slots (padding rows carry slot = S and drop).
 - `decode_step`: one token for every active slot in the window [start, start + width).
 - `compact`:  move whole slots src -> dst (the memory shuffle), in place.
 - `release`:  deactivate slots the host finished (stop strings, stop ids, cancel).
+
+Sampled tokens come back as `Sampled`: the tokens, and their log-probabilities for the rows
+whose request asked.
 
 The functions are pure; `Verbs` jits them for one model and mesh with explicit
 in/out shardings and the state donated. Static arguments (width, kv_len and the
