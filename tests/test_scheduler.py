@@ -110,6 +110,7 @@ def scenarios(draw, busy: bool = False) -> Scenario:
             temperature=draw(st.sampled_from([0.0, 0.7, 1.0])),
             top_k=draw(st.sampled_from([0, 5])),
             top_p=draw(st.sampled_from([1.0, 0.9])),
+            logprobs=draw(st.booleans()),
         )
         if bad == "empty_prompt":
             prompt = []
@@ -262,6 +263,8 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
         else:
             assert out.finish_reason == reason, (spec, out, expected)
             assert out.token_ids == expected, (spec, out, expected)
+        assert out.logprobs == (expected_logprobs(spec.prompt, out.token_ids, spec.params.seed)
+                                if spec.params.logprobs else None)
         assert len(out.token_times_s) == len(out.token_ids)
         assert out.token_times_s == sorted(out.token_times_s)
         if out.token_ids:
