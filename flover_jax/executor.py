@@ -158,8 +158,9 @@ class DeviceExecutor:
             params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)
         empty = partial(DecodeState.empty, cfg, num_slots, max_len)
-        state_sharding = sharding.state_shardings(jax.eval_shape(empty), cfg, self.mesh)
-        _check_state_fits(jax.eval_shape(empty), state_sharding, num_slots, max_len)
+        abstract_state = jax.eval_shape(empty)
+        state_sharding = sharding.state_shardings(abstract_state, cfg, self.mesh)
+        _check_state_fits(abstract_state, state_sharding, num_slots, max_len)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding,
