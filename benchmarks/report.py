@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import statistics
 from pathlib import Path
@@ -447,6 +448,20 @@ def gpu_width_section(probe: dict) -> str:
     )
 
 
+def interrupts_section(record: dict) -> str:
+    t = record["totals"]
+    by_mode = collections.Counter(try_["mode"] for try_ in record["tries"])
+    return (
+        "## Stopping on a signal (`benchmarks/interrupts.py`)\n\n"
+        f"`{record['command']}` on {record['cpu']}: {t['tries']} runs of main.py "
+        f"({', '.join(f'{n} {mode}' for mode, n in sorted(by_mode.items()))}), each sent SIGINT "
+        "(or, one in five, SIGTERM) at a random moment of its load, warm-up or run; "
+        f"{t['interrupted']} were still running when it came. **{t['clean']} of {t['tries']} "
+        f"stopped cleanly** (exit 130 / 143, or finished before the signal): "
+        f"{t['crashes']} crashes, {t['tracebacks']} tracebacks, {t['hangs']} hangs.\n"
+    )
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -487,6 +502,8 @@ def main() -> None:
             json.loads((RESULTS / "gpu_h200_batch_invariant.json").read_text())))
     if (RESULTS / "timeline.json").exists():
         parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
+    if (RESULTS / "interrupts.json").exists():
+        parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
     notes = Path("benchmarks/NOTES.md")
     if notes.exists():
         parts.append(notes.read_text())

@@ -25,4 +25,5 @@ PYEOF
 "$PY" benchmarks/paper.py --gaps_s=0.05,0.5,2.0 --poisson_output_len=128
 "$PY" benchmarks/roofline.py
 "$PY" benchmarks/compare_peers.py
+"$PY" benchmarks/interrupts.py --tries=50 --output_json=benchmarks/results/interrupts.json
 "$PY" benchmarks/report.py

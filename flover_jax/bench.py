@@ -17,7 +17,8 @@ from flover_jax.engine import Engine, TimedRequest
 def solo_latency_fit(engine: Engine, requests: Sequence[TimedRequest], samples: int = 3):
     """(ttft_s, tpot_s) of a request running alone: its latency is ttft + (tokens - 1) * tpot.
 
-    Measured on `samples` requests of the workload (shortest, longest and between),
+    Measured on `samples` requests of the workload (shortest, longest and between; at most
+    all of them),
     each run alone on an idle engine after one untimed solo run (compiles);
     medians, since one request's decode steps cost nearly the same at any context.
     tpot_s is 0 when no sample generated more than one token.
@@ -25,6 +26,7 @@ def solo_latency_fit(engine: Engine, requests: Sequence[TimedRequest], samples: 
     if not requests or samples < 1:
         raise ValueError(f"solo_latency_fit: needs requests and samples >= 1, got "
                          f"{len(requests)} and {samples}")
+    samples = min(samples, len(requests))
     by_length = sorted(requests, key=lambda r: r.params.max_new_tokens)
     picks = [by_length[round(i * (len(by_length) - 1) / max(samples - 1, 1))] for i in range(samples)]
 

@@ -1,7 +1,8 @@
 """orbax-checkpoint save / restore of a model: params, config and tokenizer in one directory.
 
 Layout of a checkpoint directory:
-  config.json     ModelConfig fields plus a format version
+  .flover_checkpoint  written first: the directory is a checkpoint's, complete or not
+  config.json     ModelConfig fields plus a format version, written last
   params/         orbax PyTree checkpoint of `models.transformer.Params`
   tokenizer.json  and tokenizer_config.json, when the model has a tokenizer
 """
@@ -21,6 +22,7 @@ from models.config import ModelConfig
 from models.transformer import Params, init_params
 
 FORMAT_VERSION = 1
+MARKER = ".flover_checkpoint"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -42,10 +44,9 @@ def save(
 ) -> Path:
     """Write a checkpoint (replacing one already at `directory`, and nothing else)."""
     directory = Path(directory).absolute()
-    if not _replaceable(directory):
-        raise CheckpointError(f"{directory}: exists and is not a flover_jax checkpoint; give a "
-                              "new or empty directory (nothing was written)")
+    check_writable(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("written by flover_jax.checkpoint.save\n")
     # An older checkpoint's marker and tokenizer go first: an interrupted save must not look
     # complete, and a save without a tokenizer must not restore the old one.
     for name in ("config.json", *Tokenizer.FILES):
@@ -60,18 +61,27 @@ def save(
     return directory
 
 
+def check_writable(directory: str | Path) -> None:
+    """Refuse, before any work, a directory a save may not write into: one that holds anything
+    but a checkpoint (a complete one, or one whose save was cut short)."""
+    directory = Path(directory).absolute()
+    if not _replaceable(directory):
+        raise CheckpointError(f"{directory}: exists and is not a flover_jax checkpoint; give a "
+                              "new or empty directory (nothing was written)")
+
+
 def _replaceable(directory: Path) -> bool:
-    """Whether a save may write at `directory`: nothing there, or only a checkpoint's own files
-    (a complete one, or one whose save was cut short)."""
     if not directory.exists():
         return True
     if not directory.is_dir():
         return False
-    if (directory / "config.json").exists() and not is_checkpoint(directory):
-        return False
-    # orbax writes params/ through a temporary sibling named after it.
-    return all(entry.name == "config.json" or entry.name in Tokenizer.FILES
-               or entry.name.startswith("params") for entry in directory.iterdir())
+    entries = list(directory.iterdir())
+    if not entries or (directory / MARKER).is_file():
+        return True
+    # A complete checkpoint saved before the marker existed: its own files only.
+    return is_checkpoint(directory) and all(
+        entry.name == "config.json" or entry.name in Tokenizer.FILES
+        or entry.name.startswith("params") for entry in entries)
 
 
 def load_config(directory: str | Path) -> ModelConfig:

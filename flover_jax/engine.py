@@ -119,18 +119,27 @@ class Engine:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def chat_prompt(self, user_message: str) -> str:
-        """The model's chat template around one user message, ready for generation."""
+    def chat_prompt(self, user_message: str) -> list[int]:
+        """The token ids of the model's chat template around one user message, ready for
+        generation. Special tokens written in the message are text, not control tokens: a
+        user cannot close their turn or open a system one."""
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
+        if not isinstance(user_message, str):
+            raise ValueError(f"user_message={user_message!r}: must be a string")
         messages = [{"role": "user", "content": user_message}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Invalid requests end at once with "error"."""
         return self.scheduler.submit(prompt, params)
+
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> None:
+        """Raise ValueError naming what about a request cannot run here (`submit` would end it
+        at once with that error); for callers that vet a whole workload before starting it."""
+        self.scheduler.check_request(prompt, params)
 
     def cancel(self, request_id: int) -> None:
         self.scheduler.cancel(request_id)
@@ -183,6 +192,11 @@ class Engine:
                              "wrap a single prompt in a list")
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
+        if not isinstance(params, (list, tuple)) or not all(
+            isinstance(p, SamplingParams) for p in params
+        ):
+            raise ValueError(f"params={params!r}: must be a SamplingParams, or a list of one per "
+                             "prompt (a dict of settings: SamplingParams(**settings))")
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
         ids = [self.submit(p, sp) for p, sp in zip(prompts, params)]
@@ -196,12 +210,14 @@ class Engine:
         on_iteration: Callable[[Scheduler], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        stop: threading.Event | None = None,
     ) -> RunResult:
         """Replay arrival-timed requests through a fresh scheduler (clock starts now).
 
         on_event(kind, request) hears "added" / "finished"; on_iteration(scheduler)
         runs after each iteration (the live view uses both). Tests pass a fake
-        clock and sleep to make arrivals deterministic.
+        clock and sleep to make arrivals deterministic. Once `stop` is set, the requests
+        not yet finished are cancelled and the run returns.
         """
         if self.scheduler.has_work():
             raise RuntimeError("run: the engine still has submitted requests; finish them first")
@@ -211,7 +227,7 @@ class Engine:
         try:
             ids = [scheduler.submit(r.prompt, r.params, r.arrival_s) for r in workload]
             start = time.perf_counter()
-            scheduler.run_until_idle(on_iteration)
+            scheduler.run_until_idle(on_iteration, stop)
             wall = time.perf_counter() - start
             outputs = [scheduler.pop_request(i).output() for i in ids]
         finally:  # later calls get the engine's own policy, clock and no callbacks

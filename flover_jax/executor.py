@@ -83,6 +83,23 @@ def _check_state_fits(state, shardings, num_slots: int, max_len: int) -> None:
             "(lower max_slots or max_len)")
 
 
+def _check_count(name: str, value, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name}={value!r}: must be an int >= {least}")
+
+
+def _check_finite(params: Params) -> None:
+    """Refuse weights holding NaN or infinity (a damaged checkpoint): they would decode some
+    token every step all the same, token 0 for all-NaN logits, with no sign of trouble."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    finite = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(x)) for x in leaves])(
+        [leaf for _, leaf in flat])
+    for (path, _), ok in zip(flat, finite):
+        if not ok:
+            raise ValueError(f"params{jax.tree_util.keystr(path)}: holds NaN or infinite values; "
+                             "the weights are damaged")
+
+
 def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Resolve the `attention` or `matmul` option. "auto" takes the CPU kernel where it applies:
     one CPU device (the kernels are not partitioned across a mesh), float32, and a C++
@@ -120,20 +137,26 @@ class DeviceExecutor:
         """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
         which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
         "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls."""
-        if num_slots < 1:
-            raise ValueError(f"max_slots={num_slots}: must be >= 1")
+        _check_count("max_slots", num_slots)
+        _check_count("max_len", max_len, 2)
         if max_prefill_batch is None:
             max_prefill_batch = 1 if batch_invariant else DEFAULT_PREFILL_BATCH
         if batch_invariant and max_prefill_batch != 1:
             raise ValueError(f"max_prefill_batch={max_prefill_batch}: must be 1 (or unset) with "
                              "batch_invariant=True, which prefills prompts one at a time")
-        if max_prefill_batch < 1:
-            raise ValueError(f"max_prefill_batch={max_prefill_batch}: must be >= 1")
+        _check_count("max_prefill_batch", max_prefill_batch)
         if not 2 <= max_len <= cfg.max_positions:
             raise ValueError(
                 f"max_len={max_len}: must be in [2, {cfg.max_positions}] (the model's positions)"
             )
         self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
+        # The capacity check comes first, on shapes alone: nothing proportional to max_slots or
+        # max_len is allocated before it (a billion slots once grew to 23 GB before any word).
+        empty = partial(DecodeState.empty, cfg, num_slots, max_len)
+        abstract_state = jax.eval_shape(empty)
+        state_sharding = sharding.state_shardings(abstract_state, cfg, self.mesh)
+        _check_state_fits(abstract_state, state_sharding, num_slots, max_len)
+        _check_finite(params)
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
@@ -157,10 +180,6 @@ class DeviceExecutor:
         else:
             params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(_place, params, params_sharding)
-        empty = partial(DecodeState.empty, cfg, num_slots, max_len)
-        abstract_state = jax.eval_shape(empty)
-        state_sharding = sharding.state_shardings(abstract_state, cfg, self.mesh)
-        _check_state_fits(abstract_state, state_sharding, num_slots, max_len)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding,

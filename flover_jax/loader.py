@@ -29,14 +29,23 @@ CHECKPOINT_DIR = Path(
 )
 
 
+def _check_source(source: object) -> None:
+    # An empty string is the current directory to pathlib: it would load whatever is there.
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise CheckpointError(f"model={source!r}: give a preset ({', '.join(PRESETS)}), a "
+                              "Hugging Face model directory, a .gguf file or a checkpoint "
+                              "directory")
+
+
 def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """Read a Hugging Face directory or a GGUF file (or the default model's) into float32
     numpy params."""
+    _check_source(source)
     if PRESETS.get(str(source)) == "tiny":
         raise CheckpointError(f"{source}: a preset of random weights, made in memory; there "
                               "is no file to convert")
     path = smollm2_gguf_path() if PRESETS.get(str(source)) == "gguf" else Path(source)
-    if path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
         reader = open_gguf(path)
         cfg, params = load_gguf(path, reader)
         try:
@@ -47,6 +56,9 @@ def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
             tokenizer = None
         return cfg, params, tokenizer
     if path.is_dir() and not checkpoint.is_checkpoint(path):
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{source}: a directory without config.json: neither a Hugging "
+                                  "Face model directory nor a checkpoint (nor a .gguf file)")
         cfg, params = load_hf(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
         return cfg, params, tokenizer
@@ -78,6 +90,7 @@ def load_model(
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    _check_source(source)
     name = str(source)
     if PRESETS.get(name) == "tiny":
         cfg = tiny_config(name.removeprefix("tiny-"))

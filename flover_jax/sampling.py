@@ -197,8 +197,10 @@ class SlotSampling:
 
     @classmethod
     def greedy(cls, num_slots: int) -> SlotSampling:
-        """All-greedy settings for `num_slots` empty slots."""
-        return cls.from_params((), num_slots)
+        """All-greedy settings for `num_slots` empty slots, as jax arrays: traceable, so that
+        evaluating a decode state's shapes allocates nothing (the capacity check does)."""
+        one = cls.from_params([_GREEDY])
+        return jax.tree.map(lambda row: jnp.full((num_slots,), row[0], row.dtype), one)
 
     @property
     def num_slots(self) -> int:

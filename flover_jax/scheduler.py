@@ -25,6 +25,7 @@ import dataclasses
 import heapq
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -35,7 +36,7 @@ from flover_jax.buckets import Buckets, bucket
 from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
 from flover_jax.sampling import Sampled, SamplingParams
 from flover_jax.slots import SlotTable, plan_compaction
-from flover_jax.tokenizer import Tokenizer
+from flover_jax.tokenizer import Tokenizer, check_unicode
 
 
 class Executor(Protocol):
@@ -105,6 +106,19 @@ class _DecodeInFlight:
     rows: list[Request | None]  # the owner of each window row when the step was dispatched
 
 
+# Arrivals further ahead than this are refused: a trace of Unix timestamps, or a rate of one
+# request a year, would otherwise wait silently until killed.
+MAX_WAIT_S = 24 * 3600.0
+
+
+def _valid(params: SamplingParams) -> bool:
+    try:
+        params.validate()
+    except ValueError:
+        return False
+    return True
+
+
 class RequestIds:
     """Request ids, unique across the schedulers that share one (an engine's)."""
 
@@ -168,26 +182,17 @@ class Scheduler:
         valid_arrival = (isinstance(arrival, numbers.Real) and not isinstance(arrival, bool)
                          and math.isfinite(arrival))
         params = SamplingParams() if params is None else params
-        try:
-            if not isinstance(params, SamplingParams):
-                raise ValueError(f"params={params!r}: must be a SamplingParams")
-            params.validate()
-            params_error = None
-        except ValueError as e:  # the request ends below; a valid stand-in lets it be built
-            params, params_error = SamplingParams(), str(e)
-        request = Request(request_id, [], params, float(arrival) if valid_arrival else now,
-                          self.tokenizer, self.eos_ids)
+        # The request is built before it is checked, so that an invalid one still ends as a
+        # request (with its error); a valid stand-in for bad params lets it be built.
+        usable = isinstance(params, SamplingParams) and _valid(params)
+        request = Request(request_id, [], params if usable else SamplingParams(),
+                          float(arrival) if valid_arrival else now, self.tokenizer, self.eos_ids)
         self._requests[request_id] = request
         try:
-            if not valid_arrival:
-                raise ValueError(f"arrival_s={arrival!r}: must be a finite number of seconds")
-            if params_error:
-                raise ValueError(params_error)
-            request.prompt_ids = self._prompt_ids(prompt)
-            if params.stop and self.tokenizer is None:
-                raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer; this model "
-                                 "has none (use stop_token_ids)")
-            self._check_fits(request)
+            if not valid_arrival or not arrival - now <= MAX_WAIT_S:
+                raise ValueError(f"arrival_s={arrival!r}: must be a finite number of seconds, at "
+                                 f"most {MAX_WAIT_S:.0f} s ahead of now ({now:.3f} s)")
+            request.prompt_ids = self.check_request(prompt, params)
         except (ValueError, TypeError) as e:
             request.finish(FinishReason.ERROR, max(request.arrival_s, now), error=str(e))
             self._finished[request.request_id] = request
@@ -197,11 +202,35 @@ class Scheduler:
         heapq.heappush(self._arrivals, (arrival, request_id, request))
         return request_id
 
+    def check_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or ValueError naming what about the request cannot run."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params={params!r}: must be a SamplingParams")
+        params.validate()
+        ids = self._prompt_ids(prompt)
+        vocab = self.executor.vocab_size
+        if bad := [t for t in params.stop_token_ids if t >= vocab]:
+            raise ValueError(f"stop_token_ids={params.stop_token_ids!r}: {bad[0]} is not a token "
+                             f"id; ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer; this model "
+                             "has none (use stop_token_ids)")
+        prompt_len, max_len = len(ids), self.executor.max_len
+        if prompt_len >= max_len:
+            raise ValueError(f"prompt: {prompt_len} tokens; must be shorter than max_len={max_len}")
+        if prompt_len + params.max_new_tokens > max_len:
+            raise ValueError(
+                f"max_new_tokens={params.max_new_tokens}: must be <= {max_len - prompt_len} "
+                f"(max_len={max_len} minus the prompt's {prompt_len} tokens)"
+            )
+        return ids
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: text given but this model has no tokenizer; pass token "
                                  "ids (prompt_ids in a prompts file)")
+            check_unicode("prompt", prompt)
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
             ids = list(prompt)
@@ -217,19 +246,11 @@ class Scheduler:
                 raise ValueError(f"prompt_ids[{i}]={token}: must be in [0, {vocab})")
         return [int(t) for t in ids]
 
-    def _check_fits(self, request: Request) -> None:
-        prompt, max_len = len(request.prompt_ids), self.executor.max_len
-        if prompt >= max_len:
-            raise ValueError(f"prompt: {prompt} tokens; must be shorter than max_len={max_len}")
-        if prompt + request.params.max_new_tokens > max_len:
-            raise ValueError(
-                f"max_new_tokens={request.params.max_new_tokens}: must be <= {max_len - prompt} "
-                f"(max_len={max_len} minus the prompt's {prompt} tokens)"
-            )
-
     def cancel(self, request_id: int) -> None:
         """Cancel a request; its slot is free by the end of the next iteration. A request
         that has already ended is left as it ended."""
+        if isinstance(request_id, bool) or not isinstance(request_id, (int, np.integer)):
+            raise ValueError(f"request_id={request_id!r}: must be an int, as submit returns")
         request = self._requests.get(request_id)
         if request is None and not 0 <= request_id <= self._ids.newest:
             raise KeyError(f"request_id={request_id}: no such request")
@@ -294,9 +315,21 @@ class Scheduler:
         if not self._running:
             self._in_flight = None  # its rows all belong to finished requests
 
-    def run_until_idle(self, on_iteration: Callable[[Scheduler], None] | None = None) -> None:
-        """Iterate until every submitted request has finished, waiting for future arrivals."""
+    def run_until_idle(
+        self,
+        on_iteration: Callable[[Scheduler], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Iterate until every submitted request has finished, waiting for future arrivals.
+        Once `stop` is set, the requests still waiting or running are cancelled: they end
+        (as "cancelled") within an iteration."""
+        stopping = False
         while self.has_work():
+            if stop is not None and stop.is_set() and not stopping:
+                stopping = True
+                for request_id, request in list(self._requests.items()):
+                    if not request.finished:
+                        self.cancel(request_id)
             self._wait_for_arrival()
             self.iteration()
             if on_iteration:
@@ -325,7 +358,7 @@ class Scheduler:
 
     def _wait_for_arrival(self) -> None:
         """When nothing runs or waits, sleep until the next request arrives."""
-        if self._arrivals and not (self._queue or self._running or self._in_flight):
+        if self._arrivals and not (self._queue or self._running or self._in_flight or self._cancels):
             self._sleep(max(0.0, self.next_arrival_s() - self.now()))
 
     # -- steps of an iteration --------------------------------------------------------------

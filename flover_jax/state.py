@@ -46,7 +46,7 @@ class DecodeState:
             remaining=zeros(),
             generated=zeros(),
             ignore_eos=zeros(dtype=bool),
-            sampling=jax.tree.map(jnp.asarray, SlotSampling.greedy(slots)),
+            sampling=SlotSampling.greedy(slots),
             seen=zeros((slots, cfg.vocab_size), bool),
             output_seen=zeros((slots, cfg.vocab_size), bool),
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -141,7 +142,10 @@ class Tokenizer:
         dropped, as llama.cpp and transformers do. Text that begins with BOS (a chat template
         writes one) gets no second BOS from the post-processor, as llama.cpp does.
         """
-        ids = self._tokenizer.encode(text).ids
+        check_unicode("text", text)
+        return self._one_bos(self._tokenizer.encode(text).ids, text)
+
+    def _one_bos(self, ids: list[int], text: str) -> list[int]:
         bos = self.bos_token_id
         if bos is not None and ids[:2] == [bos, bos]:
             written = self.id_to_token(bos)  # None for an id the vocabulary lacks
@@ -190,6 +194,59 @@ class Tokenizer:
 
     def _first_eos(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Token ids of `messages` in the chat template, where what the messages say stays text:
+        a special token written in a message (`<|im_end|>`, say) is encoded as the characters
+        it is made of, so a user cannot end their turn or open a system one; the template's
+        own special tokens stay special (as transformers' chat pipeline and vLLM). Messages
+        without special tokens in them get `encode(apply_chat_template(...))` exactly.
+
+        How: each special token's text in the messages is swapped for one private-use
+        character before rendering; the rendered text is cut at the special tokens left (the
+        template's), and the pieces between, swapped back, are encoded with special tokens
+        read as text.
+        """
+        specials = self._special_token_texts()
+        if not specials:
+            text = self.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
+            return self.encode(text)
+        strings = list(_strings(messages))
+        for i, string in enumerate(strings):
+            check_unicode(f"messages string {i}", string)
+        base = _placeholder_base(strings, len(specials))
+        escape = {text: chr(base + i) for i, text in enumerate(specials)}
+        unescape = str.maketrans({chr(base + i): text for i, text in enumerate(specials)})
+        matcher = re.compile("|".join(map(re.escape, specials)))  # longest first wins
+        escaped = _map_strings(messages, lambda value: matcher.sub(lambda m: escape[m[0]], value))
+        text = self.apply_chat_template(escaped, add_generation_prompt, **template_kwargs)
+        pieces, start = [], 0
+        for match in matcher.finditer(text):
+            pieces.append(self._as_text.encode(text[start:match.start()].translate(unescape),
+                                               add_special_tokens=False))
+            pieces.append(self._tokenizer.encode(match[0], add_special_tokens=False))
+            start = match.end()
+        pieces.append(self._as_text.encode(text[start:].translate(unescape),
+                                           add_special_tokens=False))
+        encoding = self._tokenizer.post_process(tokenizers.Encoding.merge(pieces))
+        return self._one_bos(encoding.ids, text)
+
+    def _special_token_texts(self) -> list[str]:
+        """The special tokens' texts, longest first (so an alternation matches the longest)."""
+        added = self._tokenizer.get_added_tokens_decoder().values()
+        return sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True)
+
+    @functools.cached_property
+    def _as_text(self) -> tokenizers.Tokenizer:
+        """A copy that reads special tokens written in text as plain text."""
+        copy = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json; `from_file`
@@ -417,6 +474,58 @@ class IncrementalDecoder:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def check_unicode(name: str, text: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (from a JSON "\\ud800", say) is not
+    a character."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}={text!r}: must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: holds a lone surrogate U+{ord(text[e.start]):04X} at index "
+                         f"{e.start}, which is not a character (text must be valid Unicode)") from None
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string inside messages (contents, names, parts of a list content)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _map_strings(value: Any, f: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return f(value)
+    if isinstance(value, Mapping):
+        return {key: _map_strings(item, f) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(item, f) for item in value]
+    return value
+
+
+# Private-use planes 15 and 16: characters no tokenizer gives a meaning of its own.
+_PRIVATE_USE = ((0xF0000, 0xFFFFD), (0x100000, 0x10FFFD))
+
+
+def _placeholder_base(strings: Sequence[str], count: int) -> int:
+    """The first of `count` private-use characters in a row that none of `strings` holds."""
+    used = {ord(c) for s in strings for c in s if ord(c) >= _PRIVATE_USE[0][0]}
+    for low, high in _PRIVATE_USE:
+        base = low
+        while base + count - 1 <= high:
+            clash = [c for c in used if base <= c < base + count]
+            if not clash:
+                return base
+            base = max(clash) + 1
+    raise ValueError("messages: use so many private-use characters that none is left to mark "
+                     "special tokens with")
 
 
 def _byte_level_pre_tokenizer(pre: str, source: str) -> pre_tokenizers.PreTokenizer:

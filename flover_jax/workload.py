@@ -9,17 +9,19 @@ line with `arrival_s`, `prompt` or `prompt_ids` and any SamplingParams field).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from flover_jax import files
 from flover_jax.engine import TimedRequest
 from flover_jax.sampling import SamplingParams
+from flover_jax.scheduler import MAX_WAIT_S
 
 ARRIVALS = ("constant", "poisson", "burst", "trace")
+MAX_REQUESTS = 1_000_000  # a workload is built whole in memory
 
 # Chat questions of the default run: short prompts, answers of varied lengths.
 DEMO_QUESTIONS = (
@@ -54,22 +56,29 @@ def arrival_times(
     kind: str, n: int, *, interval_s: float = 0.5, rate: float = 1.0, burstiness: float = 1.0,
     seed: int = 0,
 ) -> np.ndarray:
-    """Arrival offsets in seconds of n requests, the first at 0."""
-    if n < 1:
-        raise ValueError(f"num_requests={n}: must be >= 1")
+    """Arrival offsets in seconds of n requests, the first at 0, the last within MAX_WAIT_S."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_requests={n!r}: must be >= 1")
+    if n > MAX_REQUESTS:
+        raise ValueError(f"num_requests={n}: at most {MAX_REQUESTS}")
     rng = _rng(seed)
     if kind == "constant":
         if not (0 <= interval_s < math.inf):
             raise ValueError(f"interval_s={interval_s}: must be >= 0 and finite")
-        return np.arange(n) * interval_s
-    if kind == "burst":
+        arrivals, name = np.arange(n) * interval_s, f"interval_s={interval_s}"
+    elif kind == "burst":
         return np.zeros(n)
-    if kind == "poisson":
+    elif kind == "poisson":
         _positive("rate", rate)
         _positive("burstiness", burstiness)
         gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n - 1)
-        return np.concatenate([[0.0], np.cumsum(gaps)])
-    raise ValueError(f"workload={kind!r}: must be one of {ARRIVALS}")
+        arrivals, name = np.concatenate([[0.0], np.cumsum(gaps)]), f"rate={rate}"
+    else:
+        raise ValueError(f"workload={kind!r}: must be one of {ARRIVALS}")
+    if not arrivals[-1] <= MAX_WAIT_S:
+        raise ValueError(f"{name}: the last of {n} requests would arrive after "
+                         f"{arrivals[-1]:.3g} s, past the {MAX_WAIT_S:.0f} s a workload may span")
+    return arrivals
 
 
 def output_lengths(spec: str | int, n: int, seed: int = 0) -> np.ndarray:
@@ -160,28 +169,31 @@ def demo(chat_prompt, n: int = 24, rate: float = 4.0, seed: int = 0) -> list[Tim
     return with_prompts(prompts, "poisson", n, "uniform:24:96", seed=seed, rate=rate)
 
 
-def read_trace(path: str | Path, defaults: SamplingParams = SamplingParams()) -> list[TimedRequest]:
-    """A JSONL trace: a request a line, `arrival_s` (seconds from the start, >= 0) and what
-    `parse_request` reads; fields a line leaves out take `defaults`. Blank lines are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ValueError(f"trace={str(path)!r}: {e.strerror}") from None
+def read_trace(
+    path: str | Path,
+    defaults: SamplingParams = SamplingParams(),
+    check: Callable[[str | list, SamplingParams], None] | None = None,
+) -> list[TimedRequest]:
+    """A JSONL trace: a request a line, `arrival_s` (seconds from the start, >= 0, at most
+    MAX_WAIT_S) and what `parse_request` reads; fields a line leaves out take `defaults`.
+    `check(prompt, params)` may refuse a line's request too (`Engine.check_request`). Any
+    bad line raises ValueError naming it; blank lines are skipped."""
     requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for line in files.read_jsonl("trace", path):
         try:
-            prompt, params, others = parse_request(json.loads(line), defaults, ("arrival_s",))
+            if line.error:
+                raise ValueError(line.error)
+            prompt, params, others = parse_request(line.value, defaults, ("arrival_s",))
             arrival = others.get("arrival_s", 0.0)
             if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not (
-                0 <= arrival < math.inf
+                0 <= arrival <= MAX_WAIT_S
             ):
-                raise ValueError(f"arrival_s={arrival!r}: must be a number of seconds >= 0")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+                raise ValueError(f"arrival_s={arrival!r}: must be seconds from the start, in "
+                                 f"[0, {MAX_WAIT_S:.0f}] (not a timestamp)")
+            if check is not None:
+                check(prompt, params)
         except ValueError as e:
-            raise ValueError(f"{path}:{number}: {e}") from None
+            raise ValueError(f"{path}:{line.number}: {e}") from None
         requests.append(TimedRequest(prompt, params, float(arrival)))
     if not requests:
         raise ValueError(f"trace={str(path)!r}: no requests")

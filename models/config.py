@@ -9,6 +9,9 @@ transformer. The config names those switches so that one forward pass
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from typing import Literal
 
 import jax.numpy as jnp
@@ -50,6 +53,23 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(ModelConfig)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _has_type(value, hints[field.name]):
+                raise ValueError(f"{field.name}={value!r}: must be {_describe(hints[field.name])}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "d_ff", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("norm_eps", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0 and finite")
+        for token_id in (self.bos_token_id, *self.eos_token_ids):
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                name = "bos_token_id" if token_id is self.bos_token_id else "eos_token_ids"
+                raise ValueError(f"{name}: {token_id} is not a token id; ids must be in "
+                                 f"[0, {self.vocab_size}) (vocab_size)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -86,3 +106,39 @@ class ModelConfig:
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a config value has its field's annotated type (an int is a float too; a bool
+    is not an int; floats are finite)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    return isinstance(value, hint)
+
+
+def _describe(hint: object) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if hint is type(None):
+        return "null"
+    return {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}.get(
+        hint, f"a {getattr(hint, '__name__', hint)}")

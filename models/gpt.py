@@ -8,6 +8,7 @@ own layout and raises if the tensor is missing or has another shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -27,11 +28,20 @@ def _count(hf: dict, key: str, default: int | None = None) -> int:
     return value
 
 
+def _real(hf: dict, key: str, default: float) -> float:
+    """A positive, finite number field of config.json."""
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{key}={value!r}: must be a positive, finite number")
+    return float(value)
+
+
 def _eos_ids(hf: dict) -> tuple[int, ...]:
+    """eos_token_id as a tuple, as it is: ModelConfig checks that each is a token id."""
     eos = hf.get("eos_token_id")
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
 def _check_activation(hf: dict, family: str) -> None:
@@ -55,7 +65,7 @@ def _gpt_fields(hf: dict, family: str) -> dict:
         d_ff=_count(hf, "n_inner", 4 * d),
         max_positions=_count(hf, "n_positions"),
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=_real(hf, "layer_norm_epsilon", 1e-5),
         activation="gelu_tanh",
         mlp_bias=True,
         bos_token_id=hf.get("bos_token_id"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import ModelConfig
-from models.gpt import TensorGetter, _count, _eos_ids
+from models.gpt import TensorGetter, _count, _eos_ids, _real
 from models.layers import AttentionWeights, MlpWeights, NormWeights
 from models.transformer import LayerWeights, Params
 
@@ -20,7 +20,9 @@ def _rope_theta(hf: dict) -> float:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         raise ValueError(f"llama: rope scaling rope_type={kind!r} is unsupported (default only)")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if "rope_theta" in rope:
+        return _real(rope, "rope_theta", 10000.0)
+    return _real(hf, "rope_theta", 10000.0)
 
 
 def llama_config(hf: dict) -> ModelConfig:
@@ -46,7 +48,7 @@ def llama_config(hf: dict) -> ModelConfig:
         d_ff=_count(hf, "intermediate_size"),
         max_positions=max_positions,
         norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=_real(hf, "rms_norm_eps", 1e-6),
         positions="rope_half",
         rope_theta=_rope_theta(hf),
         gated_mlp=True,

@@ -141,27 +141,39 @@ def strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_bench_reports_runs_with_failed_requests_in_valid_json(tmp_path):
-    # One request asks for more than max_len allows: it ends with an error, the others run,
-    # and the solo reference is fitted on the requests that finished.
+def test_bench_stops_before_it_starts_on_a_trace_line_that_cannot_run(tmp_path):
+    # Line 2 asks for more than max_len allows: the bench refuses to start, naming it, rather
+    # than timing a workload with a request missing.
     trace = tmp_path / "trace.jsonl"
     lines = [{"arrival_s": 0.0, "prompt_ids": [5, 6], "max_new_tokens": 6},
              {"arrival_s": 0.01, "prompt_ids": [7], "max_new_tokens": 200},
              {"arrival_s": 0.02, "prompt_ids": [8, 9, 10], "max_new_tokens": 1}]
     trace.write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "bench.json"
-    common = ["--mode=bench", "--model=tiny-llama", "--workload=trace", f"--trace={trace}",
-              "--max_slots=2", "--max_len=64", "--ignore_eos", "--nowarmup", f"--output_json={out}"]
-    result = run_main(*common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = strict_json(out.read_text())
+    result = run_main("--mode=bench", "--model=tiny-llama", "--workload=trace", f"--trace={trace}",
+                      "--max_slots=2", "--max_len=64", "--ignore_eos", "--nowarmup",
+                      f"--output_json={out}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {trace}:2: max_new_tokens=200: must be <= 63" in result.stderr
+    assert not out.exists()
+
+
+def test_bench_summary_of_runs_with_failed_requests_is_valid_json():
+    # Through the API a request may still fail (here: too long): the summary counts it, the
+    # solo reference is fitted on those that finished, and undefined figures are null.
+    from flover_jax import bench
+    from flover_jax.engine import Engine, TimedRequest
+    from flover_jax.sampling import SamplingParams
+
+    engine = Engine.from_pretrained("tiny-llama", max_slots=2, max_len=64)
+    requests = [TimedRequest([5, 6], SamplingParams(max_new_tokens=6, ignore_eos=True)),
+                TimedRequest([7], SamplingParams(max_new_tokens=200), 0.01),
+                TimedRequest([8, 9, 10], SamplingParams(max_new_tokens=1), 0.02)]
+    summary = strict_json(json.dumps(bench.run(engine, requests, warmup=False), allow_nan=False))
     assert summary["errors"] == 1 and summary["output_tokens"] == 7
     assert summary["latency_vs_solo"] > 0 and summary["solo"]["tpot_s"] > 0
-    # Nothing finishes: undefined figures are null, the makespan 0.
-    trace.write_text(json.dumps(lines[1]))
-    result = run_main(*common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = strict_json(out.read_text())
+    summary = strict_json(json.dumps(bench.run(engine, requests[1:2], warmup=False),
+                                     allow_nan=False))
     assert summary["errors"] == 1 and summary["makespan_s"] == 0.0
     assert summary["latency_vs_solo"] is None and summary["tpot_s"]["p50"] is None
 
@@ -201,11 +213,10 @@ def test_flags_that_do_not_apply_or_hold_bad_values_fail_before_work(args, messa
 
 
 def test_every_flag_belongs_to_a_mode():
-    import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("flover_main", REPO / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
-    ours = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', (REPO / "main.py").read_text()))
-    assert len(ours) > 30 and ours == set().union(*main.MODE_FLAGS.values()) | {"mode"}
+    from flover_jax.cli import flags
+
+    source = (REPO / "flover_jax" / "cli" / "flags.py").read_text()
+    ours = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+    assert len(ours) > 30 and ours == set().union(*flags.MODE_FLAGS.values()) | {"mode"}

@@ -135,9 +135,10 @@ def test_cpu_kernels_and_xla_ops_agree(engine, xla_engine):
 def test_engine_sizes_are_checked(tiny):
     cfg, params = tiny
     for options, message in [
-        (dict(max_slots=0), r"max_slots=0: must be >= 1"),
-        (dict(max_len=1), r"max_len=1: must be in \[2, "),
-        (dict(max_prefill_batch=0), r"max_prefill_batch=0: must be >= 1"),
+        (dict(max_slots=0), r"max_slots=0: must be an int >= 1"),
+        (dict(max_len=1), r"max_len=1: must be an int >= 2"),
+        (dict(max_len=4096), r"max_len=4096: must be in \[2, "),
+        (dict(max_prefill_batch=0), r"max_prefill_batch=0: must be an int >= 1"),
         (dict(max_prefill_batch=4, batch_invariant=True),
          r"max_prefill_batch=4: must be 1 \(or unset\) with batch_invariant=True"),
     ]:

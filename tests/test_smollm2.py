@@ -41,7 +41,7 @@ def hf_model():
 def test_last_token_logits_match_hf(engine, hf_model):
     forward = jax.jit(transformer.forward, static_argnums=1)
     for question in QUESTIONS:
-        ids = engine.tokenizer.encode(engine.chat_prompt(question))
+        ids = engine.chat_prompt(question)
         ours = forward(engine.executor.params, engine.cfg, jnp.asarray([ids]))[0, -1]
         with torch.no_grad():
             theirs = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
@@ -50,7 +50,7 @@ def test_last_token_logits_match_hf(engine, hf_model):
 
 def test_greedy_32_tokens_and_their_logprobs_equal_hf_generate(engine, hf_model):
     for question in QUESTIONS:
-        ids = engine.tokenizer.encode(engine.chat_prompt(question))
+        ids = engine.chat_prompt(question)
         with torch.no_grad():
             generated = hf_model.generate(
                 torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=2,

@@ -68,11 +68,12 @@ def _open_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
 
 def load_hf_config(directory: Path) -> tuple[dict, ModelConfig]:
     hf = _read_json(directory / "config.json")
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch not in ARCHITECTURES:
+    architectures = hf.get("architectures") or ["?"]
+    arch = architectures[0] if isinstance(architectures, list) else architectures
+    if not isinstance(architectures, list) or not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise CheckpointError(
             f"{directory / 'config.json'}: architecture {arch!r} is unsupported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(ARCHITECTURES)} (architectures: a list of names)"
         )
     make_config = ARCHITECTURES[arch][0]
     try:

@@ -1,0 +1,96 @@
+"""--mode=bench: a timed workload and its summary JSON. A bad line stops it before it starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from flover_jax import files
+from flover_jax.cli import common
+from flover_jax.cli.flags import FLAGS, default_sampling
+from flover_jax.cli.interrupts import Interrupts
+
+
+def _arrival_flags() -> dict:
+    return {"seed": FLAGS.seed, "interval_s": FLAGS.interval_s, "rate": FLAGS.rate,
+            "burstiness": FLAGS.burstiness}
+
+
+def _check_workload() -> None:
+    """Refuse bad workload and sampling flags before the model loads."""
+    from flover_jax import workload
+
+    default_sampling()
+    if FLAGS.solo_samples < 0:
+        raise ValueError(f"--solo_samples={FLAGS.solo_samples}: must be >= 0 (0 skips the solo runs)")
+    if FLAGS.workload == "trace":
+        if not FLAGS.trace:
+            raise ValueError("--workload=trace needs --trace=FILE")
+        return
+    # Sizes first: each below is built whole in memory.
+    workload.arrival_times(FLAGS.workload, FLAGS.num_requests, **_arrival_flags())
+    if not FLAGS.prompts_file and not 1 <= FLAGS.prompt_len < FLAGS.max_len:
+        raise ValueError(f"--prompt_len={FLAGS.prompt_len}: must be in [1, {FLAGS.max_len}) "
+                         "(--max_len)")
+    workload.output_lengths(FLAGS.output_len, FLAGS.num_requests, FLAGS.seed)
+
+
+def _workload(engine):
+    """The timed requests, each checked against the engine here: a request that could not run
+    stops the bench before it starts, named, instead of counting as an error."""
+    from flover_jax import workload
+
+    defaults = default_sampling()
+    if FLAGS.workload == "trace":
+        return workload.read_trace(FLAGS.trace, defaults, check=engine.check_request)
+    arrivals = _arrival_flags()
+    if FLAGS.prompts_file:  # real prompts, arrivals and lengths as the flags say
+        prompts, numbers = [], []
+        for line in files.read_jsonl("prompts_file", FLAGS.prompts_file):
+            prompt, params, length = common.parse_line(line, defaults, ("max_new_tokens",))
+            if length:
+                raise ValueError(f"line {line.number}: max_new_tokens={length['max_new_tokens']!r}: "
+                                 "bench takes output lengths from --output_len")
+            if FLAGS.chat and isinstance(prompt, str):
+                prompt = engine.chat_prompt(prompt)
+            prompts.append((prompt, params))
+            numbers.append(line.number)
+        requests = workload.with_prompts(prompts, FLAGS.workload, FLAGS.num_requests,
+                                         FLAGS.output_len, **arrivals)
+        # Request i is line i's prompt (cycling), with its own drawn length.
+        where = [f"prompts_file line {numbers[i % len(numbers)]}" for i in range(len(requests))]
+    else:
+        requests = workload.synthetic(FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len,
+                                      FLAGS.output_len, engine.cfg.vocab_size, params=defaults,
+                                      **arrivals)
+        where = [f"request {i} (--prompt_len, --output_len)" for i in range(len(requests))]
+    for request, label in zip(requests, where):
+        try:
+            engine.check_request(request.prompt, request.params)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+    return requests
+
+
+def bench_mode(interrupts: Interrupts) -> int:
+    """A signal ends bench at once: a run cut short is not a measurement."""
+    from rich.console import Console
+
+    from flover_jax import bench, viz
+
+    common.follow_unless_process_0()
+    _check_workload()
+    output = files.output("output_json", FLAGS.output_json,
+                          [("trace", FLAGS.trace), ("prompts_file", FLAGS.prompts_file)])
+    engine = common.engine()
+    requests = _workload(engine)
+    if FLAGS.warmup:
+        print("compiling every shape bucket first (excluded from the timings; cached in "
+              ".cache/jax for later runs)", file=sys.stderr, flush=True)
+    summary = bench.run(engine, requests, warmup=FLAGS.warmup, solo_samples=FLAGS.solo_samples)
+    Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
+    with output.open() as out:
+        out.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")  # undefined: null
+    if output.path is not None:
+        print(f"wrote {output.path}", file=sys.stderr)
+    return 0
