@@ -188,8 +188,8 @@ def read_trace(
             if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not (
                 0 <= arrival <= MAX_WAIT_S
             ):
-                raise ValueError(f"arrival_s={arrival!r}: must be seconds from the start, in "
-                                 f"[0, {MAX_WAIT_S:.0f}] (not a timestamp)")
+                raise ValueError(f"arrival_s={arrival!r}: must be a number of seconds >= 0 and "
+                                 f"<= {MAX_WAIT_S:.0f}, from the start (not a timestamp)")
             if check is not None:
                 check(prompt, params)
         except ValueError as e:
