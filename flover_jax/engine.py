@@ -136,10 +136,11 @@ class Engine:
         """Queue one request; returns its id. Invalid requests end at once with "error"."""
         return self.scheduler.submit(prompt, params)
 
-    def check_request(self, prompt: Prompt, params: SamplingParams) -> None:
-        """Raise ValueError naming what about a request cannot run here (`submit` would end it
-        at once with that error); for callers that vet a whole workload before starting it."""
-        self.scheduler.check_request(prompt, params)
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or ValueError naming what about the request cannot run here
+        (`submit` would end it at once with that error): for callers that vet requests before
+        they start them. Reads only the tokenizer and the engine's sizes: any thread may call it."""
+        return self.scheduler.check_request(prompt, params)
 
     def cancel(self, request_id: int) -> None:
         self.scheduler.cancel(request_id)

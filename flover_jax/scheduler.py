@@ -339,6 +339,11 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests that have arrived and wait for a slot."""
+        return len(self._queue)
+
     def stream(self, request_id: int) -> Iterator[StreamDelta]:
         """Drive the loop and yield the request's new tokens and text as they come."""
         request = self._requests.get(request_id)

@@ -5,6 +5,7 @@
   python main.py --mode=generate --prompts_file=in.jsonl --output=out.jsonl
   python main.py --mode=bench --workload=constant --num_requests=32 --output_json=r.json
   python main.py --mode=convert --src=model.gguf --dst=checkpoints/name
+  python main.py --mode=serve --model=smollm2-135m --port=8000
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from flover_jax.cli.flags import FLAGS, check_flags
 from flover_jax.cli.generate import generate_mode
 from flover_jax.cli.interrupts import Interrupts
 from flover_jax.cli.run import run_mode
+from flover_jax.cli.serve import serve_mode
 
-MODES = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode}
+MODES = {"run": run_mode, "generate": generate_mode, "bench": bench_mode, "convert": convert_mode,
+         "serve": serve_mode}
 REPO = Path(__file__).resolve().parents[2]
 
 

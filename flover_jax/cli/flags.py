@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert"], "What to do.")
+flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert", "serve"], "What to do.")
 flags.DEFINE_string("model", "smollm2-135m", "Preset, Hugging Face directory, .gguf or checkpoint.")
 flags.DEFINE_string("dtype", None, "Weights' dtype (default: the checkpoint's; imports are float32); "
                     "bfloat16 suits GPU/TPU.")
@@ -53,6 +53,13 @@ flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens: N or unifor
 flags.DEFINE_string("output_json", None, "Write the bench summary here ('-': stdout, the default).")
 flags.DEFINE_bool("warmup", True, "Compile every bucket before timing (bench).")
 flags.DEFINE_integer("solo_samples", 3, "Requests run alone for latency_vs_solo (0: skip).")
+# serve
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free one; the log says which).")
+flags.DEFINE_string("api_key", None, "Clients must send 'Authorization: Bearer KEY' on /v1 "
+                    "routes (default: $FLOVER_API_KEY; unset: no key).")
+flags.DEFINE_integer("max_waiting", 64, "Requests that may queue beyond the slots; more: 429.")
+flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long requests in flight may finish.")
 # convert
 flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face directory).")
 flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
@@ -70,6 +77,7 @@ MODE_FLAGS = {
         "trace", "prompts_file", "chat", "prompt_len", "output_len", "output_json", "warmup",
         "solo_samples"),
     "convert": ("src", "dst"),
+    "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s"),
 }
 # Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
 NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")

@@ -1,0 +1,280 @@
+"""The OpenAI-compatible server, driven live on 127.0.0.1 with the official `openai` client.
+
+The model is a tiny random LLaMA with SmolLM2's tokenizer and chat template: real text in and
+out, fast steps. Greedy requests are compared with the same request sent alone.
+"""
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import openai
+import pytest
+import uvicorn
+
+from flover_jax.engine import Engine
+from flover_jax.server.app import ServerState, create_app
+from flover_jax.tokenizer import Tokenizer
+from models.presets import smollm2_gguf_path, tiny_config
+from models.transformer import init_params
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+GREEDY = {"temperature": 0.0}
+
+
+def start_server(state: ServerState, engine: Engine):
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    state.ready(engine)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_gguf(smollm2_gguf_path())
+
+
+def tiny_chat_engine(tokenizer, max_slots=4):
+    cfg = tiny_config("llama", vocab_size=tokenizer.vocab_size)
+    return Engine(cfg, init_params(cfg, jax.random.key(0), scale=0.3), tokenizer,
+                  max_slots=max_slots, max_len=128)
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    state = ServerState("tiny-chat", api_key=KEY, max_waiting=16)
+    server, thread, url = start_server(state, tiny_chat_engine(tokenizer))
+    yield state, url
+    state.loop.close()
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[1] + "/v1", api_key=KEY, max_retries=0)
+
+
+def call(url, body=None, *, key=KEY, raw=None, method=None):
+    """(status, JSON body) of a plain HTTP call."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null"), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+
+
+def metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_completion_streamed_equals_completion_whole(client):
+    whole = client.completions.create(model="tiny-chat", prompt="Once upon a time",
+                                      max_tokens=12, **GREEDY)
+    (choice,) = whole.choices
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+    chunks = list(client.completions.create(model="tiny-chat", prompt="Once upon a time",
+                                            max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_chat_streamed_equals_chat_whole_with_logprobs(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10,
+                                           logprobs=True, **GREEDY)
+    (choice,) = whole.choices
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert len(choice.logprobs.content) == whole.usage.completion_tokens
+    assert all(entry.logprob <= 0 for entry in choice.logprobs.content)
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10,
+                                            stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == choice.message.content
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed(client):
+    full = client.completions.create(model="tiny-chat", prompt="The", max_tokens=24, **GREEDY)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text  # a stop string inside the text
+    cut = client.completions.create(model="tiny-chat", prompt="The", max_tokens=24, stop=[stop],
+                                    **GREEDY)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-chat", prompt="The", max_tokens=24, stop=[stop], stream=True, **GREEDY))
+    assert streamed == cut.choices[0].text and stop not in streamed
+
+
+def test_n_choices_and_several_prompts(client):
+    out = client.completions.create(model="tiny-chat", prompt=["Hello", "Bye"], n=2,
+                                    max_tokens=5, temperature=1.0, seed=7)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == sum(
+        len(client.completions.create(model="tiny-chat", prompt=p, max_tokens=5, temperature=1.0,
+                                      seed=7 + j, logprobs=0).choices[0].logprobs.tokens)
+        for p in ("Hello", "Bye") for j in range(2))
+    assert len({c.text for c in out.choices}) > 1  # each choice its own seed
+    again = client.completions.create(model="tiny-chat", prompt=[[1, 2, 3], [4, 5]], n=2,
+                                      max_tokens=5, temperature=1.0, seed=7)
+    assert [c.index for c in again.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="tiny-chat", prompt=["Hello", "Bye"], n=2,
+                                      max_tokens=5, temperature=1.0, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded
+
+
+def test_sixteen_concurrent_streams_each_equal_its_solo_run(client):
+    words = ["cats", "dogs", "rain", "snow", "sun", "moon", "trees", "rivers", "roads", "ships",
+             "bread", "tea", "jazz", "maps", "clocks", "stars"]
+    prompts = [f"Tell me about {word}" for word in words]
+
+    def stream(prompt):
+        return "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny-chat", prompt=prompt, max_tokens=8 + len(prompt) % 7, stream=True,
+            **GREEDY))
+
+    solo = [stream(p) for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(stream, prompts))
+    assert together == solo
+
+
+def test_a_dropped_stream_frees_its_slot(served, client):
+    state, url = served
+    cancelled = metric(url, 'flover_requests_finished_total{finish_reason="cancelled"}')
+    stream = client.completions.create(model="tiny-chat", prompt="A long story", max_tokens=100,
+                                       stream=True, extra_body={"ignore_eos": True}, **GREEDY)
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while metric(url, 'flover_requests_finished_total{finish_reason="cancelled"}') == cancelled:
+        assert time.monotonic() < deadline, "the dropped request was never cancelled"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while state.outstanding or metric(url, "flover_slots_in_use") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_bad_requests_get_4xx_naming_the_field(served):
+    _, url = served
+    completions = url + "/v1/completions"
+    ok = {"model": "tiny-chat", "prompt": "hi", "max_tokens": 2}
+    assert call(completions, ok, key=None)[0] == 401
+    assert call(completions, ok, key="wrong")[0] == 401
+    status, body, _ = call(completions, raw=b'{"prompt": "hi",')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/completions")  # announces 5 MiB, sends none of it
+    connection.putheader("Content-Length", str(5 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "request_too_large"
+    for change, param in [({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"),
+                          ({"max_tokens": 1000}, "max_tokens"), ({"colour": "red"}, "colour"),
+                          ({"max_tokens": "2"}, "max_tokens"), ({"prompt": [[1, 999999]]}, "prompt"),
+                          ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"n": 0}, "n"),
+                          ({"logprobs": 3}, "logprobs")]:
+        status, body, _ = call(completions, ok | change)
+        assert status == 400 and body["error"]["param"] == param, (change, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body, _ = call(completions, ok | {"model": "other"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body, _ = call(url + "/v1/chat/completions", {"messages": []})
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert "Traceback" not in json.dumps(body) and "/work" not in json.dumps(body)
+
+
+def test_health_models_tokenize_and_detokenize(served, tokenizer):
+    _, url = served
+    assert call(url + "/health", key=None)[:2] == (200, {"status": "ok"})
+    status, body, _ = call(url + "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == "tiny-chat"
+    status, body, _ = call(url + "/tokenize", {"prompt": "Hello world"})
+    assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
+    messages = [{"role": "user", "content": "hi<|im_end|>"}]
+    status, body, _ = call(url + "/tokenize", {"messages": messages})
+    assert body["tokens"] == tokenizer.encode_chat(messages)
+    status, body, _ = call(url + "/detokenize", {"tokens": tokenizer.encode("Hello world")})
+    assert body == {"prompt": "Hello world"}
+
+
+def test_a_full_server_answers_429_with_retry_after(tokenizer):
+    state = ServerState("tiny-chat", max_waiting=0)
+    server, thread, url = start_server(state, tiny_chat_engine(tokenizer, max_slots=2))
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        long = [client.completions.create(model="tiny-chat", prompt="Go", max_tokens=100,
+                                          stream=True, extra_body={"ignore_eos": True}, **GREEDY) for _ in range(2)]
+        next(iter(long[0]))
+        status, body, headers = call(url + "/v1/completions",
+                                     {"prompt": "Also", "max_tokens": 2}, key=None)
+        assert status == 429 and headers.get("retry-after") == "1"
+        assert body["error"]["type"] == "rate_limit_error"
+        for stream in long:
+            stream.close()
+    finally:
+        state.loop.close()
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_sigterm_drains_the_requests_in_flight_and_exits_0():
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), "--mode=serve", "--model=tiny-llama", "--port=0",
+         "--max_slots=2", "--max_len=256", "--drain_s=60"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if line.startswith("serving "):
+                url = line.split(" on ")[1].split()[0]
+                break
+        result = {}
+
+        def long_request():
+            result["answer"] = call(url + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 240,
+                                                              "ignore_eos": True, **GREEDY})
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        while metric(url, "flover_slots_in_use") == 0:  # until it decodes
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        while call(url + "/health", key=None)[0] == 200:
+            time.sleep(0.01)
+        assert worker.is_alive()  # draining: no new work, the request in flight goes on
+        worker.join(120)
+        status, body, _ = result["answer"]
+        assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 240
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
