@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,3 +115,16 @@ def merge_results(path: Path, new: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1))
     return merged
+
+
+def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`main.py --mode=serve` on a free port of 127.0.0.1 with `flags`, once it serves: the
+    process and its base URL. Its log is drained on a thread (a full pipe would stall it)."""
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "main.py"),
+                                "--mode=serve", "--port=0", *flags],
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("serving "):
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, line.split(" on ")[1].split()[0]
+    raise RuntimeError(f"the server did not start (exit {process.wait()})")

@@ -462,6 +462,39 @@ def interrupts_section(record: dict) -> str:
     )
 
 
+def server_section(overhead: dict | None, soak: dict | None) -> str:
+    parts = ["## Serving over HTTP (`benchmarks/server_vs_engine.py`, `benchmarks/soak.py`)\n"]
+    if overhead:
+        rates = overhead["tokens_per_s"]
+        parts.append(
+            f"`{overhead['command']}` on {overhead['cpu']}: {overhead['requests']} requests of "
+            f"{overhead['output_len']} tokens arriving at once, {overhead['model']}, through the "
+            "in-process engine and through our server (each request streamed by its own client "
+            "thread in another process), alternating.\n\n"
+            + _table(["", "output tokens/s (each run)", "median"],
+                     [[name, ", ".join(f"{r:.0f}" for r in rates[name]),
+                       f"{statistics.median(rates[name]):.0f}"] for name in ("engine", "server")])
+            + f"\n\nThe server serves **{overhead['ratio_of_medians']:.0%}** of the engine's "
+            "tokens/s (ratio of medians; the pairs: "
+            + ", ".join(f"{r:.0%}" for r in overhead["paired_ratios"]) + ").\n")
+    if soak:
+        growth = soak["rss_growth"]
+        parts.append(
+            f"`{soak['command']}` on {soak['cpu']}: {soak['requests']} requests ("
+            + ", ".join(f"{n} {kind}" for kind, n in soak["by_kind"].items())
+            + f"; statuses {soak['statuses']}) to {soak['model']} with {soak['max_slots']} slots. "
+            f"{soak['as_promised']} of {soak['requests']} answered as promised (a bad request a "
+            "4xx naming its field, a good one its whole answer); the accepted calls made "
+            f"{soak['engine_requests_accepted']} engine requests and the server ended "
+            f"{soak['engine_requests_finished']:.0f} ({soak['finished_by_reason']}): none lost, "
+            f"none doubled. At the end {soak['slots_in_use_at_end']:.0f} slots in use, "
+            f"{soak['running_at_end']:.0f} running, {soak['waiting_at_end']:.0f} waiting; resident "
+            f"memory {soak['rss_after_warmup_bytes'] / 2**30:.2f} GiB after the warm-up, "
+            f"{soak['rss_end_bytes'] / 2**30:.2f} GiB at the end ({growth:+.1%}). "
+            f"**{'Passed' if soak['passed'] else 'FAILED'}.**\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -502,6 +535,10 @@ def main() -> None:
             json.loads((RESULTS / "gpu_h200_batch_invariant.json").read_text())))
     if (RESULTS / "timeline.json").exists():
         parts.append(timeline_section(json.loads((RESULTS / "timeline.json").read_text())))
+    overhead, soak = (json.loads(path.read_text()) if path.exists() else None
+                      for path in (RESULTS / "server_vs_engine.json", RESULTS / "soak.json"))
+    if overhead or soak:
+        parts.append(server_section(overhead, soak))
     if (RESULTS / "interrupts.json").exists():
         parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

@@ -26,4 +26,7 @@ PYEOF
 "$PY" benchmarks/roofline.py
 "$PY" benchmarks/compare_peers.py
 "$PY" benchmarks/interrupts.py --tries=50 --output_json=benchmarks/results/interrupts.json
+"$PY" benchmarks/server_vs_engine.py --requests=32 --output_len=128 --repeats=3 \
+    --output_json=benchmarks/results/server_vs_engine.json
+"$PY" benchmarks/soak.py --requests=2000 --output_json=benchmarks/results/soak.json
 "$PY" benchmarks/report.py

@@ -278,3 +278,24 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0():
         assert process.wait(60) == 0
     finally:
         process.kill()
+
+
+def test_bench_through_http_times_every_streamed_token(served, tmp_path):
+    _, url = served
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode=bench", "--backend=openai", f"--base_url={url}",
+         f"--api_key={KEY}", "--workload=burst", "--num_requests=6", "--prompt_len=5",
+         "--output_len=7", "--ignore_eos", f"--output_json={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["backend"] == "openai" and summary["model"] == "tiny-chat"
+    assert summary["errors"] == 0 and summary["output_tokens"] == 6 * 7
+    assert summary["ttft_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
+    assert summary["output_tokens_per_s"] > 0 and len(summary["requests"]) == 6
+    result = subprocess.run([sys.executable, "main.py", "--mode=bench", "--backend=openai",
+                             f"--base_url={url}", "--max_slots=4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--max_slots has no effect with --backend=openai" in result.stderr

@@ -29,20 +29,28 @@ def _check_workload() -> None:
         return
     # Sizes first: each below is built whole in memory.
     workload.arrival_times(FLAGS.workload, FLAGS.num_requests, **_arrival_flags())
-    if not FLAGS.prompts_file and not 1 <= FLAGS.prompt_len < FLAGS.max_len:
-        raise ValueError(f"--prompt_len={FLAGS.prompt_len}: must be in [1, {FLAGS.max_len}) "
-                         "(--max_len)")
+    longest = FLAGS.max_len if FLAGS.backend == "engine" else MAX_SERVER_PROMPT
+    if not FLAGS.prompts_file and not 1 <= FLAGS.prompt_len < longest:
+        raise ValueError(f"--prompt_len={FLAGS.prompt_len}: must be in [1, {longest}) "
+                         f"({'--max_len' if FLAGS.backend == 'engine' else 'a server'})")
     workload.output_lengths(FLAGS.output_len, FLAGS.num_requests, FLAGS.seed)
 
 
+# Random prompt tokens for a server: ids below this are valid in every vocabulary we serve.
+SERVER_VOCAB = 256
+MAX_SERVER_PROMPT = 1 << 20  # tokens; the server refuses what its own max_len does not hold
+
+
 def _workload(engine):
-    """The timed requests, each checked against the engine here: a request that could not run
-    stops the bench before it starts, named, instead of counting as an error."""
+    """The timed requests, each checked against the engine here (when the bench runs one): a
+    request that could not run stops the bench before it starts, named, instead of counting
+    as an error."""
     from flover_jax import workload
 
     defaults = default_sampling()
     if FLAGS.workload == "trace":
-        return workload.read_trace(FLAGS.trace, defaults, check=engine.check_request)
+        return workload.read_trace(FLAGS.trace, defaults,
+                                   check=engine.check_request if engine else None)
     arrivals = _arrival_flags()
     if FLAGS.prompts_file:  # real prompts, arrivals and lengths as the flags say
         prompts, numbers = [], []
@@ -60,11 +68,11 @@ def _workload(engine):
         # Request i is line i's prompt (cycling), with its own drawn length.
         where = [f"prompts_file line {numbers[i % len(numbers)]}" for i in range(len(requests))]
     else:
+        vocab_size = engine.cfg.vocab_size if engine else SERVER_VOCAB
         requests = workload.synthetic(FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len,
-                                      FLAGS.output_len, engine.cfg.vocab_size, params=defaults,
-                                      **arrivals)
+                                      FLAGS.output_len, vocab_size, params=defaults, **arrivals)
         where = [f"request {i} (--prompt_len, --output_len)" for i in range(len(requests))]
-    for request, label in zip(requests, where):
+    for request, label in zip(requests, where if engine else ()):
         try:
             engine.check_request(request.prompt, request.params)
         except ValueError as e:
@@ -82,6 +90,8 @@ def bench_mode(interrupts: Interrupts) -> int:
     _check_workload()
     output = files.output("output_json", FLAGS.output_json,
                           [("trace", FLAGS.trace), ("prompts_file", FLAGS.prompts_file)])
+    if FLAGS.backend == "openai":
+        return _bench_server(output)
     engine = common.engine()
     requests = _workload(engine)
     if FLAGS.warmup:
@@ -91,6 +101,33 @@ def bench_mode(interrupts: Interrupts) -> int:
     Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload}"))
     with output.open() as out:
         out.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")  # undefined: null
+    if output.path is not None:
+        print(f"wrote {output.path}", file=sys.stderr)
+    return 0
+
+
+def _bench_server(output) -> int:
+    """The same workload through HTTP to an OpenAI-compatible server, streamed."""
+    from rich.console import Console
+
+    from flover_jax import metrics, viz
+    from flover_jax.openai_client import OpenAIServer
+
+    server = OpenAIServer(FLAGS.base_url, FLAGS.api_key)
+    requests = _workload(None)
+    records, wall_s = server.replay(requests)
+    for record, request in zip(records, requests):
+        record["prompt_len"] = len(request.prompt) if isinstance(request.prompt, list) else None
+    summary = {"backend": "openai", "base_url": FLAGS.base_url, "model": server.model,
+               "wall_s": wall_s} | metrics.latency_figures(records) | {
+        "requests": [{k: v for k, v in r.items() if k != "token_times_s"} for r in records]}
+    Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload} · "
+                                                          f"{FLAGS.base_url}"))
+    for record in records:
+        if record["finish_reason"] == "error":
+            print(f"a request failed: {record['error']}", file=sys.stderr)
+    with output.open() as out:
+        out.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if output.path is not None:
         print(f"wrote {output.path}", file=sys.stderr)
     return 0

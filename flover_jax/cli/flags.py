@@ -53,11 +53,14 @@ flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens: N or unifor
 flags.DEFINE_string("output_json", None, "Write the bench summary here ('-': stdout, the default).")
 flags.DEFINE_bool("warmup", True, "Compile every bucket before timing (bench).")
 flags.DEFINE_integer("solo_samples", 3, "Requests run alone for latency_vs_solo (0: skip).")
+flags.DEFINE_enum("backend", "engine", ["engine", "openai"], "Bench this process's engine, or an "
+                  "OpenAI-compatible server at --base_url (ours, vLLM's, llama-server...).")
+flags.DEFINE_string("base_url", None, "The server --backend=openai sends to (http://host:port).")
 # serve
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free one; the log says which).")
-flags.DEFINE_string("api_key", None, "Clients must send 'Authorization: Bearer KEY' on /v1 "
-                    "routes (default: $FLOVER_API_KEY; unset: no key).")
+flags.DEFINE_string("api_key", None, "serve: clients must send 'Authorization: Bearer KEY' on "
+                    "/v1 routes (default: $FLOVER_API_KEY; unset: no key); bench: the key sent.")
 flags.DEFINE_integer("max_waiting", 64, "Requests that may queue beyond the slots; more: 429.")
 flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long requests in flight may finish.")
 # convert
@@ -75,12 +78,14 @@ MODE_FLAGS = {
     "generate": ENGINE_FLAGS + SAMPLING_FLAGS + ("prompt", "prompts_file", "output", "chat"),
     "bench": ENGINE_FLAGS + SAMPLING_FLAGS + ARRIVAL_FLAGS + (
         "trace", "prompts_file", "chat", "prompt_len", "output_len", "output_json", "warmup",
-        "solo_samples"),
+        "solo_samples", "backend", "base_url", "api_key"),
     "convert": ("src", "dst"),
     "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s"),
 }
 # Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
 NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")
+# What an engine of this process would read, which a bench of a server does not.
+NOT_WITH_SERVER = ENGINE_FLAGS + ("warmup", "solo_samples", "chat")
 # The gap flags each arrival process reads.
 GAP_FLAGS = {"constant": ("interval_s",), "poisson": ("rate", "burstiness"), "burst": ()}
 
@@ -113,6 +118,12 @@ def check_flags(argv: list[str]) -> None:
     used = set(MODE_FLAGS[FLAGS.mode])
     everything = set().union(*MODE_FLAGS.values())
     _reject_given(sorted(everything - used), f"has no effect with --mode={FLAGS.mode}")
+    if FLAGS.mode == "bench" and FLAGS.backend == "openai":
+        _reject_given(NOT_WITH_SERVER, "has no effect with --backend=openai: the server has its own")
+        if not FLAGS.base_url:
+            raise ValueError("--backend=openai needs --base_url=http://host:port")
+    elif FLAGS.mode == "bench":
+        _reject_given(["base_url", "api_key"], "needs --backend=openai")
     if FLAGS.mode == "bench" and FLAGS.workload == "trace":
         _reject_given(NOT_WITH_TRACE, "has no effect with --workload=trace: the trace sets it")
     elif FLAGS.mode == "bench":
