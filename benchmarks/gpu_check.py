@@ -34,7 +34,7 @@ from step_times import decode_table
 from flover_jax import bench, workload
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.loader import load_model
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("peak_gbs", 0.0, "The card's peak memory bandwidth (0: guess from its name).")

@@ -21,7 +21,7 @@ from common import live_state  # benchmarks/ is on sys.path when run as a script
 
 from flover_jax.buckets import bucket, powers_of_two
 from flover_jax.engine import Engine, TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from models.presets import tiny_config
 from models.transformer import init_params
 

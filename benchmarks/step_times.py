@@ -23,7 +23,7 @@ from common import ENGINE_OPS, decode_bytes, live_state, machine_limits, step_ro
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from models import kernels
 
 FLAGS = flags.FLAGS

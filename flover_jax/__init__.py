@@ -2,7 +2,7 @@
 
 from flover_jax.engine import Engine, RunResult, TimedRequest
 from flover_jax.request import FinishReason, RequestOutput, StreamDelta
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 
 __all__ = [
     "Engine",

@@ -23,7 +23,7 @@ from flover_jax.distributed import BroadcastExecutor, follow
 from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
 from flover_jax.request import Request, RequestOutput, StreamDelta
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import POLICIES, RequestIds, Scheduler, Stats
 from flover_jax.sharding import make_mesh
 from flover_jax.tokenizer import Tokenizer

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flover_jax.request import FinishReason, StreamDelta
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import Scheduler
 
 _log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 
 from flover_jax import sharding, step
 from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
-from flover_jax.sampling import Sampled, SamplingParams, SlotSampling
+from flover_jax.sampling import Sampled, SlotSampling
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
 from models import kernels, transformer
 from models.config import ModelConfig

@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Sequence
 
 from flover_jax.engine import TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 
 _DEFAULTS = SamplingParams()
 

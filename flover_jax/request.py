@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -60,6 +60,22 @@ class StreamDelta:
     output: RequestOutput | None = None  # on the last delta of `Engine.stream`: the whole output
 
 
+def check_stop(request: Request, max_len: int) -> FinishReason | None:
+    """Whether the request's newest token ends it, and why: the one place that decides (as
+    vLLM's `check_stop`). In order: a stop token (EOS unless ignored, or a stop id), a stop
+    string in the text, then its length (max_new_tokens, or the slot's max_len). The device
+    keeps a copy of the token and length rules only to stop computing a finished row before
+    the host has read it; cancels and errors end a request from the scheduler."""
+    if request.token_ids[-1] in request.stop_ids:
+        return FinishReason.STOP
+    if request.push_text():
+        return FinishReason.STOP
+    generated = len(request.token_ids)
+    if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= max_len:
+        return FinishReason.LENGTH
+    return None
+
+
 class Request:
     """One generation request as the scheduler tracks it."""
 
@@ -102,26 +118,24 @@ class Request:
 
     def add_token(self, token_id: int, logprob: float, now_s: float, max_len: int) -> bool:
         """Record one generated token (and its log-probability, if the request asked);
-        returns True when it finishes the request."""
+        returns True when it finishes the request (`check_stop` decides)."""
         self.token_ids.append(token_id)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
         self.token_times_s.append(now_s)
         if self.first_token_s is None:
             self.first_token_s = now_s
-        if token_id in self.stop_ids:
-            return self.finish(FinishReason.STOP, now_s)
-        if self._decoder is not None:
-            checked = len(self._text)
-            self._text += self._decoder.push(token_id)
-            if self._cut_at_stop_string(checked):
-                return self.finish(FinishReason.STOP, now_s)
-        if (
-            len(self.token_ids) >= self.params.max_new_tokens
-            or len(self.prompt_ids) + len(self.token_ids) >= max_len
-        ):
-            return self.finish(FinishReason.LENGTH, now_s)
-        return False
+        reason = check_stop(self, max_len)
+        return reason is not None and self.finish(reason, now_s)
+
+    def push_text(self) -> bool:
+        """Decode the newest token into the text; True when a stop string now ends it (the text
+        is cut there)."""
+        if self._decoder is None:
+            return False
+        checked = len(self._text)
+        self._text += self._decoder.push(self.token_ids[-1])
+        return self._cut_at_stop_string(checked)
 
     def _cut_at_stop_string(self, checked: int) -> bool:
         """Cut the text at the first stop string; text[:checked] held none."""

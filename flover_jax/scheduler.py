@@ -34,7 +34,8 @@ import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
 from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
-from flover_jax.sampling import Sampled, SamplingParams
+from flover_jax.sampling import Sampled
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.slots import SlotTable, plan_compaction
 from flover_jax.tokenizer import Tokenizer, check_unicode
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from flover_jax import files
 from flover_jax.engine import TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import MAX_WAIT_S
 
 ARRIVALS = ("constant", "poisson", "burst", "trace")

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
-from flover_jax.sampling import Sampled, SamplingParams
+from flover_jax.sampling import Sampled
+from flover_jax.sampling_params import SamplingParams
 
 STALE = -7  # cache cells holding padding / nothing written (never read by a correct host)
 

@@ -163,7 +163,7 @@ def test_bench_summary_of_runs_with_failed_requests_is_valid_json():
     # solo reference is fitted on those that finished, and undefined figures are null.
     from flover_jax import bench
     from flover_jax.engine import Engine, TimedRequest
-    from flover_jax.sampling import SamplingParams
+    from flover_jax.sampling_params import SamplingParams
 
     engine = Engine.from_pretrained("tiny-llama", max_slots=2, max_len=64)
     requests = [TimedRequest([5, 6], SamplingParams(max_new_tokens=6, ignore_eos=True)),

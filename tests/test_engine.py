@@ -10,7 +10,7 @@ import pytest
 
 from flover_jax import step
 from flover_jax.engine import Engine, TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
 from models import transformer
 from models.presets import tiny_config

@@ -24,7 +24,7 @@ from flover_jax.cli.generate import generate_records
 from flover_jax.convert.huggingface import load_hf_config
 from flover_jax.convert.tensors import CheckpointError
 from flover_jax.engine import Engine, TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import MAX_WAIT_S
 from flover_jax.tokenizer import Tokenizer
 from models.presets import tiny_config

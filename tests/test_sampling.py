@@ -12,14 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_jax.sampling import (
-    SamplingParams,
-    SlotSampling,
-    apply_penalties,
-    first_argmax,
-    mark_tokens,
-    sample_tokens,
-)
+from flover_jax.sampling import SlotSampling, apply_penalties, first_argmax, mark_tokens, sample_tokens
+from flover_jax.sampling_params import SamplingParams
 
 # Two batch shapes only, so each jitted sampler compiles at most twice.
 B, V = 8, 64  # small batch

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flover_jax.buckets import Buckets, bucket, powers_of_two
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import POLICIES, Scheduler
 from tests.fake_executor import (
     DeviceContractError,

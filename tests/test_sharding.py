@@ -8,7 +8,7 @@ import pytest
 
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.executor import state_bytes
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from flover_jax.sharding import make_mesh, param_shardings
 from models import transformer
 from models.presets import tiny_config

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flover_jax.engine import Engine, TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 from models import transformer
 from models.presets import smollm2_gguf_path
 from tests.test_engine import run_with_fake_clock

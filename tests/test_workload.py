@@ -10,7 +10,7 @@ import pytest
 
 from flover_jax import bench, workload
 from flover_jax.engine import TimedRequest
-from flover_jax.sampling import SamplingParams
+from flover_jax.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("kind, options, message", [

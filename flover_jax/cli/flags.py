@@ -92,7 +92,7 @@ GAP_FLAGS = {"constant": ("interval_s",), "poisson": ("rate", "burstiness"), "bu
 
 def default_sampling():
     """The sampling flags as SamplingParams: every request's defaults."""
-    from flover_jax.sampling import SamplingParams
+    from flover_jax.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from flover_jax.engine_loop import EngineLoop
 from flover_jax.request import RequestOutput, StreamDelta
-from flover_jax.sampling import MAX_SEED, SamplingParams
+from flover_jax.sampling_params import MAX_SEED, SamplingParams
 from flover_jax.server.protocol import (
     ApiError,
     ChatRequest,

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from flover_jax.sampling import MAX_SEED
+from flover_jax.sampling_params import MAX_SEED
 
 
 class ApiError(Exception):
