@@ -247,6 +247,28 @@ def test_a_full_server_answers_429_with_retry_after(tokenizer):
         thread.join(10)
 
 
+def test_a_call_past_its_timeout_is_cancelled_and_answered_504(tokenizer):
+    state = ServerState("tiny-chat", timeout_s=0.05)
+    server, thread, url = start_server(state, tiny_chat_engine(tokenizer, max_slots=2))
+    try:
+        long = {"prompt": "Go", "max_tokens": 120, "ignore_eos": True, **GREEDY}
+        status, body, _ = call(url + "/v1/completions", long, key=None)
+        assert status == 504 and body["error"]["code"] == "timeout"
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(long | {"stream": True})
+                                         .encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            events = [line for line in response.read().decode().splitlines() if line]
+        assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 30
+        while state.outstanding:  # both were cancelled: nothing left in the engine
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        state.loop.close()
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_sigterm_drains_the_requests_in_flight_and_exits_0():
     process = subprocess.Popen(
         [sys.executable, str(REPO / "main.py"), "--mode=serve", "--model=tiny-llama", "--port=0",

@@ -63,6 +63,8 @@ flags.DEFINE_string("api_key", None, "serve: clients must send 'Authorization: B
                     "/v1 routes (default: $FLOVER_API_KEY; unset: no key); bench: the key sent.")
 flags.DEFINE_integer("max_waiting", 64, "Requests that may queue beyond the slots; more: 429.")
 flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long requests in flight may finish.")
+flags.DEFINE_float("request_timeout_s", 600.0, "A call not answered within this (queueing "
+                   "included) is cancelled: 504, or an error event ending its stream.")
 # convert
 flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face directory).")
 flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
@@ -80,7 +82,8 @@ MODE_FLAGS = {
         "trace", "prompts_file", "chat", "prompt_len", "output_len", "output_json", "warmup",
         "solo_samples", "backend", "base_url", "api_key"),
     "convert": ("src", "dst"),
-    "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s"),
+    "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s",
+                             "request_timeout_s"),
 }
 # Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
 NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")

@@ -40,10 +40,12 @@ def serve_mode(interrupts: Interrupts) -> int:
     common.follow_unless_process_0()
     if not 0 <= FLAGS.port <= 65535:
         raise ValueError(f"--port={FLAGS.port}: must be in [0, 65535]")
-    if FLAGS.max_waiting < 0 or not FLAGS.drain_s >= 0:
-        raise ValueError("--max_waiting and --drain_s: must be >= 0")
+    for name in ("max_waiting", "drain_s", "request_timeout_s"):
+        if not FLAGS[name].value >= 0:
+            raise ValueError(f"--{name}={FLAGS[name].value}: must be >= 0")
     api_key = FLAGS.api_key or os.environ.get("FLOVER_API_KEY") or None
-    state = ServerState(FLAGS.model, api_key=api_key, max_waiting=FLAGS.max_waiting)
+    state = ServerState(FLAGS.model, api_key=api_key, max_waiting=FLAGS.max_waiting,
+                        timeout_s=FLAGS.request_timeout_s)
     server, thread = _listen(create_app(state))
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     print(f"loading {FLAGS.model}; /health answers 503 until it is ready", file=sys.stderr,

@@ -93,9 +93,10 @@ class ServerState:
     """What the routes share: the engine loop once the model has loaded, and admission."""
 
     def __init__(self, model_name: str, *, api_key: str | None = None, max_waiting: int = 64,
-                 max_body_bytes: int = 4 << 20) -> None:
+                 max_body_bytes: int = 4 << 20, timeout_s: float = 600.0) -> None:
         self.model_name, self.api_key = model_name, api_key
         self.max_waiting, self.max_body_bytes = max_waiting, max_body_bytes
+        self.timeout_s = timeout_s  # a call's whole answer, queueing included
         self.metrics = Metrics()
         self.engine = None
         self.loop: EngineLoop | None = None
@@ -137,6 +138,7 @@ class _Calls:
     def __init__(self, state: ServerState, jobs: Sequence[tuple[list[int], SamplingParams]]) -> None:
         self.state, self.queue = state, asyncio.Queue()
         self.pending = set(range(len(jobs)))
+        self.deadline = time.monotonic() + state.timeout_s
         state.admit(len(jobs))
         aio = asyncio.get_running_loop()
         self.handles = []
@@ -158,7 +160,15 @@ class _Calls:
         return on_delta
 
     async def next(self) -> tuple[int, StreamDelta]:
-        index, delta = await self.queue.get()
+        """The next delta of any choice; past the call's deadline its choices are cancelled and
+        this raises a 504."""
+        try:
+            index, delta = await asyncio.wait_for(self.queue.get(),
+                                                  max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            self.cancel()
+            raise ApiError(504, f"no answer within {self.state.timeout_s:g} s (--request_timeout_s)",
+                           kind="server_error", code="timeout") from None
         if delta.finish_reason is not None:
             self.pending.discard(index)
         return index, delta
@@ -439,7 +449,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield reply.chunk([], _usage(prompt_ids, body.n, used))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_stream(events()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -488,7 +498,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield reply.chunk([], _usage(prompt_ids, body.n, used))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_stream(events()), media_type="text/event-stream")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -537,3 +547,13 @@ async def _deltas(calls: _Calls) -> AsyncIterator[tuple[int, StreamDelta]]:
     finally:
         if calls.pending:
             calls.cancel()
+
+
+async def _stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events; an error once it has begun (a timeout) is its last event, in
+    OpenAI's format, since the status line has gone out already."""
+    try:
+        async for event in events:
+            yield event
+    except ApiError as e:
+        yield _sse(e.body())
