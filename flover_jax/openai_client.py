@@ -67,7 +67,7 @@ class OpenAIServer:
                 "temperature": p.temperature, "seed": p.seed, "stream": True,
                 "stream_options": {"include_usage": True}}
         for name, default in (("top_p", 1.0), ("top_k", 0), ("presence_penalty", 0.0),
-                              ("repetition_penalty", 1.0)):
+                              ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             if getattr(p, name) != default:
                 body[name] = getattr(p, name)
         if p.stop:

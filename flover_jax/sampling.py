@@ -60,6 +60,7 @@ __all__ = [
     "SlotSampling",
     "apply_penalties",
     "first_argmax",
+    "count_tokens",
     "mark_tokens",
     "sample_tokens",
     "token_logprobs",
@@ -83,6 +84,7 @@ class SlotSampling:
     top_p: jax.Array  # f32[S]; 1 = off
     repetition_penalty: jax.Array  # f32[S]; 1 = off
     presence_penalty: jax.Array  # f32[S]; 0 = off
+    frequency_penalty: jax.Array  # f32[S]; 0 = off
     seed: jax.Array  # i32[S]
     logprobs: jax.Array  # bool[S]: report the sampled token's log-probability
 
@@ -103,6 +105,7 @@ class SlotSampling:
             top_p=np.array([p.top_p for p in rows], np.float32),
             repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),
             presence_penalty=np.array([p.presence_penalty for p in rows], np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in rows], np.float32),
             seed=np.array([p.seed for p in rows], np.int32),
             logprobs=np.array([p.logprobs for p in rows], bool),
         )
@@ -142,18 +145,21 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> j
 
 
 def apply_penalties(
-    logits: jax.Array, params: SlotSampling, seen: jax.Array, generated: jax.Array
+    logits: jax.Array, params: SlotSampling, seen: jax.Array, counts: jax.Array
 ) -> jax.Array:
-    """Repetition (HF) then presence (OpenAI/vLLM) penalties; f32[B, V] -> f32[B, V].
+    """Repetition (HF) then presence and frequency (OpenAI/vLLM) penalties; f32[B, V] ->
+    f32[B, V].
 
-    `seen`: bool[B, V], tokens in the prompt or output; `generated`: bool[B, V],
-    tokens in the output.  A penalty of 1 (resp. 0) leaves logits bit-exact.
+    `seen`: bool[B, V], tokens in the prompt or output; `counts`: i32[B, V], how often each
+    token is in the output.  A penalty of 1 (resp. 0) leaves logits bit-exact.
     """
     rep = params.repetition_penalty[:, None]
     # Dividing a negative logit would *raise* its probability, hence the sign split.
     penalised = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(seen, penalised, logits)
-    return jnp.where(generated, logits - params.presence_penalty[:, None], logits)
+    # Only where a token was generated: elsewhere the logit stays bit for bit.
+    drop = params.presence_penalty[:, None] + params.frequency_penalty[:, None] * counts
+    return jnp.where(counts > 0, logits - drop, logits)
 
 
 # Candidate-set sizes tried before falling back to a full sort (see _filter_thresholds).
@@ -306,7 +312,7 @@ def sample_tokens(
       step: i32[B] tokens generated so far by each row's request (the PRNG
         stream position: key = fold_in(key(seed), step)).
       seen: bool[N, V], N >= B: tokens in the prompt or output (repetition penalty).
-      generated: bool[N, V] tokens in the output (presence penalty).
+      generated: i32[N, V] times each token is in the output (presence, frequency penalty).
       mask_offset: row b's masks are row mask_offset + b of `seen` / `generated`, so a
         decode step can pass the whole slot table's masks: they are read only when a row
         uses a penalty.
@@ -320,7 +326,8 @@ def sample_tokens(
     """
     logits = logits.astype(jnp.float32)
     # Penalties read two [B, V] masks: skip them when no row uses one (the default).
-    penalised = jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
+    penalised = (jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
+                 | jnp.any(params.frequency_penalty != 0.0))
 
     def penalise() -> jax.Array:
         def rows(mask: jax.Array) -> jax.Array:
@@ -371,3 +378,13 @@ def mark_tokens(
     cols = jnp.where(rows_active, tokens, 0)  # an in-range column for inactive rows
     # Rows are distinct, so this scatter has no colliding writes.
     return mask.at[rows, cols].set(mask[rows, cols] | rows_active)
+
+
+def count_tokens(
+    counts: jax.Array, tokens: jax.Array, rows_active: jax.Array, row_offset: jax.Array | int = 0
+) -> jax.Array:
+    """Return `counts` (i32[N, V]) with counts[row_offset + b, tokens[b]] one higher for active
+    rows b (the output's token counts, for the frequency penalty)."""
+    rows = row_offset + jnp.arange(tokens.shape[0])
+    cols = jnp.where(rows_active, tokens, 0)
+    return counts.at[rows, cols].add(rows_active.astype(counts.dtype))

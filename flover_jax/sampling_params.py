@@ -32,8 +32,9 @@ class SamplingParams:
 
     `repetition_penalty` follows HF: logits of tokens seen in the prompt or the
     output are divided by it when positive and multiplied when negative.
-    `presence_penalty` follows OpenAI / vLLM: it is subtracted from the logits
-    of tokens already generated (output only, not the prompt).
+    `presence_penalty` and `frequency_penalty` follow OpenAI / vLLM: the logit of a token
+    already generated k times loses presence_penalty + k * frequency_penalty (output only,
+    not the prompt).
     """
 
     max_new_tokens: int = 16
@@ -42,6 +43,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
     presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings
     stop_token_ids: tuple[int, ...] = ()
@@ -76,11 +78,10 @@ class SamplingParams:
         ):
             raise bad("repetition_penalty", self.repetition_penalty,
                       "must be > 0 and finite in float32 (1 disables)")
-        if not _is_real(self.presence_penalty) or not (
-            abs(self.presence_penalty) <= _MAX_FLOAT32
-        ):
-            raise bad("presence_penalty", self.presence_penalty,
-                      "must be a number finite in float32")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not abs(value) <= _MAX_FLOAT32:
+                raise bad(name, value, "must be a number finite in float32")
         if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
             raise bad("seed", self.seed, f"must be an int in [0, {MAX_SEED}]")
         if not isinstance(self.stop, tuple):

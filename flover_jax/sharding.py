@@ -53,7 +53,7 @@ STATE_AXES: dict[str, tuple[str | None, ...]] = {
     "k": ("slots", "kv_heads", None, None),  # each layer's [slots, kv_heads, max_len, head_dim]
     "v": ("slots", "kv_heads", None, None),
     "seen": ("slots", None),
-    "output_seen": ("slots", None),
+    "output_counts": ("slots", None),
 }
 PER_SLOT = ("slots",)
 

@@ -30,7 +30,7 @@ class DecodeState:
     ignore_eos: jax.Array  # [slots] bool
     sampling: SlotSampling  # each field [slots]
     seen: jax.Array  # [slots, vocab] bool: in the prompt or output (repetition penalty)
-    output_seen: jax.Array  # [slots, vocab] bool: in the output (presence penalty)
+    output_counts: jax.Array  # [slots, vocab] int32: times in the output (presence, frequency)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, slots: int, max_len: int) -> DecodeState:
@@ -48,7 +48,7 @@ class DecodeState:
             ignore_eos=zeros(dtype=bool),
             sampling=SlotSampling.greedy(slots),
             seen=zeros((slots, cfg.vocab_size), bool),
-            output_seen=zeros((slots, cfg.vocab_size), bool),
+            output_counts=zeros((slots, cfg.vocab_size)),
         )
 
     def replace(self, **changes) -> DecodeState:

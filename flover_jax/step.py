@@ -24,7 +24,14 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from flover_jax.sampling import Sampled, SlotSampling, mark_tokens, sample_tokens, token_logprobs
+from flover_jax.sampling import (
+    Sampled,
+    SlotSampling,
+    count_tokens,
+    mark_tokens,
+    sample_tokens,
+    token_logprobs,
+)
 from flover_jax.state import DecodeState
 from models import transformer
 from models.config import ModelConfig
@@ -63,7 +70,7 @@ def prefill(
     real = jnp.arange(t)[None, :] < lengths[:, None]
     seen = jnp.zeros((b, cfg.vocab_size), bool)
     seen = seen.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
-    no_output = jnp.zeros_like(seen)
+    no_output = jnp.zeros(seen.shape, jnp.int32)
     first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
     first = Sampled(first, token_logprobs(logits, first, sampling.logprobs))
     return Prefilled(k=k, v=v, first=first, seen=seen)
@@ -92,6 +99,7 @@ def insert(
     done = done | (lengths >= state.max_len)
     everyone = jnp.ones_like(first, bool)
     first_seen = mark_tokens(jnp.zeros_like(prefilled.seen), first, everyone)
+    first_counts = count_tokens(jnp.zeros(prefilled.seen.shape, jnp.int32), first, everyone)
 
     def put(array, values):
         return array.at[slots].set(values, mode="drop")
@@ -106,7 +114,7 @@ def insert(
         ignore_eos=put(state.ignore_eos, ignore_eos),
         sampling=jax.tree.map(put, state.sampling, sampling),
         seen=put(state.seen, prefilled.seen | first_seen),
-        output_seen=put(state.output_seen, first_seen),
+        output_counts=put(state.output_counts, first_counts),
     )
 
 
@@ -146,7 +154,7 @@ def decode_step(
     with jax.named_scope("sampling"):
         # The whole table's masks: the window's rows are read only if a row uses a penalty.
         new = sample_tokens(logits, sampling, window(state.generated), state.seen,
-                            state.output_seen, mask_offset=start)
+                            state.output_counts, mask_offset=start)
     remaining = window(state.remaining) - active
     stop = (remaining <= 0) | (_is_eos(new, eos_ids) & ~window(state.ignore_eos))
     stop = stop | (pos + 1 >= state.max_len)
@@ -158,7 +166,7 @@ def decode_step(
         remaining=put(state.remaining, remaining),
         generated=put(state.generated, window(state.generated) + active),
         seen=mark_tokens(state.seen, new, active, start),
-        output_seen=mark_tokens(state.output_seen, new, active, start),
+        output_counts=count_tokens(state.output_counts, new, active, start),
     )
     logprobs = token_logprobs(logits, new, active & sampling.logprobs)
     return state, Sampled(jnp.where(active, new, -1), logprobs)

@@ -105,12 +105,13 @@ def test_fused_equals_solo_greedy(request, policy, ops):
 
 
 def test_penalties_follow_each_request_through_fused_steps(engine):
-    # Each request's seen / generated masks must follow it into whatever slot and window it
-    # decodes in: fused tokens equal solo tokens, and the penalties do change tokens.
+    # Each request's seen mask and output counts must follow it into whatever slot and window
+    # it decodes in: fused tokens equal solo tokens, and the penalties do change tokens.
     workload = [
         TimedRequest(r.prompt, dataclasses.replace(
             r.params, repetition_penalty=(1.0, 3.0, 1.0)[i % 3],
-            presence_penalty=(0.0, 0.0, 4.0)[i % 3]), r.arrival_s)
+            presence_penalty=(0.0, 0.0, 4.0)[i % 3],
+            frequency_penalty=(0.0, 0.0, 1.5, 0.0, 0.0, 0.0)[i % 6]), r.arrival_s)
         for i, r in enumerate(mixed_workload(n=12, seed=5))
     ]
     fused = run_with_fake_clock(engine, workload, "flover")
@@ -119,7 +120,8 @@ def test_penalties_follow_each_request_through_fused_steps(engine):
         assert output.token_ids == solo_tokens(engine, request), f"request {output.request_id}"
     penalised = [r for i, r in enumerate(workload) if i % 3]
     plain = engine.generate([r.prompt for r in penalised], [
-        dataclasses.replace(r.params, repetition_penalty=1.0, presence_penalty=0.0)
+        dataclasses.replace(r.params, repetition_penalty=1.0, presence_penalty=0.0,
+                            frequency_penalty=0.0)
         for r in penalised])
     outputs = [o for i, o in enumerate(fused.outputs) if i % 3]
     assert any(o.token_ids != p.token_ids for o, p in zip(outputs, plain))

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_jax.sampling import SlotSampling, apply_penalties, first_argmax, mark_tokens, sample_tokens
+from flover_jax.sampling import (
+    SlotSampling,
+    apply_penalties,
+    count_tokens,
+    first_argmax,
+    mark_tokens,
+    sample_tokens,
+)
 from flover_jax.sampling_params import SamplingParams
 
 # Two batch shapes only, so each jitted sampler compiles at most twice.
@@ -343,6 +350,23 @@ def test_presence_penalty_hand_built():
     np.testing.assert_array_equal(run(logits, both, seen=seen, generated=generated), [2] * B)
 
 
+def test_frequency_penalty_grows_with_the_count_as_openai_defines_it():
+    logits = np.full((B, V), -5.0, np.float32)
+    logits[:, :4] = [2.0, 1.5, 1.0, 0.5]
+    counts = np.zeros((B, V), np.int32)
+    counts[:, 0], counts[:, 1] = 3, 1  # token 2 is in the prompt only: never penalised
+    seen = counts > 0
+    seen[:, 2] = True
+    params = SlotSampling.from_params([SamplingParams(presence_penalty=0.25,
+                                                      frequency_penalty=0.5)] * B)
+    out = np.asarray(apply_penalties(jnp.asarray(logits), params, seen, counts))
+    # logit - presence * (count > 0) - frequency * count
+    np.testing.assert_array_equal(out[0, :4], [2.0 - 0.25 - 1.5, 1.5 - 0.25 - 0.5, 1.0, 0.5])
+    np.testing.assert_array_equal(run(logits, params, seen=seen, generated=counts), [2] * B)
+    counted = count_tokens(jnp.asarray(counts), jnp.array([0] * B), jnp.array([True] * (B - 1) + [False]))
+    np.testing.assert_array_equal(np.asarray(counted)[:, 0], [4] * (B - 1) + [3])
+
+
 def test_masks_of_a_larger_table_are_read_at_the_offset():
     # A decode step passes every slot's masks and its window's first slot as the offset.
     logits = np.full((B, V), -5.0, np.float32)
@@ -467,10 +491,10 @@ def test_slot_sampling_build_and_update():
     dtypes = {f.name: getattr(slots, f.name).dtype for f in dataclasses.fields(SlotSampling)}
     assert dtypes == {
         "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
-        "repetition_penalty": np.float32, "presence_penalty": np.float32, "seed": np.int32,
-        "logprobs": np.bool_,
+        "repetition_penalty": np.float32, "presence_penalty": np.float32,
+        "frequency_penalty": np.float32, "seed": np.int32, "logprobs": np.bool_,
     }
-    assert len(jax.tree_util.tree_leaves(slots)) == 7
+    assert len(jax.tree_util.tree_leaves(slots)) == 8
     greedy = SlotSampling.greedy(3)
     np.testing.assert_array_equal(greedy.temperature, [0.0, 0.0, 0.0])
     np.testing.assert_array_equal(greedy.top_p, [1.0, 1.0, 1.0])
@@ -500,6 +524,8 @@ def test_slot_sampling_build_and_update():
         ("repetition_penalty", 0.0, "> 0"),
         ("repetition_penalty", -1.0, "> 0"),
         ("presence_penalty", float("inf"), "finite"),
+        ("frequency_penalty", float("nan"), "finite in float32"),
+        ("frequency_penalty", True, "finite in float32"),
         ("seed", -1, r"\[0, 2147483647\]"),
         ("seed", 2**31, r"\[0, 2147483647\]"),
         ("stop", ("ok", ""), "non-empty strings"),

@@ -201,7 +201,7 @@ def test_bad_requests_get_4xx_naming_the_field(served):
     for change, param in [({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"),
                           ({"max_tokens": 1000}, "max_tokens"), ({"colour": "red"}, "colour"),
                           ({"max_tokens": "2"}, "max_tokens"), ({"prompt": [[1, 999999]]}, "prompt"),
-                          ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"n": 0}, "n"),
+                          ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"n": 0}, "n"),
                           ({"logprobs": 3}, "logprobs")]:
         status, body, _ = call(completions, ok | change)
         assert status == 400 and body["error"]["param"] == param, (change, body)

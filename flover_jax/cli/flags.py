@@ -38,6 +38,7 @@ flags.DEFINE_integer("top_k", 0, "0 = off.")
 flags.DEFINE_float("top_p", 1.0, "1 = off.")
 flags.DEFINE_float("repetition_penalty", 1.0, "1 = off.")
 flags.DEFINE_float("presence_penalty", 0.0, "0 = off.")
+flags.DEFINE_float("frequency_penalty", 0.0, "0 = off.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the workload's random seed).")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Decode to max_new_tokens whatever the model says.")
@@ -73,7 +74,7 @@ flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
 ENGINE_FLAGS = ("model", "dtype", "max_slots", "max_len", "policy", "attention", "matmul",
                 "batch_invariant", "tp", "coordinator_address", "num_processes", "process_id")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                  "presence_penalty", "seed", "stop", "ignore_eos")
+                  "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
 ARRIVAL_FLAGS = ("workload", "num_requests", "interval_s", "rate", "burstiness")
 MODE_FLAGS = {
     "run": ENGINE_FLAGS + ("num_requests", "rate", "seed"),
@@ -100,7 +101,8 @@ def default_sampling():
     params = SamplingParams(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
         top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty,
-        presence_penalty=FLAGS.presence_penalty, seed=FLAGS.seed, stop=tuple(FLAGS.stop),
+        presence_penalty=FLAGS.presence_penalty, frequency_penalty=FLAGS.frequency_penalty,
+        seed=FLAGS.seed, stop=tuple(FLAGS.stop),
         ignore_eos=FLAGS.ignore_eos,
     )
     params.validate()

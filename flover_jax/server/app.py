@@ -236,7 +236,8 @@ def _jobs(state: ServerState, body: _Generation, prompts: Sequence[str | list[in
             params = [SamplingParams(
                 max_new_tokens=length, temperature=body.temperature, top_k=max(body.top_k, 0),
                 top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                presence_penalty=body.presence_penalty, seed=(seed + j) % (MAX_SEED + 1),
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                seed=(seed + j) % (MAX_SEED + 1),
                 stop=body.stop_strings(), ignore_eos=body.ignore_eos, logprobs=logprobs,
             ) for j in range(body.n)]
             engine.check_request(ids, params[0])

@@ -54,13 +54,6 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @field_validator("frequency_penalty")
-    @classmethod
-    def _frequency_penalty_unsupported(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("only 0 is supported (presence_penalty and repetition_penalty are)")
-        return value
-
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
