@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from flover_jax.sampling import Sampled
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -37,6 +38,8 @@ class RequestOutput:
     finished_s: float
     token_times_s: list[float]
     logprobs: list[float] | None = None  # per token, when the request asked for them
+    # per token, its top_logprobs likeliest alternatives as (token id, log P), when asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -57,6 +60,7 @@ class StreamDelta:
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
     logprobs: list[float] | None = None  # of token_ids, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # of token_ids, when asked
     output: RequestOutput | None = None  # on the last delta of `Engine.stream`: the whole output
 
 
@@ -97,6 +101,8 @@ class Request:
         )
         self.token_ids: list[int] = []
         self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = (
+            [] if params.top_logprobs else None)
         self.token_times_s: list[float] = []
         self.admitted_s: float | None = None
         self.first_token_s: float | None = None
@@ -116,12 +122,16 @@ class Request:
     def text(self) -> str | None:
         return None if self._decoder is None else self._text
 
-    def add_token(self, token_id: int, logprob: float, now_s: float, max_len: int) -> bool:
-        """Record one generated token (and its log-probability, if the request asked);
-        returns True when it finishes the request (`check_stop` decides)."""
-        self.token_ids.append(token_id)
+    def add_token(self, sampled: Sampled, now_s: float, max_len: int) -> bool:
+        """Record one generated token (a row of a step's `Sampled`: and its log-probabilities,
+        if the request asked); returns True when it finishes the request (`check_stop`)."""
+        self.token_ids.append(int(sampled.tokens))
         if self.logprobs is not None:
-            self.logprobs.append(logprob)
+            self.logprobs.append(float(sampled.logprobs))
+        if self.top_logprobs is not None:
+            wanted = self.params.top_logprobs
+            self.top_logprobs.append([(int(t), float(lp)) for t, lp in
+                                      zip(sampled.top_ids[:wanted], sampled.top_logprobs[:wanted])])
         self.token_times_s.append(now_s)
         if self.first_token_s is None:
             self.first_token_s = now_s
@@ -171,6 +181,7 @@ class Request:
         """Tokens and text not yet streamed; None when there is nothing new."""
         tokens = self.token_ids[self._streamed_tokens :]
         logprobs = None if self.logprobs is None else self.logprobs[self._streamed_tokens :]
+        top = None if self.top_logprobs is None else self.top_logprobs[self._streamed_tokens :]
         end = self._safe_text_end() if self._decoder is not None else 0
         text = self._text[self._streamed_chars : end] if end > self._streamed_chars else ""
         if not tokens and not text and not self.finished:
@@ -178,7 +189,8 @@ class Request:
         self._streamed_tokens = len(self.token_ids)
         self._streamed_chars = max(self._streamed_chars, end)
         reason = self.finish_reason.value if self.finished else None
-        return StreamDelta(self.request_id, tokens, text, reason, self.error, logprobs)
+        return StreamDelta(self.request_id, tokens, text, reason, self.error, logprobs,
+                           top_logprobs=top)
 
     def output(self) -> RequestOutput:
         assert self.finish_reason is not None and self.finished_s is not None
@@ -195,4 +207,5 @@ class Request:
             finished_s=self.finished_s,
             token_times_s=self.token_times_s,
             logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
         )

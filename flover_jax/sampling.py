@@ -52,18 +52,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flover_jax.sampling_params import SamplingParams
+from flover_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = [
     "DEFAULT_CANDIDATE_TIERS",
     "Sampled",
     "SlotSampling",
     "apply_penalties",
-    "first_argmax",
     "count_tokens",
+    "first_argmax",
     "mark_tokens",
+    "report",
     "sample_tokens",
     "token_logprobs",
+    "top_logprobs",
 ]
 
 _GREEDY = SamplingParams()
@@ -87,6 +89,7 @@ class SlotSampling:
     frequency_penalty: jax.Array  # f32[S]; 0 = off
     seed: jax.Array  # i32[S]
     logprobs: jax.Array  # bool[S]: report the sampled token's log-probability
+    top_logprobs: jax.Array  # i32[S]: and this many alternatives (0 = none)
 
     @classmethod
     def from_params(
@@ -108,6 +111,7 @@ class SlotSampling:
             frequency_penalty=np.array([p.frequency_penalty for p in rows], np.float32),
             seed=np.array([p.seed for p in rows], np.int32),
             logprobs=np.array([p.logprobs for p in rows], bool),
+            top_logprobs=np.array([p.top_logprobs for p in rows], np.int32),
         )
 
     @classmethod
@@ -128,6 +132,14 @@ class Sampled(NamedTuple):
 
     tokens: Any  # int32[rows]; -1 where a row sampled nothing
     logprobs: Any  # float32[rows]; log P(token) for rows that asked for it, 0 elsewhere
+    top_ids: Any  # int32[rows, MAX_TOP_LOGPROBS]: the likeliest tokens, most likely first
+    top_logprobs: Any  # float32[rows, MAX_TOP_LOGPROBS]: their log P; 0 where no row asked
+
+
+def _log_normaliser(logits: jax.Array) -> jax.Array:
+    """log sum exp of each row, f32[B]: log P(token) = logit - this."""
+    top = jnp.max(logits, axis=-1)
+    return top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> jax.Array:
@@ -136,12 +148,36 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> j
     when some row wants it."""
 
     def compute() -> jax.Array:
-        top = jnp.max(logits, axis=-1)
-        normaliser = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-        return jnp.where(wanted, chosen - normaliser, 0.0).astype(jnp.float32)
+        return jnp.where(wanted, chosen - _log_normaliser(logits), 0.0).astype(jnp.float32)
 
     return lax.cond(jnp.any(wanted), compute, lambda: jnp.zeros(tokens.shape, jnp.float32))
+
+
+def top_logprobs(logits: jax.Array, wanted: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_TOP_LOGPROBS likeliest tokens of each row and their log P under the model (as
+    `token_logprobs`), i32[B, K] and f32[B, K], most likely first (lowest id first on ties);
+    zeros where not `wanted`. Computed only when some row wants them; a request keeps as many
+    as it asked for."""
+    shape = (logits.shape[0], MAX_TOP_LOGPROBS)
+
+    def compute() -> tuple[jax.Array, jax.Array]:
+        values, ids = lax.top_k(logits, MAX_TOP_LOGPROBS)
+        values = values - _log_normaliser(logits)[:, None]
+        return (jnp.where(wanted[:, None], ids, 0).astype(jnp.int32),
+                jnp.where(wanted[:, None], values, 0.0).astype(jnp.float32))
+
+    return lax.cond(jnp.any(wanted), compute,
+                    lambda: (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)))
+
+
+def report(logits: jax.Array, tokens: jax.Array, active: jax.Array,
+           params: SlotSampling) -> Sampled:
+    """What a step hands the host for each row: its token (-1 where inactive), and the
+    log-probabilities its request asked for."""
+    ids, values = top_logprobs(logits, active & (params.top_logprobs > 0))
+    return Sampled(jnp.where(active, tokens, -1),
+                   token_logprobs(logits, tokens, active & params.logprobs), ids, values)
 
 
 def apply_penalties(

@@ -14,6 +14,7 @@ import numpy as np
 
 _MAX_INT32 = 2**31 - 1
 MAX_SEED = _MAX_INT32  # seeds live in an int32 device array
+MAX_TOP_LOGPROBS = 20  # alternatives a token may report (OpenAI's most); a static device size
 _MAX_FLOAT32 = float(np.finfo(np.float32).max)  # settings live in float32 device arrays
 
 
@@ -49,6 +50,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # return each token's log-probability under the model
+    top_logprobs: int = 0  # and this many most likely alternatives at each step
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but store tuples: frozen + hashable.
@@ -96,6 +98,9 @@ class SamplingParams:
                 raise bad(
                     "stop_token_ids", self.stop_token_ids, f"entries must be ints >= 0, got {t!r}"
                 )
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", self.top_logprobs,
+                      f"must be an int in [0, {MAX_TOP_LOGPROBS}] (0: none)")
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, getattr(self, name), "must be a bool")

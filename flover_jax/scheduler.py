@@ -303,14 +303,14 @@ class Scheduler:
         if previous is not None:
             sampled = self.executor.read(previous.handle)
             now = self.now()
-            for request, token, logprob in zip(previous.rows, *sampled):
-                if request is not None and not request.finished and token >= 0:
-                    self._add_token(request, int(token), float(logprob), now, released)
+            for request, *row in zip(previous.rows, *sampled):
+                if request is not None and not request.finished and row[0] >= 0:
+                    self._add_token(request, Sampled(*row), now, released)
         for handle, requests in first_tokens:
             sampled = self.executor.read(handle)
             now = self.now()
-            for request, token, logprob in zip(requests, *sampled):
-                self._add_token(request, int(token), float(logprob), now, released)
+            for request, *row in zip(requests, *sampled):
+                self._add_token(request, Sampled(*row), now, released)
         if released:
             self.executor.release(released)
         if not self._running:
@@ -487,9 +487,9 @@ class Scheduler:
         self.stats.windows[width] += 1
         return _DecodeInFlight(handle, rows)
 
-    def _add_token(self, request: Request, token: int, logprob: float, now: float,
+    def _add_token(self, request: Request, sampled: Sampled, now: float,
                    released: list[int]) -> None:
-        if request.add_token(token, logprob, now, self.executor.max_len):
+        if request.add_token(sampled, now, self.executor.max_len):
             lo, hi = self.table.span()
             slot = self._free_slot(request)
             if lo < slot < hi - 1:

@@ -29,8 +29,8 @@ from flover_jax.sampling import (
     SlotSampling,
     count_tokens,
     mark_tokens,
+    report,
     sample_tokens,
-    token_logprobs,
 )
 from flover_jax.state import DecodeState
 from models import transformer
@@ -72,7 +72,7 @@ def prefill(
     seen = seen.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
     no_output = jnp.zeros(seen.shape, jnp.int32)
     first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
-    first = Sampled(first, token_logprobs(logits, first, sampling.logprobs))
+    first = report(logits, first, jnp.ones((b,), bool), sampling)
     return Prefilled(k=k, v=v, first=first, seen=seen)
 
 
@@ -168,8 +168,7 @@ def decode_step(
         seen=mark_tokens(state.seen, new, active, start),
         output_counts=count_tokens(state.output_counts, new, active, start),
     )
-    logprobs = token_logprobs(logits, new, active & sampling.logprobs)
-    return state, Sampled(jnp.where(active, new, -1), logprobs)
+    return state, report(logits, new, active, sampling)
 
 
 # XLA:CPU allocates a program's temporaries on every call, and glibc maps an allocation over
@@ -241,7 +240,7 @@ class Verbs:
         attention_kernel: bool = False,
         compact_piece_bytes: int | None = None,
     ) -> None:
-        sampled = Sampled(replicated, replicated)
+        sampled = Sampled(replicated, replicated, replicated, replicated)
         prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first=sampled, seen=replicated)
         self.prefill = jax.jit(
             partial(prefill, cfg=cfg),

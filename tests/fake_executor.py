@@ -37,7 +37,7 @@ import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
 from flover_jax.sampling import Sampled
-from flover_jax.sampling_params import SamplingParams
+from flover_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 STALE = -7  # cache cells holding padding / nothing written (never read by a correct host)
 
@@ -172,7 +172,10 @@ class FakeExecutor:
         )
 
     def _handle(self, kind: str, tokens: np.ndarray, logprobs: np.ndarray) -> Handle:
-        return Handle(kind, Sampled(tokens, logprobs), id(self))
+        # No alternatives: the fake model's distribution is a point mass.
+        top = (len(tokens), MAX_TOP_LOGPROBS)
+        return Handle(kind, Sampled(tokens, logprobs, np.zeros(top, np.int32),
+                                    np.zeros(top, np.float32)), id(self))
 
     def _check_invariants(self) -> None:
         _check(not np.any(self.active & ~self.occupied), "an active slot is not occupied")
@@ -320,4 +323,4 @@ class FakeExecutor:
         _check(not handle.read, f"read: {handle.kind} result read twice (tokens added twice?)")
         handle.read = True
         self.calls[f"read_{handle.kind}"] += 1
-        return Sampled(handle.sampled.tokens.copy(), handle.sampled.logprobs.copy())
+        return Sampled(*(field.copy() for field in handle.sampled))

@@ -468,6 +468,32 @@ def test_logprobs_are_the_models_whatever_the_sampling_and_the_batch(engine, tin
     assert all(d.logprobs == [] for d in deltas if not d.token_ids)
 
 
+def test_top_logprobs_are_the_models_likeliest_tokens_whatever_the_batch(engine, tiny):
+    cfg, params = tiny
+    prompt, n = [1, 2, 3], 5
+    asked = [SamplingParams(max_new_tokens=n, ignore_eos=True, top_logprobs=3),
+             SamplingParams(max_new_tokens=n, ignore_eos=True, top_logprobs=20, temperature=0.8,
+                            seed=2, logprobs=True)]
+    quiet = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    outs = engine.generate([prompt, prompt, [7, 8]], [*asked, quiet])
+    for wanted, out in zip((3, 20), outs):
+        sequence = jnp.array([prompt + out.token_ids[:-1]])
+        hidden, _, _ = transformer.prefill(params, cfg, sequence)
+        log_probs = np.asarray(jax.nn.log_softmax(transformer.logits(params, hidden[0], cfg), -1))
+        assert [len(top) for top in out.top_logprobs] == [wanted] * n
+        for position, top in zip(len(prompt) - 1 + np.arange(n), out.top_logprobs):
+            ids, values = zip(*top)
+            order = np.argsort(-log_probs[position], kind="stable")[:wanted]
+            assert list(ids) == order.tolist()
+            np.testing.assert_allclose(values, log_probs[position][order], rtol=1e-5, atol=1e-5)
+        alone = engine.generate([prompt], asked[wanted == 20])[0]
+        assert [[t for t, _ in top] for top in alone.top_logprobs] == [
+            [t for t, _ in top] for top in out.top_logprobs]
+    assert outs[2].top_logprobs is None and outs[0].logprobs is None
+    with pytest.raises(ValueError, match=r"top_logprobs=21: must be an int in \[0, 20\]"):
+        SamplingParams(top_logprobs=21).validate()
+
+
 def test_a_decode_state_too_big_for_memory_is_refused_before_it_is_allocated(tiny, monkeypatch):
     cfg, params = tiny
     state = Engine(cfg, params, max_slots=64, max_len=256).executor.state

@@ -493,8 +493,9 @@ def test_slot_sampling_build_and_update():
         "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
         "repetition_penalty": np.float32, "presence_penalty": np.float32,
         "frequency_penalty": np.float32, "seed": np.int32, "logprobs": np.bool_,
+        "top_logprobs": np.int32,
     }
-    assert len(jax.tree_util.tree_leaves(slots)) == 8
+    assert len(jax.tree_util.tree_leaves(slots)) == 9
     greedy = SlotSampling.greedy(3)
     np.testing.assert_array_equal(greedy.temperature, [0.0, 0.0, 0.0])
     np.testing.assert_array_equal(greedy.top_p, [1.0, 1.0, 1.0])

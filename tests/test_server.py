@@ -115,6 +115,17 @@ def test_chat_streamed_equals_chat_whole_with_logprobs(client):
     stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10,
                                             stream=True, **GREEDY)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == choice.message.content
+    top = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10,
+                                         logprobs=True, top_logprobs=3, **GREEDY).choices[0]
+    for entry, plain in zip(top.logprobs.content, choice.logprobs.content, strict=True):
+        assert len(entry.top_logprobs) == 3 and entry.token == plain.token
+        best = entry.top_logprobs[0]  # greedy: the token is the likeliest
+        assert best.token == entry.token and abs(best.logprob - entry.logprob) < 1e-5
+        assert [a.logprob for a in entry.top_logprobs] == sorted(
+            (a.logprob for a in entry.top_logprobs), reverse=True)
+    completion = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4,
+                                           logprobs=2, **GREEDY).choices[0]
+    assert [len(step) for step in completion.logprobs.top_logprobs] == [2] * 4
 
 
 def test_stop_strings_cut_the_text_and_are_never_streamed(client):
@@ -202,7 +213,7 @@ def test_bad_requests_get_4xx_naming_the_field(served):
                           ({"max_tokens": 1000}, "max_tokens"), ({"colour": "red"}, "colour"),
                           ({"max_tokens": "2"}, "max_tokens"), ({"prompt": [[1, 999999]]}, "prompt"),
                           ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"n": 0}, "n"),
-                          ({"logprobs": 3}, "logprobs")]:
+                          ({"logprobs": 21}, "logprobs")]:
         status, body, _ = call(completions, ok | change)
         assert status == 400 and body["error"]["param"] == param, (change, body)
         assert set(body["error"]) == {"message", "type", "param", "code"}

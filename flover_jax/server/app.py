@@ -222,7 +222,8 @@ def _check(state: ServerState, body: _Generation) -> None:
 
 
 def _jobs(state: ServerState, body: _Generation, prompts: Sequence[str | list[int]],
-          max_tokens: int | None, logprobs: bool) -> tuple[list[tuple[list[int], SamplingParams]],
+          max_tokens: int | None, logprobs: bool, top_logprobs: int,
+          ) -> tuple[list[tuple[list[int], SamplingParams]],
                                                            list[list[int]]]:
     """(prompt ids, SamplingParams) of each engine request (prompt i's choice j at i * n + j),
     and each prompt's ids. A request that cannot run is a 400 naming the field."""
@@ -239,6 +240,7 @@ def _jobs(state: ServerState, body: _Generation, prompts: Sequence[str | list[in
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 seed=(seed + j) % (MAX_SEED + 1),
                 stop=body.stop_strings(), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                top_logprobs=top_logprobs,
             ) for j in range(body.n)]
             engine.check_request(ids, params[0])
         except ValueError as e:
@@ -405,22 +407,26 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = ([body.prompt] if isinstance(body.prompt, str)
                    or isinstance(body.prompt[0], int) else list(body.prompt))
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        jobs, prompt_ids = _jobs(state, body, prompts, max_tokens, body.logprobs is not None)
+        jobs, prompt_ids = _jobs(state, body, prompts, max_tokens, body.logprobs is not None,
+                                 body.logprobs or 0)
         calls = _Calls(state, jobs)
         reply = _Reply("cmpl", "text_completion", "text_completion", state.model_name)
         echoed = [state.engine.tokenizer.decode(ids) if state.engine.tokenizer else ""
                   for ids in prompt_ids]
 
-        def logprobs(tokens: list[int], values: list[float] | None, start: int) -> dict | None:
-            if values is None:
+        def logprobs(item: RequestOutput | StreamDelta | None, start: int) -> dict | None:
+            if item is None or item.logprobs is None:
                 return None
-            texts = _token_texts(state.engine, tokens)
+            texts = _token_texts(state.engine, item.token_ids)
             offsets = [start + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
-            return {"tokens": texts, "token_logprobs": values, "top_logprobs": None,
+            top = None if item.top_logprobs is None else [
+                dict(zip(_token_texts(state.engine, [t for t, _ in step]), (v for _, v in step)))
+                for step in item.top_logprobs]
+            return {"tokens": texts, "token_logprobs": item.logprobs, "top_logprobs": top,
                     "text_offset": offsets}
 
-        def choice(i: int, text: str, tokens, values, finish, start=0) -> dict:
-            return {"index": i, "text": text, "logprobs": logprobs(tokens, values, start),
+        def choice(i: int, text: str, item, finish, start=0) -> dict:
+            return {"index": i, "text": text, "logprobs": logprobs(item, start),
                     "finish_reason": finish}
 
         if not body.stream:
@@ -430,7 +436,7 @@ def create_app(state: ServerState) -> FastAPI:
             for i, final in enumerate(finals):
                 out = final.output
                 prefix = echoed[i // body.n] if body.echo else ""
-                choices.append(choice(i, prefix + (out.text or ""), out.token_ids, out.logprobs,
+                choices.append(choice(i, prefix + (out.text or ""), out,
                                       _FINISH[out.finish_reason], len(prefix)))
             used = sum(len(f.output.token_ids) for f in finals)
             return reply.whole(choices, _usage(prompt_ids, body.n, used))
@@ -439,12 +445,12 @@ def create_app(state: ServerState) -> FastAPI:
             used, written = 0, [0] * len(jobs)
             if body.echo:
                 for i in range(len(jobs)):
-                    yield reply.chunk([choice(i, echoed[i // body.n], [], None, None)])
+                    yield reply.chunk([choice(i, echoed[i // body.n], None, None)])
                     written[i] = len(echoed[i // body.n])
             async for i, delta in _deltas(calls):
                 used += len(delta.token_ids)
-                yield reply.chunk([choice(i, delta.text, delta.token_ids, delta.logprobs,
-                                          _FINISH.get(delta.finish_reason), written[i])])
+                yield reply.chunk([choice(i, delta.text, delta, _FINISH.get(delta.finish_reason),
+                                          written[i])])
                 written[i] += len(delta.text)
             if body.stream_options and body.stream_options.include_usage:
                 yield reply.chunk([], _usage(prompt_ids, body.n, used))
@@ -463,22 +469,27 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        jobs, prompt_ids = _jobs(state, body, [ids], max_tokens, body.logprobs)
+        jobs, prompt_ids = _jobs(state, body, [ids], max_tokens, body.logprobs,
+                                 body.top_logprobs or 0)
         calls = _Calls(state, jobs)
         reply = _Reply("chatcmpl", "chat.completion", "chat.completion.chunk", state.model_name)
 
-        def logprobs(tokens: list[int], values: list[float] | None) -> dict | None:
-            if values is None:
+        def entry(token: int, value: float) -> dict:
+            text = _token_texts(state.engine, [token])[0]
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        def logprobs(item: RequestOutput | StreamDelta) -> dict | None:
+            if item.logprobs is None:
                 return None
-            return {"content": [{"token": text, "logprob": value, "bytes": list(text.encode()),
-                                 "top_logprobs": []}
-                                for text, value in zip(_token_texts(state.engine, tokens), values)]}
+            tops = item.top_logprobs or [[]] * len(item.token_ids)
+            return {"content": [entry(t, v) | {"top_logprobs": [entry(*alt) for alt in top]}
+                                for t, v, top in zip(item.token_ids, item.logprobs, tops)]}
 
         if not body.stream:
             finals = await calls.outputs(request)
             _raise_if_failed(finals)
             choices = [{"index": i, "message": {"role": "assistant", "content": f.output.text},
-                        "logprobs": logprobs(f.output.token_ids, f.output.logprobs),
+                        "logprobs": logprobs(f.output),
                         "finish_reason": _FINISH[f.output.finish_reason]}
                        for i, f in enumerate(finals)]
             used = sum(len(f.output.token_ids) for f in finals)
@@ -493,7 +504,7 @@ def create_app(state: ServerState) -> FastAPI:
                 used += len(delta.token_ids)
                 content = {"content": delta.text} if delta.text else {}
                 yield reply.chunk([{"index": i, "delta": content,
-                                    "logprobs": logprobs(delta.token_ids, delta.logprobs),
+                                    "logprobs": logprobs(delta),
                                     "finish_reason": _FINISH.get(delta.finish_reason)}])
             if body.stream_options and body.stream_options.include_usage:
                 yield reply.chunk([], _usage(prompt_ids, body.n, used))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flover_jax.sampling_params import MAX_SEED
+from flover_jax.sampling_params import MAX_SEED, MAX_TOP_LOGPROBS
 
 
 class ApiError(Exception):
@@ -67,15 +67,8 @@ class _Generation(_Strict):
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-def _no_alternatives(value: int | None) -> int | None:
-    if value:
-        raise ValueError("only 0 is supported: each token's own log-probability, without "
-                         "alternatives")
-    return value
-
-
-# How many top alternatives to return per token (0: none, only the token's own).
-Alternatives = Annotated[int | None, Field(ge=0), AfterValidator(_no_alternatives)]
+# How many of the likeliest alternatives to return at each token (0: only the token's own).
+Alternatives = Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class CompletionRequest(_Generation):
@@ -106,6 +99,12 @@ class ChatRequest(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Alternatives = None
+
+    @model_validator(mode="after")
+    def _alternatives_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class TokenizeRequest(_Strict):
