@@ -2,12 +2,14 @@
 
 The server listens first and answers /health with 503 while the model loads and compiles;
 then it serves. On SIGTERM (or SIGINT) it stops taking requests (503), lets those in flight
-finish for up to --drain_s, cancels the rest and exits 0.
+finish for up to --drain_s, cancels the rest and exits: 0 after SIGTERM, a service's normal
+stop; 130 after SIGINT, as every mode.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -67,4 +69,4 @@ def serve_mode(interrupts: Interrupts) -> int:
         state.loop.close()
         server.should_exit = True
         thread.join(10)
-    return 0
+    return 0 if interrupts.signal == signal.SIGTERM else interrupts.exit_code()
