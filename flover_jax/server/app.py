@@ -194,7 +194,8 @@ class _Calls:
                 if getter not in done:
                     getter.cancel()
                     self.cancel()
-                    raise asyncio.CancelledError
+                    # No one is left to read it: nginx's "client closed request".
+                    raise ApiError(499, "the client closed the connection")
                 index, delta = getter.result()
                 if delta.finish_reason is not None:
                     last[index] = delta
