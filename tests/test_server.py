@@ -191,6 +191,20 @@ def test_a_dropped_stream_frees_its_slot(served, client):
     while state.outstanding or metric(url, "flover_slots_in_use") != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # A whole answer's client that leaves is noticed too.
+    cancelled = metric(url, 'flover_requests_finished_total{finish_reason="cancelled"}')
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps(  # 16 choices: most still queue
+        {"prompt": "A long story", "max_tokens": 100, "n": 16, "ignore_eos": True, **GREEDY}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    while metric(url, "flover_slots_in_use") == 0:
+        time.sleep(0.01)
+    connection.close()
+    deadline = time.monotonic() + 30
+    while metric(url, 'flover_requests_finished_total{finish_reason="cancelled"}') == cancelled:
+        assert time.monotonic() < deadline, "the whole answer's request was never cancelled"
+        time.sleep(0.05)
 
 
 def test_bad_requests_get_4xx_naming_the_field(served):

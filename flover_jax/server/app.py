@@ -205,8 +205,10 @@ class _Calls:
 
 
 async def _disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
+    """Returns when the client goes away: once the body is read, the next message a request
+    receives is its disconnect (no polling)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- building engine requests ---------------------------------------------------------------------
