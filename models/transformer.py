@@ -1,4 +1,7 @@
-"""One decoder-only transformer for GPT-2, GPT-J and LLaMA, over a slot KV cache.
+"""One decoder-only transformer for every family, over a slot KV cache.
+
+Each layer computes what its `LayerSpec` (cfg.layers) says: the families differ
+only in those specs and in where their checkpoints keep each weight.
 
 Two entry points, both pure and jittable (the config is static):
 
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models import kernels
-from models.config import ModelConfig
+from models.config import LayerSpec, ModelConfig
 from models.layers import (
     AttentionWeights,
     MlpWeights,
@@ -44,7 +47,7 @@ class LayerWeights:
     attn_norm: NormWeights
     attn: AttentionWeights
     mlp: MlpWeights
-    mlp_norm: NormWeights | None = None  # None when the residual is parallel (GPT-J)
+    mlp_norm: NormWeights | None = None  # None when the MLP shares attn_norm (GPT-J)
 
 
 @pytree_dataclass
@@ -99,21 +102,27 @@ def reads_whole_cache(num_slots: int, max_len: int, width: int, kv_len: int) -> 
 
 
 def _block(
-    x: jax.Array, w: LayerWeights, positions: jax.Array, cfg: ModelConfig, attend_with_cache
+    x: jax.Array,
+    w: LayerWeights,
+    spec: LayerSpec,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    attend_with_cache,
 ) -> jax.Array:
     # Named scopes label the ops in profiles (benchmarks/profile_step.py, XProf, Perfetto).
     with jax.named_scope("projections"):
         h = norm(x, w.attn_norm, cfg)
-        q, k, v = project_qkv(h, w.attn, positions, cfg)
+        q, k, v = project_qkv(h, w.attn, positions, spec, cfg)
     with jax.named_scope("attention"):
         o = attend_with_cache(q, k, v)
     with jax.named_scope("projections"):
         a = attention_output(o, w.attn)
     with jax.named_scope("mlp"):
-        if cfg.parallel_residual:
-            return x + a + mlp(h, w.mlp, cfg)
-        x = x + a
-        return x + mlp(norm(x, w.mlp_norm, cfg), w.mlp, cfg)
+        if spec.residual == "sequential":
+            x = x + a
+            return x + mlp(norm(x, w.mlp_norm, cfg), w.mlp, spec)
+        m = h if spec.residual == "parallel_shared_norm" else norm(x, w.mlp_norm, cfg)
+        return x + a + mlp(m, w.mlp, spec)
 
 
 def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig):
@@ -147,8 +156,8 @@ def prefill(
         vs.append(v)
         return attend(q, k, v, causal, cfg)
 
-    for layer in params.layers:
-        x = _block(x, layer, positions, cfg, self_attend)
+    for layer, spec in zip(params.layers, cfg.layers):
+        x = _block(x, layer, spec, positions, cfg, self_attend)
     return x, jnp.stack(ks), jnp.stack(vs)
 
 
@@ -202,7 +211,7 @@ def decode(
     x = _embed(params, tokens[:, None], positions[:, None], cfg)
     k_cache, v_cache = list(cache.k), list(cache.v)
 
-    for layer_index, layer in enumerate(params.layers):
+    for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
         def cached_attend(q, k, v, i=layer_index):
             k_cache[i] = k_cache[i].at[slots, :, write_pos].set(k[:, 0], mode="drop")
@@ -221,7 +230,7 @@ def decode(
             v_all = jax.lax.dynamic_slice(v_cache[i], (start, 0, 0, 0), window)
             return attend(q, k_all, v_all, mask, cfg)
 
-        x = _block(x, layer, positions[:, None], cfg, cached_attend)
+        x = _block(x, layer, spec, positions[:, None], cfg, cached_attend)
     return logits(params, x[:, 0], cfg), KVCache(tuple(k_cache), tuple(v_cache))
 
 
@@ -245,21 +254,25 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         scale_ = (1.0 + rand(d)).astype(cfg.jnp_dtype)
         return NormWeights(scale_, maybe(cfg.norm == "layernorm", d))
 
+    def head_norm(on: bool) -> NormWeights | None:
+        return NormWeights((1.0 + rand(e)).astype(cfg.jnp_dtype)) if on else None
+
     layers = [
         LayerWeights(
             attn_norm=norm_weights(),
             attn=AttentionWeights(
                 wq=rand(d, h, e), wk=rand(d, k, e), wv=rand(d, k, e), wo=rand(h, e, d),
-                bq=maybe(cfg.attention_bias, h, e), bk=maybe(cfg.attention_bias, k, e),
-                bv=maybe(cfg.attention_bias, k, e), bo=maybe(cfg.attention_bias, d),
+                bq=maybe(cfg.qkv_bias, h, e), bk=maybe(cfg.qkv_bias, k, e),
+                bv=maybe(cfg.qkv_bias, k, e), bo=maybe(cfg.out_bias, d),
+                q_norm=head_norm(spec.qk_norm), k_norm=head_norm(spec.qk_norm),
             ),
             mlp=MlpWeights(
-                w_in=rand(d, f), w_out=rand(f, d), w_gate=maybe(cfg.gated_mlp, d, f),
+                w_in=rand(d, f), w_out=rand(f, d), w_gate=maybe(spec.mlp == "gated", d, f),
                 b_in=maybe(cfg.mlp_bias, f), b_out=maybe(cfg.mlp_bias, d),
             ),
-            mlp_norm=None if cfg.parallel_residual else norm_weights(),
+            mlp_norm=None if spec.residual == "parallel_shared_norm" else norm_weights(),
         )
-        for _ in range(cfg.n_layers)
+        for spec in cfg.layers
     ]
     embed = rand(vocab, d)
     return Params(
@@ -268,7 +281,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         final_norm=norm_weights(),
         lm_head=embed.T if cfg.tie_embeddings else rand(d, vocab),
         lm_head_bias=maybe(cfg.lm_head_bias, vocab),
-        pos_embed=maybe(cfg.positions == "learned", cfg.max_positions, d),
+        pos_embed=maybe(cfg.learned_positions, cfg.max_positions, d),
     )
 
 

@@ -205,6 +205,20 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_embd": 64, "
     (GPT2 | {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
     (GPT2 | {"scale_attn_weights": False}, "scale_attn_weights=False is unsupported"),
     (["not", "an", "object"], "expected a JSON object, got list"),
+    (LLAMA | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope_type='dynamic' is unsupported: its frequencies depend on the longest sequence"),
+    (LLAMA | {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "rope_type='longrope' is unsupported"),
+    (LLAMA | {"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}},
+     "rope_type='su' is unsupported (supported: default, linear, llama3, yarn)"),
+    (LLAMA | {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
+     "rope_type='llama3' needs high_freq_factor"),
+    (LLAMA | {"rope_scaling": {"rope_type": "linear"}}, "rope_type='linear' needs factor"),
+    (LLAMA | {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
+     "qwen2: use_sliding_window=True"),
+    (LLAMA | {"architectures": ["Qwen3ForCausalLM"],
+              "layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types with sliding layers [1]: sliding-window attention is unsupported"),
 ])
 def test_configs_we_would_compute_differently_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -1,4 +1,4 @@
-"""Model parity with Hugging Face transformers on tiny random GPT-2, GPT-J and LLaMA-GQA."""
+"""Model parity with Hugging Face transformers on tiny random models of every family."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from models import transformer
 from models.transformer import KVCache
 from tests.hf_models import VOCAB, make_hf_model
 
-FAMILIES = ["gpt2", "gptj", "llama"]
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -34,10 +34,47 @@ def test_full_sequence_logits_match_hf(family_model):
     np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
 
 
-def test_llama_is_grouped_query(family_model):
+def test_llama_shaped_families_are_grouped_query(family_model):
     family, _, cfg, _ = family_model
-    if family == "llama":
+    if family in ("llama", "qwen2", "qwen3", "phi3"):
         assert cfg.n_kv_heads < cfg.n_heads
+    if family == "qwen3":
+        assert cfg.head_dim == 24 and cfg.layers[0].qk_norm
+    if family in ("phi3", "gpt_neox"):  # partial rotary
+        assert cfg.layers[0].rope.dims == {"phi3": 8, "gpt_neox": 4}[family]
+
+
+# Each scaling's parameters put some rotary frequencies on each side of its thresholds (head_dim
+# 16, base 10000: wavelengths 6.3, 20, 63, 199, ...); the prompts run past the original length.
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                    "beta_fast": 16.0, "mscale": 0.8, "mscale_all_dim": 0.5},
+}
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling_logits_match_hf(tmp_path, scaling):
+    rope = {"rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
+    hf = make_hf_model("llama", tmp_path, rope_parameters=rope)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.layers[0].rope.scaling == rope["rope_type"]
+    tokens = np.random.default_rng(5).integers(0, VOCAB, size=(2, 80))
+    ours = jax.jit(transformer.forward, static_argnums=1)(
+        jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+def test_eos_ids_come_from_generation_config(tmp_path):
+    """Llama 3.1 stops at any of several EOS ids, which generation_config.json lists."""
+    hf = make_hf_model("llama", tmp_path)
+    assert load_hf(tmp_path)[0].eos_token_ids == (2,)  # save_pretrained copied config.json's
+    hf.generation_config.eos_token_id = [2, 7, 9]
+    hf.generation_config.save_pretrained(tmp_path)
+    assert load_hf(tmp_path)[0].eos_token_ids == (2, 7, 9)
 
 
 @pytest.mark.parametrize(
