@@ -15,7 +15,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-Family = Literal["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3"]
+Family = Literal["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu_tanh", "gelu", "silu"]
 MlpKind = Literal["dense", "gated"]
@@ -68,7 +68,8 @@ class LayerSpec:
     residual: Residual = "sequential"
     mlp: MlpKind = "dense"  # gated (LLaMA's SwiGLU): down(act(gate(x)) * up(x))
     activation: Activation = "gelu_tanh"
-    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary (Qwen3, Gemma 3)
+    post_norms: bool = False  # Gemma 2/3: norms on the attention's and the MLP's outputs too
 
     def __post_init__(self) -> None:
         if (self.attention == "sliding") != (self.window is not None):
@@ -97,6 +98,10 @@ class ModelConfig:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     tie_embeddings: bool = False
+    embed_scale: float = 1.0  # Gemma: the embedding times sqrt(d_model)
+    attention_scale: float | None = None  # scores times this (None: head_dim ** -0.5)
+    attention_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # Weights and activations; softmax, norms and logits always run in float32.
@@ -112,12 +117,23 @@ class ModelConfig:
         if not self.layers:
             raise ValueError("layers=(): a model has at least one layer")
         for i, layer in enumerate(self.layers):
-            if layer.attention != "global":
-                raise ValueError(f"layers[{i}].attention={layer.attention!r}: only 'global' "
-                                 "attention is implemented yet")
             if layer.rope is not None and (layer.rope.dims or 0) > self.head_dim:
                 raise ValueError(f"layers[{i}].rope.dims={layer.rope.dims}: must be <= "
                                  f"head_dim={self.head_dim}")
+
+    @property
+    def attention_kernel_misfit(self) -> str:
+        """Why the CPU decode-attention kernel (which reads every cached position, scaled by
+        head_dim ** -0.5) cannot compute this model's attention; "" when it can."""
+        reasons = [why for bad, why in (
+            (any(layer.window for layer in self.layers), "some layers have a sliding window"),
+            (self.attention_scale is not None, f"attention_scale={self.attention_scale}"),
+            (self.attention_softcap is not None, f"attention_softcap={self.attention_softcap}"),
+        ) if bad]
+        if not reasons:
+            return ""
+        return ("it reads every cached position scaled by head_dim ** -0.5, and this model's "
+                "attention differs: " + ", ".join(reasons))
 
     @property
     def n_layers(self) -> int:

@@ -1,8 +1,9 @@
 """GPT-2 and GPT-J: their configs and weights, from Hugging Face names into `Params`.
 
 The compute is the shared transformer (`models/transformer.py`); what makes a
-family is its layers' `LayerSpec`s and where its checkpoint keeps each weight. `get(name, shape)` returns a float32 numpy array in the checkpoint's
-own layout and raises if the tensor is missing or has another shape.
+family is its layers' `LayerSpec`s and where its checkpoint keeps each weight.
+`get(name, shape)` returns a float32 numpy array in the checkpoint's own layout
+and raises if the tensor is missing or has another shape.
 """
 
 from __future__ import annotations

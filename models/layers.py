@@ -185,7 +185,9 @@ def attend(
     kv_heads, group = cfg.n_kv_heads, cfg.q_per_kv
     rows = q.reshape(b, t, kv_heads, group, e).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, e)
     scores = jnp.einsum("bkse,bkre->bksr", k, rows, preferred_element_type=jnp.float32)
-    scores = scores * (e**-0.5)
+    scores = scores * (e**-0.5 if cfg.attention_scale is None else cfg.attention_scale)
+    if cfg.attention_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attention_softcap) * cfg.attention_softcap
     s = k.shape[2]
     row_mask = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, s, t, group))
     scores = jnp.where(row_mask.reshape(b, 1, s, t * group), scores, jnp.finfo(jnp.float32).min)

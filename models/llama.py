@@ -90,6 +90,26 @@ def hf_rope(
     )
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def hf_layer_types(hf: dict, family: str, n_layers: int, default: list[str]) -> list[str]:
+    """Each layer's attention kind as transformers reads it: config.json's layer_types, else
+    the family's `default` (derived from its older fields)."""
+    types = hf.get("layer_types") or default
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(f"{family}: layer_types={types!r}: must list num_hidden_layers="
+                         f"{n_layers} of {LAYER_TYPES}")
+    return types
+
+
+def swiglu(hf: dict, family: str, rope: Rope) -> LayerSpec:
+    """The LLaMA-shaped families' layer: SwiGLU MLP (only silu: others are refused)."""
+    if (act := hf.get("hidden_act", "silu")) != "silu":
+        raise ValueError(f"{family}: hidden_act={act!r} is unsupported (silu only)")
+    return LayerSpec(rope=rope, mlp="gated", activation="silu")
+
+
 def llama_fields(
     hf: dict, family: str, layer: Callable[[int], LayerSpec], default_head_dim: int | None = None
 ) -> dict:
@@ -97,8 +117,6 @@ def llama_fields(
     `layer(head_dim)` gives the family's layers' spec."""
     if hf.get("mlp_bias"):
         raise ValueError(f"{family}: mlp_bias=True is unsupported")
-    if (act := hf.get("hidden_act", "silu")) != "silu":
-        raise ValueError(f"{family}: hidden_act={act!r} is unsupported (silu only)")
     d, heads = _count(hf, "hidden_size"), _count(hf, "num_attention_heads")
     head_dim = _count(hf, "head_dim", default_head_dim or d // heads)
     return dict(
@@ -120,8 +138,8 @@ def llama_fields(
 
 
 def llama_config(hf: dict) -> ModelConfig:
-    fields = llama_fields(hf, "llama", lambda head_dim: LayerSpec(
-        rope=hf_rope(hf, "llama", head_dim), mlp="gated", activation="silu"))
+    fields = llama_fields(hf, "llama", lambda head_dim: swiglu(
+        hf, "llama", hf_rope(hf, "llama", head_dim)))
     # Mistral's sliding window: up to the window every key is in it, so capping the sequence
     # length there keeps us exact without a windowed mask.
     if hf.get("sliding_window") is not None:

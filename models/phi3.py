@@ -12,13 +12,13 @@ import numpy as np
 
 from models.config import LayerSpec, ModelConfig
 from models.gpt import TensorGetter, _count
-from models.llama import hf_rope, llama_fields, llama_params
+from models.llama import hf_rope, llama_fields, llama_params, swiglu
 from models.transformer import Params
 
 
 def phi3_config(hf: dict) -> ModelConfig:
     def layer(head_dim: int) -> LayerSpec:
-        return LayerSpec(rope=hf_rope(hf, "phi3", head_dim), mlp="gated", activation="silu")
+        return swiglu(hf, "phi3", hf_rope(hf, "phi3", head_dim))
 
     fields = llama_fields(hf, "phi3", layer)
     # Phi-3's sliding window covers every layer: up to the window every key is in it, so capping

@@ -47,6 +47,18 @@ def tiny_config(family: str, n_layers: int = 2, **overrides) -> ModelConfig:
                  eos_token_ids=(255,)),
             LayerSpec(rope=Rope(dims=4), residual="parallel", activation="gelu"),
         ),
+        # Windows of 8 positions: test prompts run past them.
+        "gemma2": (
+            dict(llama_like, tie_embeddings=True, embed_scale=8.0, attention_scale=0.2,
+                 attention_softcap=50.0, final_softcap=30.0),
+            dataclasses.replace(swiglu, activation="gelu_tanh", attention="sliding", window=8,
+                                post_norms=True),
+        ),
+        "gemma3": (
+            dict(llama_like, tie_embeddings=True, embed_scale=8.0, attention_scale=0.2),
+            dataclasses.replace(swiglu, rope=Rope(theta=10000.0), activation="gelu_tanh",
+                                attention="sliding", window=8, qk_norm=True, post_norms=True),
+        ),
         "gpt2": (
             dict(n_kv_heads=4, norm="layernorm", learned_positions=True, qkv_bias=True,
                  out_bias=True, mlp_bias=True, tie_embeddings=True, eos_token_ids=(255,)),
@@ -62,8 +74,12 @@ def tiny_config(family: str, n_layers: int = 2, **overrides) -> ModelConfig:
     if family not in families:
         raise ValueError(f"family={family!r}: must be one of {sorted(families)}")
     fields, layer = families[family]
-    return ModelConfig(family=family, layers=(layer,) * n_layers,
-                       **{**common, **fields, **overrides})
+    layers = (layer,) * n_layers
+    if family.startswith("gemma"):  # every second layer global, as Gemma 2 (Gemma 3: base 1e6)
+        theta = 1_000_000.0 if family == "gemma3" else 10000.0
+        full = dataclasses.replace(layer, attention="global", window=None, rope=Rope(theta=theta))
+        layers = tuple(full if i % 2 else layer for i in range(n_layers))
+    return ModelConfig(family=family, layers=layers, **{**common, **fields, **overrides})
 
 
 # preset name -> how to build it: "gguf" presets convert once into checkpoints/NAME.
@@ -76,4 +92,6 @@ PRESETS = {
     "tiny-qwen3": "tiny",
     "tiny-phi3": "tiny",
     "tiny-gpt_neox": "tiny",
+    "tiny-gemma2": "tiny",
+    "tiny-gemma3": "tiny",
 }

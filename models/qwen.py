@@ -7,34 +7,41 @@ rotary) and takes head_dim from its config (128 when absent, as transformers).
 
 from __future__ import annotations
 
+import dataclasses
+
 from models.config import LayerSpec, ModelConfig
-from models.llama import hf_rope, llama_fields
+from models.gpt import _count
+from models.llama import hf_layer_types, hf_rope, llama_fields, swiglu
 
 
-def _check_full_attention(hf: dict, family: str) -> None:
-    """Sliding-window layers, as transformers assigns them (layer_types, or use_sliding_window
-    from max_window_layers on), are refused until the windowed mask lands."""
-    windowed = [i for i, kind in enumerate(hf.get("layer_types") or []) if kind != "full_attention"]
-    if hf.get("use_sliding_window") or windowed:
-        raise ValueError(f"{family}: use_sliding_window={hf.get('use_sliding_window')!r}, "
-                         f"layer_types with sliding layers {windowed}: sliding-window attention "
-                         "is unsupported (full attention only)")
+def _with_windows(hf: dict, family: str, layer: LayerSpec, n_layers: int) -> tuple[LayerSpec, ...]:
+    """Sliding-window layers as transformers assigns them: a layer slides when its layer_types
+    entry says so (by default, from max_window_layers on) and use_sliding_window is set; without
+    it, sliding_window is dropped and every layer attends globally."""
+    window = _count(hf, "sliding_window", 4096) if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    types = hf_layer_types(hf, family, n_layers, [
+        "sliding_attention" if window is not None and i >= first else "full_attention"
+        for i in range(n_layers)])
+    sliding = dataclasses.replace(layer, attention="sliding", window=window) if window else layer
+    return tuple(sliding if kind == "sliding_attention" else layer for kind in types)
 
 
 def qwen2_config(hf: dict) -> ModelConfig:
-    _check_full_attention(hf, "qwen2")
     def layer(head_dim: int) -> LayerSpec:
-        return LayerSpec(rope=hf_rope(hf, "qwen2", head_dim), mlp="gated", activation="silu")
+        return swiglu(hf, "qwen2", hf_rope(hf, "qwen2", head_dim))
 
-    return ModelConfig(**llama_fields(hf, "qwen2", layer), qkv_bias=True)
+    fields = llama_fields(hf, "qwen2", layer)
+    fields["layers"] = _with_windows(hf, "qwen2", fields["layers"][0], len(fields["layers"]))
+    return ModelConfig(**fields, qkv_bias=True)
 
 
 def qwen3_config(hf: dict) -> ModelConfig:
-    _check_full_attention(hf, "qwen3")
     def layer(head_dim: int) -> LayerSpec:
-        return LayerSpec(rope=hf_rope(hf, "qwen3", head_dim), mlp="gated", activation="silu",
-                         qk_norm=True)
+        return dataclasses.replace(swiglu(hf, "qwen3", hf_rope(hf, "qwen3", head_dim)),
+                                   qk_norm=True)
 
     bias = bool(hf.get("attention_bias", False))
     fields = llama_fields(hf, "qwen3", layer, default_head_dim=128)
+    fields["layers"] = _with_windows(hf, "qwen3", fields["layers"][0], len(fields["layers"]))
     return ModelConfig(**fields, qkv_bias=bias, out_bias=bias)

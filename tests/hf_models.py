@@ -20,6 +20,19 @@ LLAMA_SHAPED = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     # head_dim 24 is not hidden_size / heads (16): it must come from the config.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    # Sliding windows of 8 on every second layer (tests run prompts past them), head_dim 24
+    # and query_pre_attn_scalar 20 (neither hidden_size / heads); eager attention is the
+    # reference transformers computes Gemma's soft-capping in.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=24, query_pre_attn_scalar=20, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=True, attn_implementation="eager")),
+    # Gemma 3: local layers' own base; the global ones' is linearly scaled.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=24, query_pre_attn_scalar=20, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager",
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1_000_000.0}})),
     # Phi-4-mini's partial rotary: half of each head turns.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),

@@ -214,11 +214,12 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_embd": 64, "
     (LLAMA | {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
      "rope_type='llama3' needs high_freq_factor"),
     (LLAMA | {"rope_scaling": {"rope_type": "linear"}}, "rope_type='linear' needs factor"),
-    (LLAMA | {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
-     "qwen2: use_sliding_window=True"),
-    (LLAMA | {"architectures": ["Qwen3ForCausalLM"],
-              "layer_types": ["full_attention", "sliding_attention"]},
-     "layer_types with sliding layers [1]: sliding-window attention is unsupported"),
+    (LLAMA | {"architectures": ["Qwen3ForCausalLM"], "layer_types": ["full_attention"]},
+     "qwen3: layer_types=['full_attention']: must list num_hidden_layers=2 of"),
+    (LLAMA | {"architectures": ["Gemma2ForCausalLM"], "use_bidirectional_attention": True},
+     "gemma2: use_bidirectional_attention=True is unsupported"),
+    (LLAMA | {"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"},
+     "gemma3: hidden_activation='gelu' is unsupported"),
 ])
 def test_configs_we_would_compute_differently_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -107,7 +107,7 @@ def test_fused_equals_solo_greedy(request, policy, ops):
 
 FAMILY_CONFIGS = {
     family: tiny_config(family, max_positions=256)
-    for family in ("gpt2", "gptj", "gpt_neox", "qwen2", "qwen3", "phi3")
+    for family in ("gpt2", "gptj", "gpt_neox", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 } | {
     "llama-yarn": tiny_config("llama", max_positions=256).replace(layers=(LayerSpec(
         rope=Rope(scaling="yarn", factor=4.0, original_max_positions=32, attention_factor=1.14),
@@ -120,7 +120,16 @@ def test_fused_equals_solo_greedy_for_every_family(family):
     """Each family's layers through the engine (CPU kernels where they apply): a request's
     tokens in the fused loop are its tokens alone."""
     cfg = FAMILY_CONFIGS[family]
-    engine = Engine(cfg, init_params(cfg, jax.random.key(1), scale=0.3), max_slots=4, max_len=128)
+    params = init_params(cfg, jax.random.key(1), scale=0.3)
+    engine = Engine(cfg, params, max_slots=4, max_len=128)
+    # "auto": the attention kernel where it computes the model's attention (not Gemma's
+    # sliding windows and soft-capping, which XLA's ops compute), the matmul kernel everywhere.
+    assert engine.executor.matmul_kernel
+    assert engine.executor.attention_kernel == (not family.startswith("gemma"))
+    if family.startswith("gemma"):
+        with pytest.raises(ValueError, match="attention='cpu_kernel' cannot be used: it reads "
+                                             "every cached position .*sliding window"):
+            Engine(cfg, params, max_slots=4, max_len=128, attention="cpu_kernel")
     workload = mixed_workload(n=8)
     result = run_with_fake_clock(engine, workload, "flover")
     assert result.stats.joins > 0

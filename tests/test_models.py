@@ -11,7 +11,7 @@ from models import transformer
 from models.transformer import KVCache
 from tests.hf_models import VOCAB, make_hf_model
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3"]
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -36,10 +36,15 @@ def test_full_sequence_logits_match_hf(family_model):
 
 def test_llama_shaped_families_are_grouped_query(family_model):
     family, _, cfg, _ = family_model
-    if family in ("llama", "qwen2", "qwen3", "phi3"):
+    if family in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"):
         assert cfg.n_kv_heads < cfg.n_heads
     if family == "qwen3":
         assert cfg.head_dim == 24 and cfg.layers[0].qk_norm
+    if family.startswith("gemma"):  # sliding layers between global ones, as layer_types says
+        assert [layer.window for layer in cfg.layers] == [8, None]
+    if family == "gemma3":  # the local layers' own base; the global ones' scaled
+        assert [(layer.rope.theta, layer.rope.scaling) for layer in cfg.layers] == [
+            (10000.0, "none"), (1_000_000.0, "linear")]
     if family in ("phi3", "gpt_neox"):  # partial rotary
         assert cfg.layers[0].rope.dims == {"phi3": 8, "gpt_neox": 4}[family]
 
@@ -68,6 +73,18 @@ def test_rope_scaling_logits_match_hf(tmp_path, scaling):
     np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
 
 
+def test_qwen2_sliding_window_layers_match_hf(tmp_path):
+    """Qwen2 with use_sliding_window: layers from max_window_layers on slide (here layer 1)."""
+    hf = make_hf_model("qwen2", tmp_path, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1)
+    cfg, params = load_hf(tmp_path)
+    assert [layer.window for layer in cfg.layers] == [None, 8]
+    tokens = np.random.default_rng(6).integers(0, VOCAB, size=(2, 30))
+    ours = jax.jit(transformer.forward, static_argnums=1)(
+        jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
 def test_eos_ids_come_from_generation_config(tmp_path):
     """Llama 3.1 stops at any of several EOS ids, which generation_config.json lists."""
     hf = make_hf_model("llama", tmp_path)
@@ -86,8 +103,11 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     """Prompts of different lengths share one padded prefill; each then decodes
     token by token from its own slot (not slot 0, not contiguous with its batch row).
     The first case attends over the whole cache in place, the second over the window's block,
-    the third with the CPU kernels (models/kernels): attention, and matmuls on packed weights."""
+    the third with the CPU kernels (models/kernels): matmuls on packed weights, and attention
+    where the kernel computes the model's (not Gemma's sliding windows and soft-capping).
+    Prompts and steps run past Gemma's windows of 8."""
     _, hf, cfg, params = family_model
+    attention_kernel = cpu_kernels and not cfg.attention_kernel_misfit
     if cpu_kernels:
         params = transformer.pack_weights(params)
     rng = np.random.default_rng(1)
@@ -128,12 +148,24 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
             tokens[row] = full[i, positions[row]]
             writes[row] = True
         out, cache = decode(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(writes), jnp.int32(start), kv_len, cpu_kernels)
+                            jnp.asarray(writes), jnp.int32(start), kv_len, attention_kernel)
         for row, i in row_of.items():
             np.testing.assert_allclose(
                 np.asarray(out[row]), reference[i][positions[row]], atol=1e-4,
                 err_msg=f"request {i}, decode step {step}",
             )
+
+
+def test_the_attention_kernel_refuses_what_it_would_compute_otherwise(family_model):
+    family, _, cfg, params = family_model
+    if not cfg.attention_kernel_misfit:
+        assert family not in ("gemma2", "gemma3")
+        return
+    cache = KVCache.zeros(cfg, 2, 16)
+    one = jnp.zeros(1, jnp.int32)
+    with pytest.raises(ValueError, match="attention_kernel=True: .*some layers have a sliding "
+                                         "window, attention_scale=0.2236"):
+        transformer.decode(params, cfg, cache, one, one, one > 0, jnp.int32(0), 16, True)
 
 
 def test_greedy_continuation_equals_hf_generate(family_model):

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
 from models.config import ModelConfig
+from models.gemma import gemma2_config, gemma3_config, gemma_params
 from models.gpt import _eos_ids, gpt2_config, gpt2_params, gptj_config, gptj_params
 from models.gpt_neox import gpt_neox_config, gpt_neox_params
 from models.llama import llama_config, llama_params
@@ -27,6 +28,8 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": (qwen3_config, llama_params, ""),
     "Phi3ForCausalLM": (phi3_config, phi3_params, ""),
     "GPTNeoXForCausalLM": (gpt_neox_config, gpt_neox_params, "gpt_neox."),
+    "Gemma2ForCausalLM": (gemma2_config, gemma_params, ""),
+    "Gemma3ForCausalLM": (gemma3_config, gemma_params, ""),
 }
 
 
