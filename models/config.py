@@ -15,7 +15,10 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-Family = Literal["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+Family = Literal[
+    "gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral",
+    "qwen3_moe",
+]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu_tanh", "gelu", "silu"]
 MlpKind = Literal["dense", "gated"]
@@ -57,6 +60,24 @@ class Rope:
 
 
 @dataclasses.dataclass(frozen=True)
+class Moe:
+    """A mixture of experts in place of one MLP: each token's router picks top_k of n_experts
+    (softmax over all, then top k, renormalized when `normalize`), as transformers routes
+    Mixtral (always renormalized) and Qwen3-MoE (norm_topk_prob)."""
+
+    n_experts: int
+    top_k: int
+    d_ff: int  # each expert's MLP width
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"moe top_k={self.top_k}: must be in [1, n_experts={self.n_experts}]")
+        if self.d_ff < 1:
+            raise ValueError(f"moe d_ff={self.d_ff}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What one transformer layer computes (its weights are `models.transformer.LayerWeights`)."""
 
@@ -67,6 +88,7 @@ class LayerSpec:
     # x + attn(norm1(x)) + mlp(norm2(x)).  parallel_shared_norm (GPT-J): norm2 is norm1.
     residual: Residual = "sequential"
     mlp: MlpKind = "dense"  # gated (LLaMA's SwiGLU): down(act(gate(x)) * up(x))
+    moe: Moe | None = None  # a mixture of such (gated) MLPs instead of one
     activation: Activation = "gelu_tanh"
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary (Qwen3, Gemma 3)
     post_norms: bool = False  # Gemma 2/3: norms on the attention's and the MLP's outputs too
@@ -77,6 +99,8 @@ class LayerSpec:
                              "window is given exactly when attention is 'sliding'")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window={self.window}: must be >= 1")
+        if self.moe is not None and self.mlp != "gated":
+            raise ValueError(f"mlp={self.mlp!r} with moe: experts are gated MLPs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,5 +190,6 @@ class ModelConfig:
 def _layer_spec(fields: dict) -> LayerSpec:
     if not isinstance(fields, dict):
         raise TypeError(f"layers: each layer must be a JSON object, got {fields!r}")
-    rope = fields.get("rope")
-    return LayerSpec(**{**fields, "rope": None if rope is None else Rope(**rope)})
+    rope, moe = fields.get("rope"), fields.get("moe")
+    return LayerSpec(**{**fields, "rope": None if rope is None else Rope(**rope),
+                        "moe": None if moe is None else Moe(**moe)})

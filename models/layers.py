@@ -56,6 +56,16 @@ class MlpWeights:
     b_out: jax.Array | None = None  # [d]
 
 
+@pytree_dataclass
+class ExpertWeights:
+    """A mixture of gated MLPs (LayerSpec.moe): the router and each expert's weights, stacked."""
+
+    router: jax.Array  # [d, experts]
+    expert_gate: jax.Array  # [experts, d, f]
+    expert_in: jax.Array  # [experts, d, f]  ("up")
+    expert_out: jax.Array  # [experts, f, d]  ("down")
+
+
 def dense(
     x: jax.Array, w: jax.Array | kernels.PackedWeight, in_dims: int = 1, preferred_element_type=None
 ) -> jax.Array:
@@ -209,7 +219,9 @@ ACTIVATIONS = {
 }
 
 
-def mlp(x: jax.Array, w: MlpWeights, spec: LayerSpec) -> jax.Array:
+def mlp(x: jax.Array, w: MlpWeights | ExpertWeights, spec: LayerSpec) -> jax.Array:
+    if isinstance(w, ExpertWeights):
+        return experts(x, w, spec)
     act = ACTIVATIONS[spec.activation]
     hidden = dense(x, w.w_in)
     if w.b_in is not None:
@@ -217,3 +229,34 @@ def mlp(x: jax.Array, w: MlpWeights, spec: LayerSpec) -> jax.Array:
     hidden = act(dense(x, w.w_gate)) * hidden if w.w_gate is not None else act(hidden)
     y = dense(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out
+
+
+def experts(x: jax.Array, w: ExpertWeights, spec: LayerSpec) -> jax.Array:
+    """x [..., d] through each token's top_k experts, weighted by the router as transformers
+    weights them: softmax over every expert in float32, the top k, renormalized when asked.
+
+    Few tokens (a decode step) gather only their chosen experts' weights, so a step reads
+    top_k experts per token rather than all of them; many tokens (a prefill) run every expert
+    on every token and zero the unchosen ones, which reads each expert once.
+    """
+    moe, act = spec.moe, ACTIVATIONS[spec.activation]
+    lead, d = x.shape[:-1], x.shape[-1]
+    tokens = x.reshape(-1, d)
+    probs = jax.nn.softmax(
+        jnp.matmul(tokens, w.router, preferred_element_type=jnp.float32), axis=-1)
+    top_probs, chosen = jax.lax.top_k(probs, moe.top_k)  # [n, k]
+    if moe.normalize:
+        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    top_probs = top_probs.astype(x.dtype)
+    if tokens.shape[0] * moe.top_k < moe.n_experts:
+        gate, up, down = w.expert_gate[chosen], w.expert_in[chosen], w.expert_out[chosen]
+        hidden = act(jnp.einsum("nd,nkdf->nkf", tokens, gate)) * jnp.einsum(
+            "nd,nkdf->nkf", tokens, up)
+        out = jnp.einsum("nkf,nkfd,nk->nd", hidden, down, top_probs)
+    else:
+        weights = jnp.zeros((tokens.shape[0], moe.n_experts), x.dtype)
+        weights = weights.at[jnp.arange(tokens.shape[0])[:, None], chosen].set(top_probs)
+        hidden = act(jnp.einsum("nd,edf->nef", tokens, w.expert_gate)) * jnp.einsum(
+            "nd,edf->nef", tokens, w.expert_in)
+        out = jnp.einsum("nef,efd,ne->nd", hidden, w.expert_out, weights)
+    return out.reshape(*lead, d)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.config import LayerSpec, ModelConfig, Rope
+from models.config import LayerSpec, ModelConfig, Moe, Rope
 from models.gpt import TensorGetter, _count, _eos_ids
-from models.layers import AttentionWeights, MlpWeights, NormWeights
+from models.layers import AttentionWeights, ExpertWeights, MlpWeights, NormWeights
 from models.transformer import LayerWeights, Params
 
 # Scalings whose frequencies change with the length of the sequence a forward pass sees
@@ -148,7 +148,31 @@ def llama_config(hf: dict) -> ModelConfig:
     return ModelConfig(**fields, qkv_bias=bias, out_bias=bias)
 
 
-def llama_params(get: TensorGetter, cfg: ModelConfig) -> Params:
+# Where a mixture of experts keeps its router and each expert's gate, up and down weights
+# ({p}: the layer's prefix, {j}: the expert): Qwen3-MoE's names; Mixtral passes its own.
+EXPERT_NAMES = ("{p}.mlp.gate.weight", "{p}.mlp.experts.{j}.gate_proj.weight",
+                "{p}.mlp.experts.{j}.up_proj.weight", "{p}.mlp.experts.{j}.down_proj.weight")
+
+
+def expert_weights(
+    get: TensorGetter, prefix: str, moe: Moe, d: int, names: tuple[str, str, str, str]
+) -> ExpertWeights:
+    router, gate, up, down = names
+    f = moe.d_ff
+
+    def stacked(name: str, shape: tuple[int, int]) -> np.ndarray:  # torch (out, in) -> (in, out)
+        return np.stack([get(name.format(p=prefix, j=j), shape).T for j in range(moe.n_experts)])
+
+    return ExpertWeights(
+        router=get(router.format(p=prefix), (moe.n_experts, d)).T,
+        expert_gate=stacked(gate, (f, d)), expert_in=stacked(up, (f, d)),
+        expert_out=stacked(down, (d, f)),
+    )
+
+
+def llama_params(
+    get: TensorGetter, cfg: ModelConfig, expert_names: tuple[str, str, str, str] = EXPERT_NAMES
+) -> Params:
     d, f, e = cfg.d_model, cfg.d_ff, cfg.head_dim
     h, k = cfg.n_heads, cfg.n_kv_heads
 
@@ -182,7 +206,7 @@ def llama_params(get: TensorGetter, cfg: ModelConfig) -> Params:
             w_gate=linear(f"{m}.gate_proj.weight", f, d),
             w_in=linear(f"{m}.up_proj.weight", f, d),
             w_out=linear(f"{m}.down_proj.weight", d, f),
-        )
+        ) if spec.moe is None else expert_weights(get, p, spec.moe, d, expert_names)
         layers.append(LayerWeights(
             attn_norm=NormWeights(get(f"{p}.input_layernorm.weight", (d,))), attn=attn,
             mlp_norm=NormWeights(get(f"{p}.post_attention_layernorm.weight", (d,))), mlp=mlp,

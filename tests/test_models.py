@@ -11,7 +11,8 @@ from models import transformer
 from models.transformer import KVCache
 from tests.hf_models import VOCAB, make_hf_model
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+            "mixtral", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -36,10 +37,13 @@ def test_full_sequence_logits_match_hf(family_model):
 
 def test_llama_shaped_families_are_grouped_query(family_model):
     family, _, cfg, _ = family_model
-    if family in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"):
+    if family not in ("gpt2", "gptj", "gpt_neox"):
         assert cfg.n_kv_heads < cfg.n_heads
     if family == "qwen3":
         assert cfg.head_dim == 24 and cfg.layers[0].qk_norm
+    if family in ("mixtral", "qwen3_moe"):  # Qwen3-MoE's layer 1 is dense (mlp_only_layers)
+        assert [layer.moe and layer.moe.n_experts for layer in cfg.layers] == (
+            [16, 16] if family == "mixtral" else [16, None])
     if family.startswith("gemma"):  # sliding layers between global ones, as layer_types says
         assert [layer.window for layer in cfg.layers] == [8, None]
     if family == "gemma3":  # the local layers' own base; the global ones' scaled

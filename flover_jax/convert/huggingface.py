@@ -14,8 +14,9 @@ from models.gemma import gemma2_config, gemma3_config, gemma_params
 from models.gpt import _eos_ids, gpt2_config, gpt2_params, gptj_config, gptj_params
 from models.gpt_neox import gpt_neox_config, gpt_neox_params
 from models.llama import llama_config, llama_params
+from models.mixtral import mixtral_config, mixtral_params
 from models.phi3 import phi3_config, phi3_params
-from models.qwen import qwen2_config, qwen3_config
+from models.qwen import qwen2_config, qwen3_config, qwen3_moe_config
 from models.transformer import Params
 
 # architecture -> (config from config.json, params from tensors, name prefix some exports add)
@@ -30,6 +31,8 @@ ARCHITECTURES = {
     "GPTNeoXForCausalLM": (gpt_neox_config, gpt_neox_params, "gpt_neox."),
     "Gemma2ForCausalLM": (gemma2_config, gemma_params, ""),
     "Gemma3ForCausalLM": (gemma3_config, gemma_params, ""),
+    "MixtralForCausalLM": (mixtral_config, mixtral_params, ""),
+    "Qwen3MoeForCausalLM": (qwen3_moe_config, llama_params, ""),
 }
 
 
