@@ -68,9 +68,17 @@ def _config(hf: dict, family: str, pattern: int) -> ModelConfig:
         **fields,
         embed_scale=math.sqrt(fields["d_model"]),
         attention_scale=float(_count(hf, "query_pre_attn_scalar", 256)) ** -0.5,
-        attention_softcap=hf.get("attn_logit_softcapping"),
-        final_softcap=hf.get("final_logit_softcapping"),
+        attention_softcap=_optional_float(hf, "attn_logit_softcapping"),
+        final_softcap=_optional_float(hf, "final_logit_softcapping"),
     )
+
+
+def _optional_float(hf: dict, key: str) -> float | None:
+    value = hf.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or value <= 0):
+        raise ValueError(f"{key}={value!r}: must be a positive number or null")
+    return None if value is None else float(value)
 
 
 def gemma2_config(hf: dict) -> ModelConfig:

@@ -58,9 +58,12 @@ def hf_rope(
                          "(supported: default, linear, llama3, yarn)")
     # As transformers' standardize_rope_params: a top-level value (Phi-3) wins, then the
     # rope dict's, then max_position_embeddings.
-    original = (hf.get("original_max_position_embeddings")
-                or rope.get("original_max_position_embeddings")
-                or _count(hf, "max_position_embeddings", 2048))
+    if hf.get("original_max_position_embeddings") is not None:
+        original = _count(hf, "original_max_position_embeddings")
+    elif rope.get("original_max_position_embeddings") is not None:
+        original = _count(rope, "original_max_position_embeddings")
+    else:
+        original = _count(hf, "max_position_embeddings", 2048)
     factor = rope.get("factor")
     if kind == "yarn" and factor is None:  # DeepSeek's convention, as transformers reads it
         factor = _count(hf, "max_position_embeddings", 2048) / original

@@ -223,6 +223,11 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_embd": 64, "
      "gemma2: use_bidirectional_attention=True is unsupported"),
     (LLAMA | {"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"},
      "gemma3: hidden_activation='gelu' is unsupported"),
+    (LLAMA | {"architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": "50"},
+     "attn_logit_softcapping='50': must be a positive number or null"),
+    (LLAMA | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                               "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings=0: must be a positive int"),
 ])
 def test_configs_we_would_compute_differently_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
