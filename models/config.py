@@ -99,6 +99,9 @@ class LayerSpec:
                              "window is given exactly when attention is 'sliding'")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window={self.window}: must be >= 1")
+        if self.post_norms and self.residual != "sequential":
+            raise ValueError(f"post_norms with residual={self.residual!r}: Gemma's norms after "
+                             "attention and MLP come with the sequential residual only")
         if self.moe is not None and self.mlp != "gated":
             raise ValueError(f"mlp={self.mlp!r} with moe: experts are gated MLPs")
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kernels
-from models.config import LayerSpec, ModelConfig, Rope
+from models.config import LayerSpec, ModelConfig, Norm, Rope
 
 
 def pytree_dataclass(cls):
@@ -83,7 +83,7 @@ def dense(
     return y.reshape(*lead, *outputs)
 
 
-def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig, kind: str | None = None) -> jax.Array:
+def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig, kind: Norm | None = None) -> jax.Array:
     """LayerNorm or RMSNorm (cfg.norm, or `kind`), in float32 like the reference
     implementations."""
     xf = x.astype(jnp.float32)

@@ -1,5 +1,7 @@
 """Model parity with Hugging Face transformers on tiny random models of every family."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import torch
 
 from flover_jax.convert.huggingface import load_hf
 from models import transformer
+from models.config import LayerSpec, Moe, Rope
+from models.presets import tiny_config
 from models.transformer import KVCache
 from tests.hf_models import VOCAB, make_hf_model
 
@@ -87,6 +91,22 @@ def test_qwen2_sliding_window_layers_match_hf(tmp_path):
     ours = jax.jit(transformer.forward, static_argnums=1)(
         jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: LayerSpec(window=8), "attention='global' with window=8: a window is given exactly"),
+    (lambda: LayerSpec(attention="sliding"), "attention='sliding' with window=None"),
+    (lambda: LayerSpec(post_norms=True, residual="parallel"), "post_norms with residual='parallel'"),
+    (lambda: LayerSpec(moe=Moe(4, 2, 8)), "mlp='dense' with moe: experts are gated MLPs"),
+    (lambda: Moe(4, 5, 8), "moe top_k=5: must be in [1, n_experts=4]"),
+    (lambda: Rope(dims=3), "rope dims=3: must be even"),
+    (lambda: Rope(scaling="yarn", factor=4.0), "rope scaling='yarn' needs original_max_positions"),
+    (lambda: tiny_config("llama", head_dim=8).replace(layers=(LayerSpec(rope=Rope(dims=16)),)),
+     "layers[0].rope.dims=16: must be <= head_dim=8"),
+])
+def test_layer_specs_refuse_what_the_transformer_does_not_compute(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
 
 
 def test_eos_ids_come_from_generation_config(tmp_path):
