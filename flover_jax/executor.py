@@ -86,8 +86,8 @@ def _check_state_fits(state, shardings, num_slots: int, max_len: int) -> None:
 def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Resolve the `attention` or `matmul` option. "auto" takes the CPU kernel where it applies:
     one CPU device (the kernels are not partitioned across a mesh), float32, a C++
-    compiler found, and for attention a model whose attention the kernel computes (no sliding
-    windows, no other scale, no soft-capping: `ModelConfig.attention_kernel_misfit`)."""
+    compiler found, and for attention a model whose attention the kernel computes (no
+    soft-capping: `ModelConfig.attention_kernel_misfit`)."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
     if choice == "xla":

@@ -150,17 +150,13 @@ class ModelConfig:
 
     @property
     def attention_kernel_misfit(self) -> str:
-        """Why the CPU decode-attention kernel (which reads every cached position, scaled by
-        head_dim ** -0.5) cannot compute this model's attention; "" when it can."""
-        reasons = [why for bad, why in (
-            (any(layer.window for layer in self.layers), "some layers have a sliding window"),
-            (self.attention_scale is not None, f"attention_scale={self.attention_scale}"),
-            (self.attention_softcap is not None, f"attention_softcap={self.attention_softcap}"),
-        ) if bad]
-        if not reasons:
+        """Why the CPU decode-attention kernel (scaled softmax over a contiguous range of
+        positions: sliding windows and any scale fit) cannot compute this model's attention;
+        "" when it can."""
+        if self.attention_softcap is None:
             return ""
-        return ("it reads every cached position scaled by head_dim ** -0.5, and this model's "
-                "attention differs: " + ", ".join(reasons))
+        return ("it does not soft-cap the scores, and this model's attention does: "
+                f"attention_softcap={self.attention_softcap}")
 
     @property
     def n_layers(self) -> int:

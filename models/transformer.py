@@ -213,7 +213,8 @@ def decode(
     are cheaper than copying). Both are exact; the choice is static.
     attention_kernel (static; XLA:CPU, float32): attend with the hand-written
     kernel instead (models/kernels), which reads each written row's live
-    positions in place and nothing else; kv_len then plays no part.
+    positions (within its layer's sliding window) in place and nothing else;
+    kv_len then plays no part.
     """
     if attention_kernel and (why := cfg.attention_kernel_misfit):
         raise ValueError(f"attention_kernel=True: {why}")
@@ -240,7 +241,10 @@ def decode(
             v_cache[i] = v_cache[i].at[slots, :, write_pos].set(v[:, 0], mode="drop")
             if attention_kernel:
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths)
+                # A sliding window reads only its last `window` live positions.
+                firsts = None if window is None else jnp.maximum(lengths - window, 0)
+                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths,
+                                               firsts, cfg.attention_scale)
                 return out.reshape(q.shape)
             mask = visible(query_positions[:, None], key_positions[None, :], window)[:, None, :]
             if whole:

@@ -123,13 +123,14 @@ def test_fused_equals_solo_greedy_for_every_family(family):
     cfg = FAMILY_CONFIGS[family]
     params = init_params(cfg, jax.random.key(1), scale=0.3)
     engine = Engine(cfg, params, max_slots=4, max_len=128)
-    # "auto": the attention kernel where it computes the model's attention (not Gemma's
-    # sliding windows and soft-capping, which XLA's ops compute), the matmul kernel everywhere.
+    # "auto": the attention kernel where it computes the model's attention (sliding windows
+    # included; not Gemma 2's soft-capping, which XLA's ops compute), the matmul kernel
+    # everywhere.
     assert engine.executor.matmul_kernel
-    assert engine.executor.attention_kernel == (not family.startswith("gemma"))
-    if family.startswith("gemma"):
-        with pytest.raises(ValueError, match="attention='cpu_kernel' cannot be used: it reads "
-                                             "every cached position .*sliding window"):
+    assert engine.executor.attention_kernel == (family != "gemma2")
+    if family == "gemma2":
+        with pytest.raises(ValueError, match="attention='cpu_kernel' cannot be used: it does "
+                                             "not soft-cap the scores"):
             Engine(cfg, params, max_slots=4, max_len=128, attention="cpu_kernel")
     workload = mixed_workload(n=6)
     result = run_with_fake_clock(engine, workload, "flover")
