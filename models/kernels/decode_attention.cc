@@ -1,5 +1,6 @@
 // Decode attention for XLA:CPU: one query token per slot against that slot's
-// cached keys and values, read in place and only up to the slot's length.
+// cached keys and values, read in place and only up to the slot's length (and,
+// in a sliding-window layer, only from its window's first position).
 //
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
