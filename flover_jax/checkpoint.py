@@ -21,13 +21,19 @@ from flover_jax.tokenizer import Tokenizer
 from models.config import ModelConfig
 from models.transformer import Params, init_params
 
-FORMAT_VERSION = 1
+# 2: layers carry their own specs (ModelConfig.layers) instead of model-wide switches.
+FORMAT_VERSION = 2
 MARKER = ".flover_checkpoint"
 
 
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a flover_jax checkpoint (its config.json, written last, says so)."""
     return _config_fields(Path(path) / "config.json").get("format_version") is not None
+
+
+def is_current(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint of the format this code reads."""
+    return _config_fields(Path(path) / "config.json").get("format_version") == FORMAT_VERSION
 
 
 def _config_fields(path: Path) -> dict:

@@ -103,8 +103,9 @@ def _check_finite(params: Params) -> None:
 
 def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Resolve the `attention` or `matmul` option. "auto" takes the CPU kernel where it applies:
-    one CPU device (the kernels are not partitioned across a mesh), float32, and a C++
-    compiler found."""
+    one CPU device (the kernels are not partitioned across a mesh), float32, a C++
+    compiler found, and for attention a model whose attention the kernel computes (no
+    soft-capping: `ModelConfig.attention_kernel_misfit`)."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
     if choice == "xla":
@@ -113,6 +114,7 @@ def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_c
         (mesh.size != 1, f"it runs on one device, the mesh has {mesh.size}"),
         (not on_cpu, "it runs on CPU only"),
         (cfg.dtype != "float32", f"it computes in float32, the model is {cfg.dtype}"),
+        (option == "attention" and bool(cfg.attention_kernel_misfit), cfg.attention_kernel_misfit),
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
         reasons.append("it could not be compiled (see the log)")

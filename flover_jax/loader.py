@@ -99,7 +99,7 @@ def load_model(
     else:
         if PRESETS.get(name) == "gguf":
             source = CHECKPOINT_DIR / name
-            if not checkpoint.is_checkpoint(source):
+            if not checkpoint.is_current(source):  # converted by an older version: again
                 checkpoint.save(source, *convert(name))
         if checkpoint.is_checkpoint(source):
             cfg, params, tokenizer = _restore(Path(source), mesh)

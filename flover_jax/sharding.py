@@ -46,6 +46,10 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "w_out": ("mlp", None),
     "b_in": ("mlp",),
     "b_out": (None,),
+    "router": (None, None),
+    "expert_gate": (None, None, "mlp"),
+    "expert_in": (None, None, "mlp"),
+    "expert_out": (None, "mlp", None),
 }
 
 # Logical axes of each DecodeState leaf (flover_jax/state.py); sampling fields are per slot.
@@ -85,6 +89,10 @@ class ShardingRules:
             )
         if cfg.d_ff % tp:
             raise ValueError(f"tp={tp}: does not divide the MLP width d_ff={cfg.d_ff}")
+        for i, layer in enumerate(cfg.layers):
+            if layer.moe is not None and layer.moe.d_ff % tp:
+                raise ValueError(f"tp={tp}: does not divide layers[{i}]'s expert MLP width "
+                                 f"moe.d_ff={layer.moe.d_ff}")
         return cls({
             "heads": MODEL,
             "kv_heads": MODEL if cfg.n_kv_heads % tp == 0 else None,  # else replicate KV heads

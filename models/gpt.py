@@ -1,9 +1,9 @@
 """GPT-2 and GPT-J: their configs and weights, from Hugging Face names into `Params`.
 
 The compute is the shared transformer (`models/transformer.py`); what makes a
-family is its switches in `ModelConfig` and where its checkpoint keeps each
-weight. `get(name, shape)` returns a float32 numpy array in the checkpoint's
-own layout and raises if the tensor is missing or has another shape.
+family is its layers' `LayerSpec`s and where its checkpoint keeps each weight.
+`get(name, shape)` returns a float32 numpy array in the checkpoint's own layout
+and raises if the tensor is missing or has another shape.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import LayerSpec, ModelConfig, Rope
 from models.layers import AttentionWeights, MlpWeights, NormWeights
 from models.transformer import LayerWeights, Params
 
@@ -29,19 +29,20 @@ def _count(hf: dict, key: str, default: int | None = None) -> int:
 
 
 def _real(hf: dict, key: str, default: float) -> float:
-    """A positive, finite number field of config.json."""
-    value = hf.get(key, default)
+    """A positive, finite number field of config.json (absent or null: `default`)."""
+    value = default if hf.get(key) is None else hf[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{key}={value!r}: must be a positive, finite number")
     return float(value)
 
 
 def _eos_ids(hf: dict) -> tuple[int, ...]:
-    """eos_token_id as a tuple, as it is: ModelConfig checks that each is a token id."""
+    """eos_token_id of config.json or generation_config.json: absent, one id or a list."""
     eos = hf.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (eos,)
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id={eos!r}: must be a token id or a list of token ids")
+    return tuple(ids)
 
 
 def _check_activation(hf: dict, family: str) -> None:
@@ -50,7 +51,7 @@ def _check_activation(hf: dict, family: str) -> None:
         raise ValueError(f"{family}: activation_function={act!r} is unsupported (gelu_new only)")
 
 
-def _gpt_fields(hf: dict, family: str) -> dict:
+def _gpt_fields(hf: dict, family: str, layer: LayerSpec) -> dict:
     """What GPT-2 and GPT-J share: LayerNorm, GELU (tanh), MLP biases, multi-head attention."""
     _check_activation(hf, family)
     d, heads = _count(hf, "n_embd"), _count(hf, "n_head")
@@ -58,7 +59,7 @@ def _gpt_fields(hf: dict, family: str) -> dict:
         family=family,
         vocab_size=_count(hf, "vocab_size"),
         d_model=d,
-        n_layers=_count(hf, "n_layer"),
+        layers=(layer,) * _count(hf, "n_layer"),
         n_heads=heads,
         n_kv_heads=heads,
         head_dim=d // heads,
@@ -66,7 +67,6 @@ def _gpt_fields(hf: dict, family: str) -> dict:
         max_positions=_count(hf, "n_positions"),
         norm="layernorm",
         norm_eps=_real(hf, "layer_norm_epsilon", 1e-5),
-        activation="gelu_tanh",
         mlp_bias=True,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
@@ -81,18 +81,18 @@ def gpt2_config(hf: dict) -> ModelConfig:
         if hf.get(key, supported) != supported:
             raise ValueError(f"gpt2: {key}={hf[key]!r} is unsupported ({supported} only)")
     return ModelConfig(
-        **_gpt_fields(hf, "gpt2"), positions="learned", attention_bias=True,
+        **_gpt_fields(hf, "gpt2", LayerSpec(activation="gelu_tanh")),
+        learned_positions=True, qkv_bias=True, out_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
 def gptj_config(hf: dict) -> ModelConfig:
     """Rotary on the first rotary_dim dims (interleaved), parallel residual, untied biased head."""
+    rope = Rope(dims=hf.get("rotary_dim") or None, interleaved=True)
+    layer = LayerSpec(rope=rope, residual="parallel_shared_norm", activation="gelu_tanh")
     return ModelConfig(
-        **_gpt_fields(hf, "gptj"),
-        positions="rope_interleaved",
-        rotary_dim=hf.get("rotary_dim") or 0,
-        parallel_residual=True,
+        **_gpt_fields(hf, "gptj", layer),
         lm_head_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )

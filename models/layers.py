@@ -16,9 +16,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import kernels
-from models.config import ModelConfig
+from models.config import LayerSpec, ModelConfig, Norm, Rope
 
 
 def pytree_dataclass(cls):
@@ -42,6 +43,8 @@ class AttentionWeights:
     bk: jax.Array | None = None  # [k, e]
     bv: jax.Array | None = None  # [k, e]
     bo: jax.Array | None = None  # [d]
+    q_norm: NormWeights | None = None  # [e]; RMSNorm over each head's q (LayerSpec.qk_norm)
+    k_norm: NormWeights | None = None  # [e]
 
 
 @pytree_dataclass
@@ -51,6 +54,16 @@ class MlpWeights:
     w_gate: jax.Array | None = None  # [d, f]; gated MLPs only
     b_in: jax.Array | None = None  # [f]
     b_out: jax.Array | None = None  # [d]
+
+
+@pytree_dataclass
+class ExpertWeights:
+    """A mixture of gated MLPs (LayerSpec.moe): the router and each expert's weights, stacked."""
+
+    router: jax.Array  # [d, experts]
+    expert_gate: jax.Array  # [experts, d, f]
+    expert_in: jax.Array  # [experts, d, f]  ("up")
+    expert_out: jax.Array  # [experts, f, d]  ("down")
 
 
 def dense(
@@ -70,10 +83,11 @@ def dense(
     return y.reshape(*lead, *outputs)
 
 
-def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig) -> jax.Array:
-    """LayerNorm or RMSNorm, computed in float32 like the reference implementations."""
+def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig, kind: Norm | None = None) -> jax.Array:
+    """LayerNorm or RMSNorm (cfg.norm, or `kind`), in float32 like the reference
+    implementations."""
     xf = x.astype(jnp.float32)
-    if cfg.norm == "rmsnorm":
+    if (kind or cfg.norm) == "rmsnorm":
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
         return w.scale * y.astype(x.dtype)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -82,40 +96,86 @@ def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig) -> jax.Array:
     return (y * w.scale + w.bias).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def rope_frequencies(rope: Rope, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [n / 2] of the rotary embedding over n = rope.dims (or head_dim)
+    dims, scaled as transformers' `ROPE_INIT_FUNCTIONS` scale them, in float32 as it does.
+
+    Dynamic NTK scaling is not among them: its frequencies depend on the longest sequence a
+    forward pass has seen, so no per-slot cache reproduces it (the family files refuse it).
+    """
+    n = rope.dims or head_dim
+    inv_freq = (1.0 / rope.theta ** (np.arange(0, n, 2, dtype=np.float32) / n)).astype(np.float32)
+    if rope.scaling == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.scaling == "llama3":
+        # Long wavelengths are divided by factor, short ones kept, the band between blended.
+        old = rope.original_max_positions
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * np.float32(np.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rope.factor), inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    if rope.scaling == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return (n * math.log(rope.original_max_positions / (rotations * 2 * math.pi))
+                    / (2 * math.log(rope.theta)))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, n - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(n // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)  # 1: keep the trained frequency
+        pos_freqs = np.float32(rope.theta) ** (np.arange(0, n, 2, dtype=np.float32) / n)
+        interpolated = 1.0 / (np.float32(rope.factor) * pos_freqs)
+        return (interpolated * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation).astype(
+            np.float32)
+    return inv_freq
+
+
+def rotary(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
     """Rotary position embedding of x [b, t, heads, e] at integer positions [b, t].
 
-    `rope_half` (LLaMA, GPT-NeoX) pairs dim i with dim i + n/2; `rope_interleaved`
-    (GPT-J) pairs dims 2i and 2i + 1. Only the first `cfg.rope_dims` dims turn.
+    Half-split pairs (LLaMA, GPT-NeoX) pair dim i with dim i + n/2; interleaved
+    ones (GPT-J) pair dims 2i and 2i + 1. Only the first n = rope.dims dims turn.
     """
-    n = cfg.rope_dims
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, n, 2, dtype=jnp.float32) / n))
+    e = x.shape[-1]
+    n = rope.dims or e
+    inv_freq = jnp.asarray(rope_frequencies(rope, e))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, n/2]
     rot, rest = x[..., :n].astype(jnp.float32), x[..., n:]
     # Each dim turns as x * cos + partner * (-sin or sin), its partner reached by flipping the
     # pair axis: XLA:CPU fuses this into one cheap loop, where concatenating the two turned
     # halves cost about 1 ms of a 16-slot decode step (benchmarks/profile_step.py).
-    pair_axis = -1 if cfg.positions == "rope_interleaved" else -2
+    pair_axis = -1 if rope.interleaved else -2
     pairs = (n // 2, 2) if pair_axis == -1 else (2, n // 2)
 
     def spread(first, second):  # two [b, t, n/2] -> [b, t, 1, n], laid out as the pairs are
         return jnp.stack([first, second], axis=pair_axis).reshape(*angles.shape[:2], 1, n)
 
     partner = jnp.flip(rot.reshape(*rot.shape[:-1], *pairs), axis=pair_axis).reshape(rot.shape)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    # transformers scales cos and sin (yarn's attention factor) before they turn q and k.
+    cos, sin = jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
     turned = rot * spread(cos, cos) + partner * spread(-sin, sin)
     return jnp.concatenate([turned.astype(x.dtype), rest], axis=-1)
 
 
 def project_qkv(
-    x: jax.Array, w: AttentionWeights, positions: jax.Array, cfg: ModelConfig
+    x: jax.Array, w: AttentionWeights, positions: jax.Array, spec: LayerSpec, cfg: ModelConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [b, t, d] -> q [b, t, h, e], k and v [b, t, k, e], rotary applied."""
+    """x [b, t, d] -> q [b, t, h, e], k and v [b, t, k, e], head norms and rotary applied."""
     q, k, v = dense(x, w.wq), dense(x, w.wk), dense(x, w.wv)
     if w.bq is not None:
         q, k, v = q + w.bq, k + w.bk, v + w.bv
-    if cfg.positions != "learned":
-        q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    if spec.qk_norm:
+        q, k = norm(q, w.q_norm, cfg, "rmsnorm"), norm(k, w.k_norm, cfg, "rmsnorm")
+    if spec.rope is not None:
+        q, k = rotary(q, positions, spec.rope), rotary(k, positions, spec.rope)
     return q, k, v
 
 
@@ -135,7 +195,9 @@ def attend(
     kv_heads, group = cfg.n_kv_heads, cfg.q_per_kv
     rows = q.reshape(b, t, kv_heads, group, e).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, e)
     scores = jnp.einsum("bkse,bkre->bksr", k, rows, preferred_element_type=jnp.float32)
-    scores = scores * (e**-0.5)
+    scores = scores * (e**-0.5 if cfg.attention_scale is None else cfg.attention_scale)
+    if cfg.attention_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attention_softcap) * cfg.attention_softcap
     s = k.shape[2]
     row_mask = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, s, t, group))
     scores = jnp.where(row_mask.reshape(b, 1, s, t * group), scores, jnp.finfo(jnp.float32).min)
@@ -150,11 +212,51 @@ def attention_output(o: jax.Array, w: AttentionWeights) -> jax.Array:
     return y if w.bo is None else y + w.bo
 
 
-def mlp(x: jax.Array, w: MlpWeights, cfg: ModelConfig) -> jax.Array:
-    act = jax.nn.silu if cfg.activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True),
+    "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+}
+
+
+def mlp(x: jax.Array, w: MlpWeights | ExpertWeights, spec: LayerSpec) -> jax.Array:
+    if isinstance(w, ExpertWeights):
+        return experts(x, w, spec)
+    act = ACTIVATIONS[spec.activation]
     hidden = dense(x, w.w_in)
     if w.b_in is not None:
         hidden = hidden + w.b_in
     hidden = act(dense(x, w.w_gate)) * hidden if w.w_gate is not None else act(hidden)
     y = dense(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out
+
+
+def experts(x: jax.Array, w: ExpertWeights, spec: LayerSpec) -> jax.Array:
+    """x [..., d] through each token's top_k experts, weighted by the router as transformers
+    weights them: softmax over every expert in float32, the top k, renormalized when asked.
+
+    Few tokens (a decode step) gather only their chosen experts' weights, so a step reads
+    top_k experts per token rather than all of them; many tokens (a prefill) run every expert
+    on every token and zero the unchosen ones, which reads each expert once.
+    """
+    moe, act = spec.moe, ACTIVATIONS[spec.activation]
+    lead, d = x.shape[:-1], x.shape[-1]
+    tokens = x.reshape(-1, d)
+    probs = jax.nn.softmax(
+        jnp.matmul(tokens, w.router, preferred_element_type=jnp.float32), axis=-1)
+    top_probs, chosen = jax.lax.top_k(probs, moe.top_k)  # [n, k]
+    if moe.normalize:
+        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    top_probs = top_probs.astype(x.dtype)
+    if tokens.shape[0] * moe.top_k < moe.n_experts:
+        gate, up, down = w.expert_gate[chosen], w.expert_in[chosen], w.expert_out[chosen]
+        hidden = act(jnp.einsum("nd,nkdf->nkf", tokens, gate)) * jnp.einsum(
+            "nd,nkdf->nkf", tokens, up)
+        out = jnp.einsum("nkf,nkfd,nk->nd", hidden, down, top_probs)
+    else:
+        weights = jnp.zeros((tokens.shape[0], moe.n_experts), x.dtype)
+        weights = weights.at[jnp.arange(tokens.shape[0])[:, None], chosen].set(top_probs)
+        hidden = act(jnp.einsum("nd,edf->nef", tokens, w.expert_gate)) * jnp.einsum(
+            "nd,edf->nef", tokens, w.expert_in)
+        out = jnp.einsum("nef,efd,ne->nd", hidden, w.expert_out, weights)
+    return out.reshape(*lead, d)

@@ -1,4 +1,7 @@
-"""One decoder-only transformer for GPT-2, GPT-J and LLaMA, over a slot KV cache.
+"""One decoder-only transformer for every family, over a slot KV cache.
+
+Each layer computes what its `LayerSpec` (cfg.layers) says: the families differ
+only in those specs and in where their checkpoints keep each weight.
 
 Two entry points, both pure and jittable (the config is static):
 
@@ -24,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from models import kernels
-from models.config import ModelConfig
+from models.config import LayerSpec, ModelConfig
 from models.layers import (
     AttentionWeights,
+    ExpertWeights,
     MlpWeights,
     NormWeights,
     attend,
@@ -43,8 +47,10 @@ from models.layers import (
 class LayerWeights:
     attn_norm: NormWeights
     attn: AttentionWeights
-    mlp: MlpWeights
-    mlp_norm: NormWeights | None = None  # None when the residual is parallel (GPT-J)
+    mlp: MlpWeights | ExpertWeights  # ExpertWeights where the layer's spec has moe
+    mlp_norm: NormWeights | None = None  # None when the MLP shares attn_norm (GPT-J)
+    post_attn_norm: NormWeights | None = None  # on the attention's output (LayerSpec.post_norms)
+    post_mlp_norm: NormWeights | None = None  # on the MLP's output
 
 
 @pytree_dataclass
@@ -99,28 +105,46 @@ def reads_whole_cache(num_slots: int, max_len: int, width: int, kv_len: int) -> 
 
 
 def _block(
-    x: jax.Array, w: LayerWeights, positions: jax.Array, cfg: ModelConfig, attend_with_cache
+    x: jax.Array,
+    w: LayerWeights,
+    spec: LayerSpec,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    attend_with_cache,
 ) -> jax.Array:
     # Named scopes label the ops in profiles (benchmarks/profile_step.py, XProf, Perfetto).
     with jax.named_scope("projections"):
         h = norm(x, w.attn_norm, cfg)
-        q, k, v = project_qkv(h, w.attn, positions, cfg)
+        q, k, v = project_qkv(h, w.attn, positions, spec, cfg)
     with jax.named_scope("attention"):
-        o = attend_with_cache(q, k, v)
+        o = attend_with_cache(q, k, v, spec.window)
     with jax.named_scope("projections"):
         a = attention_output(o, w.attn)
+        if spec.post_norms:
+            a = norm(a, w.post_attn_norm, cfg)
     with jax.named_scope("mlp"):
-        if cfg.parallel_residual:
-            return x + a + mlp(h, w.mlp, cfg)
-        x = x + a
-        return x + mlp(norm(x, w.mlp_norm, cfg), w.mlp, cfg)
+        if spec.residual == "sequential":
+            x = x + a
+            y = mlp(norm(x, w.mlp_norm, cfg), w.mlp, spec)
+            return x + (norm(y, w.post_mlp_norm, cfg) if spec.post_norms else y)
+        m = h if spec.residual == "parallel_shared_norm" else norm(x, w.mlp_norm, cfg)
+        return x + a + mlp(m, w.mlp, spec)
+
+
+def visible(query_positions: jax.Array, key_positions: jax.Array, window: int | None) -> jax.Array:
+    """Which keys each query reads (broadcasting): those at or before it, and with a sliding
+    window the last `window` of them (the query's own included), as transformers masks them."""
+    seen = key_positions <= query_positions
+    return seen if window is None else seen & (query_positions - key_positions < window)
 
 
 def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig):
     x = params.embed[tokens]
     if params.pos_embed is not None:
         x = x + params.pos_embed[positions]
-    return x.astype(cfg.jnp_dtype)
+    # Gemma scales the embedding by sqrt(d) in the activations' dtype.
+    x = x.astype(cfg.jnp_dtype)
+    return x if cfg.embed_scale == 1.0 else x * jnp.asarray(cfg.embed_scale, cfg.jnp_dtype)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -128,7 +152,11 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     with jax.named_scope("lm_head"):
         h = norm(hidden, params.final_norm, cfg)
         out = dense(h, params.lm_head, preferred_element_type=jnp.float32)
-        return out if params.lm_head_bias is None else out + params.lm_head_bias
+        if params.lm_head_bias is not None:
+            out = out + params.lm_head_bias
+        if cfg.final_softcap is not None:
+            out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+        return out
 
 
 def prefill(
@@ -137,18 +165,19 @@ def prefill(
     """tokens [b, t] -> hidden [b, t, d], k and v [layers, b, kv_heads, t, head_dim]."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    steps = jnp.arange(t)
     x = _embed(params, tokens, positions, cfg)
     ks, vs = [], []
 
-    def self_attend(q, k, v):
+    def self_attend(q, k, v, window):
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # the cache's head-major layout
         ks.append(k)
         vs.append(v)
-        return attend(q, k, v, causal, cfg)
+        mask = jnp.broadcast_to(visible(steps[:, None], steps[None, :], window), (b, t, t))
+        return attend(q, k, v, mask, cfg)
 
-    for layer in params.layers:
-        x = _block(x, layer, positions, cfg, self_attend)
+    for layer, spec in zip(params.layers, cfg.layers):
+        x = _block(x, layer, spec, positions, cfg, self_attend)
     return x, jnp.stack(ks), jnp.stack(vs)
 
 
@@ -184,8 +213,11 @@ def decode(
     are cheaper than copying). Both are exact; the choice is static.
     attention_kernel (static; XLA:CPU, float32): attend with the hand-written
     kernel instead (models/kernels), which reads each written row's live
-    positions in place and nothing else; kv_len then plays no part.
+    positions (within its layer's sliding window) in place and nothing else;
+    kv_len then plays no part.
     """
+    if attention_kernel and (why := cfg.attention_kernel_misfit):
+        raise ValueError(f"attention_kernel=True: {why}")
     w = tokens.shape[0]
     num_slots, max_len = cache.k[0].shape[0], cache.max_len
     whole = not attention_kernel and reads_whole_cache(num_slots, max_len, w, kv_len)
@@ -196,32 +228,36 @@ def decode(
         lengths = jnp.where(writes, positions + 1, 0)  # positions each row reads
     elif whole:  # every slot's rows; those outside the window attend nowhere and are dropped
         all_positions = jnp.full((num_slots,), -1, jnp.int32).at[slots].set(positions)
-        mask = (jnp.arange(max_len)[None, :] <= all_positions[:, None])[:, None, :]  # [S, 1, T]
+        query_positions, key_positions = all_positions, jnp.arange(max_len)  # mask [S, 1, T]
     else:
-        mask = (jnp.arange(kv_len)[None, :] <= positions[:, None])[:, None, :]  # [w, 1, s]
+        query_positions, key_positions = positions, jnp.arange(kv_len)  # mask [w, 1, s]
     x = _embed(params, tokens[:, None], positions[:, None], cfg)
     k_cache, v_cache = list(cache.k), list(cache.v)
 
-    for layer_index, layer in enumerate(params.layers):
+    for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
-        def cached_attend(q, k, v, i=layer_index):
+        def cached_attend(q, k, v, window, i=layer_index):
             k_cache[i] = k_cache[i].at[slots, :, write_pos].set(k[:, 0], mode="drop")
             v_cache[i] = v_cache[i].at[slots, :, write_pos].set(v[:, 0], mode="drop")
             if attention_kernel:
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
-                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths)
+                # A sliding window reads only its last `window` live positions.
+                firsts = None if window is None else jnp.maximum(lengths - window, 0)
+                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths,
+                                               firsts, cfg.attention_scale)
                 return out.reshape(q.shape)
+            mask = visible(query_positions[:, None], key_positions[None, :], window)[:, None, :]
             if whole:
                 q_all = jnp.zeros((num_slots, *q.shape[1:]), q.dtype)
                 q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q, start, axis=0)
                 out = attend(q_all, k_cache[i], v_cache[i], mask, cfg)
                 return jax.lax.dynamic_slice_in_dim(out, start, w, axis=0)
-            window = (w, cfg.n_kv_heads, kv_len, cfg.head_dim)
-            k_all = jax.lax.dynamic_slice(k_cache[i], (start, 0, 0, 0), window)
-            v_all = jax.lax.dynamic_slice(v_cache[i], (start, 0, 0, 0), window)
+            block = (w, cfg.n_kv_heads, kv_len, cfg.head_dim)
+            k_all = jax.lax.dynamic_slice(k_cache[i], (start, 0, 0, 0), block)
+            v_all = jax.lax.dynamic_slice(v_cache[i], (start, 0, 0, 0), block)
             return attend(q, k_all, v_all, mask, cfg)
 
-        x = _block(x, layer, positions[:, None], cfg, cached_attend)
+        x = _block(x, layer, spec, positions[:, None], cfg, cached_attend)
     return logits(params, x[:, 0], cfg), KVCache(tuple(k_cache), tuple(v_cache))
 
 
@@ -245,21 +281,34 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         scale_ = (1.0 + rand(d)).astype(cfg.jnp_dtype)
         return NormWeights(scale_, maybe(cfg.norm == "layernorm", d))
 
+    def head_norm(on: bool) -> NormWeights | None:
+        return NormWeights((1.0 + rand(e)).astype(cfg.jnp_dtype)) if on else None
+
+    def post_norm(on: bool) -> NormWeights | None:
+        return norm_weights() if on else None
+
     layers = [
         LayerWeights(
             attn_norm=norm_weights(),
             attn=AttentionWeights(
                 wq=rand(d, h, e), wk=rand(d, k, e), wv=rand(d, k, e), wo=rand(h, e, d),
-                bq=maybe(cfg.attention_bias, h, e), bk=maybe(cfg.attention_bias, k, e),
-                bv=maybe(cfg.attention_bias, k, e), bo=maybe(cfg.attention_bias, d),
+                bq=maybe(cfg.qkv_bias, h, e), bk=maybe(cfg.qkv_bias, k, e),
+                bv=maybe(cfg.qkv_bias, k, e), bo=maybe(cfg.out_bias, d),
+                q_norm=head_norm(spec.qk_norm), k_norm=head_norm(spec.qk_norm),
             ),
             mlp=MlpWeights(
-                w_in=rand(d, f), w_out=rand(f, d), w_gate=maybe(cfg.gated_mlp, d, f),
+                w_in=rand(d, f), w_out=rand(f, d), w_gate=maybe(spec.mlp == "gated", d, f),
                 b_in=maybe(cfg.mlp_bias, f), b_out=maybe(cfg.mlp_bias, d),
+            ) if spec.moe is None else ExpertWeights(
+                router=rand(d, spec.moe.n_experts),
+                expert_gate=rand(spec.moe.n_experts, d, spec.moe.d_ff),
+                expert_in=rand(spec.moe.n_experts, d, spec.moe.d_ff),
+                expert_out=rand(spec.moe.n_experts, spec.moe.d_ff, d),
             ),
-            mlp_norm=None if cfg.parallel_residual else norm_weights(),
+            mlp_norm=None if spec.residual == "parallel_shared_norm" else norm_weights(),
+            post_attn_norm=post_norm(spec.post_norms), post_mlp_norm=post_norm(spec.post_norms),
         )
-        for _ in range(cfg.n_layers)
+        for spec in cfg.layers
     ]
     embed = rand(vocab, d)
     return Params(
@@ -268,7 +317,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         final_norm=norm_weights(),
         lm_head=embed.T if cfg.tie_embeddings else rand(d, vocab),
         lm_head_bias=maybe(cfg.lm_head_bias, vocab),
-        pos_embed=maybe(cfg.positions == "learned", cfg.max_positions, d),
+        pos_embed=maybe(cfg.learned_positions, cfg.max_positions, d),
     )
 
 
@@ -286,15 +335,17 @@ def pack_weights(params: Params) -> Params:
 
     def layer(w: LayerWeights) -> LayerWeights:
         attn, mlp_ = w.attn, w.mlp
+        if isinstance(mlp_, MlpWeights):  # experts stay arrays: each step gathers its own
+            mlp_ = dataclasses.replace(
+                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
+                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
+            )
         return dataclasses.replace(
             w,
             attn=dataclasses.replace(
                 attn, wq=pack(attn.wq), wk=pack(attn.wk), wv=pack(attn.wv), wo=pack(attn.wo, 2)
             ),
-            mlp=dataclasses.replace(
-                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
-                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
-            ),
+            mlp=mlp_,
         )
 
     return dataclasses.replace(

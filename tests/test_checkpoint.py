@@ -31,8 +31,11 @@ def assert_bitwise_equal(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# Gemma 3's per-layer windows and ropes and Qwen3-MoE's experts round-trip through config.json.
+@pytest.mark.parametrize("family, dtype", [
+    *((family, dtype) for family in ("llama", "gpt2", "gptj") for dtype in ("float32", "bfloat16")),
+    ("gemma3", "float32"), ("qwen3_moe", "float32"),
+])
 def test_orbax_round_trip_is_bitwise(tmp_path, family, dtype):
     cfg = tiny_config(family, dtype=dtype)
     params = init_params(cfg, jax.random.key(3))
@@ -205,6 +208,26 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_embd": 64, "
     (GPT2 | {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
     (GPT2 | {"scale_attn_weights": False}, "scale_attn_weights=False is unsupported"),
     (["not", "an", "object"], "expected a JSON object, got list"),
+    (LLAMA | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope_type='dynamic' is unsupported: its frequencies depend on the longest sequence"),
+    (LLAMA | {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "rope_type='longrope' is unsupported"),
+    (LLAMA | {"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}},
+     "rope_type='su' is unsupported (supported: default, linear, llama3, yarn)"),
+    (LLAMA | {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
+     "rope_type='llama3' needs high_freq_factor"),
+    (LLAMA | {"rope_scaling": {"rope_type": "linear"}}, "rope_type='linear' needs factor"),
+    (LLAMA | {"architectures": ["Qwen3ForCausalLM"], "layer_types": ["full_attention"]},
+     "qwen3: layer_types=['full_attention']: must list num_hidden_layers=2 of"),
+    (LLAMA | {"architectures": ["Gemma2ForCausalLM"], "use_bidirectional_attention": True},
+     "gemma2: use_bidirectional_attention=True is unsupported"),
+    (LLAMA | {"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"},
+     "gemma3: hidden_activation='gelu' is unsupported"),
+    (LLAMA | {"architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": "50"},
+     "attn_logit_softcapping='50': must be a positive number or null"),
+    (LLAMA | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                               "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings=0: must be a positive int"),
 ])
 def test_configs_we_would_compute_differently_are_refused(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -13,6 +13,7 @@ from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
 from models import transformer
+from models.config import LayerSpec, Rope
 from models.presets import tiny_config
 from models.transformer import init_params
 
@@ -102,6 +103,40 @@ def test_fused_equals_solo_greedy(request, policy, ops):
             np.testing.assert_allclose(output.logprobs, alone.logprobs, rtol=1e-5, atol=1e-5)
         else:
             assert output.logprobs is None
+
+
+FAMILY_CONFIGS = {
+    family: tiny_config(family, max_positions=256)
+    for family in ("gpt2", "gptj", "gpt_neox", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+                   "mixtral", "qwen3_moe")
+} | {
+    "llama-yarn": tiny_config("llama", max_positions=256).replace(layers=(LayerSpec(
+        rope=Rope(scaling="yarn", factor=4.0, original_max_positions=32, attention_factor=1.14),
+        mlp="gated", activation="silu"),) * 2),
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_fused_equals_solo_greedy_for_every_family(family):
+    """Each family's layers through the engine (CPU kernels where they apply): a request's
+    tokens in the fused loop are its tokens alone."""
+    cfg = FAMILY_CONFIGS[family]
+    params = init_params(cfg, jax.random.key(1), scale=0.3)
+    engine = Engine(cfg, params, max_slots=4, max_len=128)
+    # "auto": the attention kernel where it computes the model's attention (sliding windows
+    # included; not Gemma 2's soft-capping, which XLA's ops compute), the matmul kernel
+    # everywhere.
+    assert engine.executor.matmul_kernel
+    assert engine.executor.attention_kernel == (family != "gemma2")
+    if family == "gemma2":
+        with pytest.raises(ValueError, match="attention='cpu_kernel' cannot be used: it does "
+                                             "not soft-cap the scores"):
+            Engine(cfg, params, max_slots=4, max_len=128, attention="cpu_kernel")
+    workload = mixed_workload(n=6)
+    result = run_with_fake_clock(engine, workload, "flover")
+    assert result.stats.joins > 0
+    for request, output in zip(workload, result.outputs):
+        assert output.token_ids == solo_tokens(engine, request), f"request {output.request_id}"
 
 
 def test_penalties_follow_each_request_through_fused_steps(engine):

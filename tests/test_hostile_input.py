@@ -251,12 +251,17 @@ def test_a_config_value_of_the_wrong_type_is_refused_at_load(tmp_path):
     checkpoint.save(tmp_path / "ck", cfg, init_params(cfg, jax.random.key(0)))
     stored = json.loads((tmp_path / "ck" / "config.json").read_text())
     for field, value, message in [("norm_eps", "abc", "norm_eps='abc': must be a finite number"),
-                                  ("n_layers", 2.0, "n_layers=2.0: must be an int"),
+                                  ("d_model", 64.0, "d_model=64.0: must be an int"),
                                   ("eos_token_ids", [-5], "eos_token_ids: -5 is not a token id"),
                                   ("tie_embeddings", "no", "tie_embeddings='no': must be a bool")]:
         (tmp_path / "ck" / "config.json").write_text(json.dumps(stored | {field: value}))
         with pytest.raises(CheckpointError, match=message):
             checkpoint.load_config(tmp_path / "ck")
+    layers = [dict(layer) for layer in stored["layers"]]  # and inside each layer's spec
+    layers[1]["rope"] = dict(layers[1]["rope"], theta="1e4")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(stored | {"layers": layers}))
+    with pytest.raises(CheckpointError, match="theta='1e4': must be a finite number"):
+        checkpoint.load_config(tmp_path / "ck")
 
 
 @pytest.mark.parametrize("option, value", [("max_slots", True), ("max_slots", 1.5),

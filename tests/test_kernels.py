@@ -47,6 +47,36 @@ def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_d
     np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
 
 
+def test_kernel_reads_only_each_rows_sliding_window_with_its_scale():
+    """Row i reads positions [firsts[i], lengths[i]) (a sliding window over its live ones),
+    scaled by `scale`: what lies before the window, or beyond the length, must not matter."""
+    slots, max_len, start, width, kv_heads, group, head_dim = 6, 40, 1, 4, 2, 2, 32
+    cfg = tiny_config("llama", n_heads=kv_heads * group, n_kv_heads=kv_heads, head_dim=head_dim,
+                      attention_scale=0.3)
+    rng = np.random.default_rng(2)
+    k_cache, v_cache = (rng.standard_normal((slots, kv_heads, max_len, head_dim), np.float32)
+                        for _ in range(2))
+    lengths, firsts = np.array([9, 40, 3, 20], np.int32), np.array([1, 8, 0, 20], np.int32)
+    for row, (first, length) in enumerate(zip(firsts, lengths)):
+        for cache in (k_cache, v_cache):
+            cache[start + row, :, :first] = np.nan
+            cache[start + row, :, length:] = np.nan
+    q = rng.standard_normal((width, 1, kv_heads * group, head_dim)).astype(np.float32)
+    rows = q.reshape(width, kv_heads, group, head_dim)
+    out = kernels.decode_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                   jnp.int32(start), jnp.asarray(lengths), jnp.asarray(firsts), 0.3)
+
+    window = slice(start, start + width)
+    clean = [np.nan_to_num(c[window]) for c in (k_cache, v_cache)]
+    positions = np.arange(max_len)[None, :]
+    mask = ((positions >= firsts[:, None]) & (positions < lengths[:, None]))[:, None, :]
+    expected = attend(jnp.asarray(q), *map(jnp.asarray, clean), jnp.asarray(mask), cfg)
+    expected = np.asarray(expected).reshape(rows.shape)
+    live = lengths > firsts
+    np.testing.assert_allclose(np.asarray(out)[live], expected[live], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
+
+
 def test_kernel_rows_do_not_depend_on_their_neighbours():
     """Batch invariance: a row's output is bitwise the same whatever the other rows hold."""
     rng = np.random.default_rng(1)

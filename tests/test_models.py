@@ -1,4 +1,6 @@
-"""Model parity with Hugging Face transformers on tiny random GPT-2, GPT-J and LLaMA-GQA."""
+"""Model parity with Hugging Face transformers on tiny random models of every family."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +10,13 @@ import torch
 
 from flover_jax.convert.huggingface import load_hf
 from models import transformer
+from models.config import LayerSpec, Moe, Rope
+from models.presets import tiny_config
 from models.transformer import KVCache
 from tests.hf_models import VOCAB, make_hf_model
 
-FAMILIES = ["gpt2", "gptj", "llama"]
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+            "mixtral", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -34,10 +39,83 @@ def test_full_sequence_logits_match_hf(family_model):
     np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
 
 
-def test_llama_is_grouped_query(family_model):
+def test_llama_shaped_families_are_grouped_query(family_model):
     family, _, cfg, _ = family_model
-    if family == "llama":
+    if family not in ("gpt2", "gptj", "gpt_neox"):
         assert cfg.n_kv_heads < cfg.n_heads
+    if family == "qwen3":
+        assert cfg.head_dim == 24 and cfg.layers[0].qk_norm
+    if family in ("mixtral", "qwen3_moe"):  # Qwen3-MoE's layer 1 is dense (mlp_only_layers)
+        assert [layer.moe and layer.moe.n_experts for layer in cfg.layers] == (
+            [16, 16] if family == "mixtral" else [16, None])
+    if family.startswith("gemma"):  # sliding layers between global ones, as layer_types says
+        assert [layer.window for layer in cfg.layers] == [8, None]
+    if family == "gemma3":  # the local layers' own base; the global ones' scaled
+        assert [(layer.rope.theta, layer.rope.scaling) for layer in cfg.layers] == [
+            (10000.0, "none"), (1_000_000.0, "linear")]
+    if family in ("phi3", "gpt_neox"):  # partial rotary
+        assert cfg.layers[0].rope.dims == {"phi3": 8, "gpt_neox": 4}[family]
+
+
+# Each scaling's parameters put some rotary frequencies on each side of its thresholds (head_dim
+# 16, base 10000: wavelengths 6.3, 20, 63, 199, ...); the prompts run past the original length.
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                    "beta_fast": 16.0, "mscale": 0.8, "mscale_all_dim": 0.5},
+}
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling_logits_match_hf(tmp_path, scaling):
+    rope = {"rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
+    hf = make_hf_model("llama", tmp_path, rope_parameters=rope)
+    cfg, params = load_hf(tmp_path)
+    assert cfg.layers[0].rope.scaling == rope["rope_type"]
+    tokens = np.random.default_rng(5).integers(0, VOCAB, size=(2, 80))
+    ours = jax.jit(transformer.forward, static_argnums=1)(
+        jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+def test_qwen2_sliding_window_layers_match_hf(tmp_path):
+    """Qwen2 with use_sliding_window: layers from max_window_layers on slide (here layer 1)."""
+    hf = make_hf_model("qwen2", tmp_path, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1)
+    cfg, params = load_hf(tmp_path)
+    assert [layer.window for layer in cfg.layers] == [None, 8]
+    tokens = np.random.default_rng(6).integers(0, VOCAB, size=(2, 30))
+    ours = jax.jit(transformer.forward, static_argnums=1)(
+        jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(ours), hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: LayerSpec(window=8), "attention='global' with window=8: a window is given exactly"),
+    (lambda: LayerSpec(attention="sliding"), "attention='sliding' with window=None"),
+    (lambda: LayerSpec(post_norms=True, residual="parallel"), "post_norms with residual='parallel'"),
+    (lambda: LayerSpec(moe=Moe(4, 2, 8)), "mlp='dense' with moe: experts are gated MLPs"),
+    (lambda: Moe(4, 5, 8), "moe top_k=5: must be in [1, n_experts=4]"),
+    (lambda: Rope(dims=3), "rope dims=3: must be even"),
+    (lambda: Rope(scaling="yarn", factor=4.0), "rope scaling='yarn' needs original_max_positions"),
+    (lambda: tiny_config("llama", head_dim=8).replace(layers=(LayerSpec(rope=Rope(dims=16)),)),
+     "layers[0].rope.dims=16: must be <= head_dim=8"),
+])
+def test_layer_specs_refuse_what_the_transformer_does_not_compute(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_eos_ids_come_from_generation_config(tmp_path):
+    """Llama 3.1 stops at any of several EOS ids, which generation_config.json lists."""
+    hf = make_hf_model("llama", tmp_path)
+    assert load_hf(tmp_path)[0].eos_token_ids == (2,)  # save_pretrained copied config.json's
+    hf.generation_config.eos_token_id = [2, 7, 9]
+    hf.generation_config.save_pretrained(tmp_path)
+    assert load_hf(tmp_path)[0].eos_token_ids == (2, 7, 9)
 
 
 @pytest.mark.parametrize(
@@ -49,8 +127,12 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     """Prompts of different lengths share one padded prefill; each then decodes
     token by token from its own slot (not slot 0, not contiguous with its batch row).
     The first case attends over the whole cache in place, the second over the window's block,
-    the third with the CPU kernels (models/kernels): attention, and matmuls on packed weights."""
+    the third with the CPU kernels (models/kernels): matmuls on packed weights, and attention
+    where the kernel computes the model's (Gemma 3's sliding windows, not Gemma 2's
+    soft-capping).
+    Prompts and steps run past Gemma's windows of 8."""
     _, hf, cfg, params = family_model
+    attention_kernel = cpu_kernels and not cfg.attention_kernel_misfit
     if cpu_kernels:
         params = transformer.pack_weights(params)
     rng = np.random.default_rng(1)
@@ -91,12 +173,24 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
             tokens[row] = full[i, positions[row]]
             writes[row] = True
         out, cache = decode(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(writes), jnp.int32(start), kv_len, cpu_kernels)
+                            jnp.asarray(writes), jnp.int32(start), kv_len, attention_kernel)
         for row, i in row_of.items():
             np.testing.assert_allclose(
                 np.asarray(out[row]), reference[i][positions[row]], atol=1e-4,
                 err_msg=f"request {i}, decode step {step}",
             )
+
+
+def test_the_attention_kernel_refuses_what_it_would_compute_otherwise(family_model):
+    family, _, cfg, params = family_model
+    if not cfg.attention_kernel_misfit:
+        assert family != "gemma2"
+        return
+    cache = KVCache.zeros(cfg, 2, 16)
+    one = jnp.zeros(1, jnp.int32)
+    with pytest.raises(ValueError, match="attention_kernel=True: it does not soft-cap the "
+                                         "scores, .*attention_softcap=5.0"):
+        transformer.decode(params, cfg, cache, one, one, one > 0, jnp.int32(0), 16, True)
 
 
 def test_greedy_continuation_equals_hf_generate(family_model):

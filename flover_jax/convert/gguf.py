@@ -14,7 +14,7 @@ import numpy as np
 
 from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
 from flover_jax.tokenizer import gguf_stop_ids
-from models.config import ModelConfig
+from models.config import LayerSpec, ModelConfig, Rope
 from models.llama import llama_params
 from models.transformer import Params
 
@@ -62,11 +62,13 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise CheckpointError(f"{path}: rope_freqs.weight (scaled rotary frequencies) is "
                               "unsupported")
+    layer = LayerSpec(rope=Rope(theta=float(_field(reader, "llama.rope.freq_base", 10000.0))),
+                      mlp="gated", activation="silu")
     return ModelConfig(
         family="llama",
         vocab_size=int(vocab),
         d_model=d,
-        n_layers=int(need("block_count")),
+        layers=(layer,) * int(need("block_count")),
         n_heads=heads,
         n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
         head_dim=head_dim,
@@ -74,10 +76,6 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         max_positions=int(_field(reader, "llama.context_length", 2048)),
         norm="rmsnorm",
         norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        positions="rope_half",
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        gated_mlp=True,
-        activation="silu",
         tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=gguf_stop_ids(lambda key: _field(reader, key)),

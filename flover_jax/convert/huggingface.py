@@ -10,8 +10,13 @@ from safetensors import safe_open
 
 from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
 from models.config import ModelConfig
-from models.gpt import gpt2_config, gpt2_params, gptj_config, gptj_params
+from models.gemma import gemma2_config, gemma3_config, gemma_params
+from models.gpt import _eos_ids, gpt2_config, gpt2_params, gptj_config, gptj_params
+from models.gpt_neox import gpt_neox_config, gpt_neox_params
 from models.llama import llama_config, llama_params
+from models.mixtral import mixtral_config, mixtral_params
+from models.phi3 import phi3_config, phi3_params
+from models.qwen import qwen2_config, qwen3_config, qwen3_moe_config
 from models.transformer import Params
 
 # architecture -> (config from config.json, params from tensors, name prefix some exports add)
@@ -20,6 +25,14 @@ ARCHITECTURES = {
     "GPTJForCausalLM": (gptj_config, gptj_params, "transformer."),
     "LlamaForCausalLM": (llama_config, llama_params, ""),
     "MistralForCausalLM": (llama_config, llama_params, ""),
+    "Qwen2ForCausalLM": (qwen2_config, llama_params, ""),
+    "Qwen3ForCausalLM": (qwen3_config, llama_params, ""),
+    "Phi3ForCausalLM": (phi3_config, phi3_params, ""),
+    "GPTNeoXForCausalLM": (gpt_neox_config, gpt_neox_params, "gpt_neox."),
+    "Gemma2ForCausalLM": (gemma2_config, gemma_params, ""),
+    "Gemma3ForCausalLM": (gemma3_config, gemma_params, ""),
+    "MixtralForCausalLM": (mixtral_config, mixtral_params, ""),
+    "Qwen3MoeForCausalLM": (qwen3_moe_config, llama_params, ""),
 }
 
 
@@ -77,9 +90,20 @@ def load_hf_config(directory: Path) -> tuple[dict, ModelConfig]:
         )
     make_config = ARCHITECTURES[arch][0]
     try:
-        return hf, make_config(hf)
+        cfg = make_config(hf)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+    # transformers' generate stops at generation_config.json's EOS ids (Llama 3.1: three of
+    # them) where that file gives any, else at config.json's.
+    generation = directory / "generation_config.json"
+    if generation.exists():
+        try:
+            eos = _eos_ids(_read_json(generation))
+        except ValueError as e:
+            raise CheckpointError(f"{generation}: {e}") from None
+        if eos:
+            cfg = cfg.replace(eos_token_ids=eos)
+    return hf, cfg
 
 
 def load_hf(directory: str | Path) -> tuple[ModelConfig, Params]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "packed_matmul.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "vectors.h"))
@@ -110,16 +111,27 @@ def cpu_kernel_available() -> bool:
 
 
 def decode_attention(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, lengths: jax.Array
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    firsts: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """q [w, kv_heads, group, e] (one token per slot of the window starting at `start`) over
-    k_cache, v_cache [slots, kv_heads, max_len, e]; row i reads its slot's first lengths[i]
-    positions (0: it reads nothing and gets zeros). Returns [w, kv_heads, group, e], float32."""
+    k_cache, v_cache [slots, kv_heads, max_len, e]; row i reads its slot's positions
+    [firsts[i], lengths[i]) (firsts: 0 when None; a sliding window starts later; an empty range
+    reads nothing and gets zeros), scores scaled by `scale` (None: e ** -0.5).
+    Returns [w, kv_heads, group, e], float32."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU decode-attention kernel is not available (see the log)")
+    lengths = lengths.astype(jnp.int32)
+    firsts = jnp.zeros_like(lengths) if firsts is None else firsts.astype(jnp.int32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()),
-                lengths.astype(jnp.int32))
+    return call(q, k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()), lengths, firsts,
+                scale=np.float32(scale))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"],

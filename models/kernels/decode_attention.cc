@@ -1,5 +1,6 @@
 // Decode attention for XLA:CPU: one query token per slot against that slot's
-// cached keys and values, read in place and only up to the slot's length.
+// cached keys and values, read in place and only up to the slot's length (and,
+// in a sliding-window layer, only from its window's first position).
 //
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
@@ -218,35 +219,40 @@ void AttendOneHeadVec(const float* q, const float* k, const float* v, float* out
 
 // q [w, kv_heads, group, dim]: the window's queries; k_cache, v_cache
 // [slots, kv_heads, max_len, dim]; start: the window's first slot; lengths [w]:
-// positions each row reads (0: the row attends nowhere and gets zeros).
+// each row reads positions [firsts[i], lengths[i]) (a sliding window starts past 0;
+// an empty range: the row attends nowhere and gets zeros); scale: the scores' factor.
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> lengths,
+                           ffi::Buffer<ffi::S32> firsts, float scale,
                            ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   if (qd.size() != 4 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin(), vd.end()) ||
-      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0]) {
+      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0] ||
+      firsts.element_count() != qd[0]) {
     return ffi::Error::InvalidArgument(
         "decode_attention: expected q [w, kv_heads, group, dim], caches "
-        "[slots >= w, kv_heads, max_len, dim] and lengths [w]");
+        "[slots >= w, kv_heads, max_len, dim], lengths [w] and firsts [w]");
   }
   const int64_t width = qd[0], heads = qd[1], group = qd[2], dim = qd[3];
   const int64_t slots = cd[0], max_len = cd[2];
   const int64_t first = std::clamp<int64_t>(start.typed_data()[0], 0, slots - width);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   const float* q_data = q.typed_data();
   const float* k_data = k_cache.typed_data();
   const float* v_data = v_cache.typed_data();
   const int32_t* length_data = lengths.typed_data();
+  const int32_t* first_data = firsts.typed_data();
   float* out_data = out->typed_data();
   const int64_t items = width * heads;
 
   auto attend = [=](int64_t item) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const int64_t row = item / heads, head = item % heads;
-    const int64_t length = std::clamp<int64_t>(length_data[row], 0, max_len);
+    const int64_t end = std::clamp<int64_t>(length_data[row], 0, max_len);
+    const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
+    const int64_t length = end - begin;  // the live positions read, from `begin` on
     scores.resize(group * length);
-    const int64_t cache_offset = ((first + row) * heads + head) * max_len * dim;
+    const int64_t cache_offset = (((first + row) * heads + head) * max_len + begin) * dim;
     const float* q_item = q_data + item * group * dim;
     const float* k_item = k_data + cache_offset;
     const float* v_item = v_data + cache_offset;
@@ -276,4 +282,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()   // start
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // firsts
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
