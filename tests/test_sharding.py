@@ -133,3 +133,24 @@ def test_orbax_restores_straight_into_shards(tmp_path, params):
     assert [s.data.shape for s in wq.addressable_shards] == [(64, 2, 8)] * 4
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mixtral"])
+def test_a_dense_and_a_mixture_of_experts_family_split_over_two_devices_as_over_one(family):
+    # Qwen3: q/k norms on split heads; Mixtral: each expert's MLP split like a dense one.
+    cfg = tiny_config(family, max_positions=256)
+    params = init_params(cfg, jax.random.key(3), scale=0.3)
+    sharded = jax.device_put(params, param_shardings(params, cfg, make_mesh(2)))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 9)))
+    forward = jax.jit(transformer.forward, static_argnums=1)
+    np.testing.assert_allclose(forward(sharded, cfg, tokens), forward(params, cfg, tokens), atol=1e-4)
+    experts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]
+               if "expert_in" in jax.tree_util.keystr(path)]
+    assert bool(experts) == (family == "mixtral")
+    for leaf in experts:  # [experts, d, expert d_ff]: each device holds half of every expert
+        assert leaf.addressable_shards[0].data.shape[2] * 2 == leaf.shape[2]
+    work = mixed_workload(n=8, seed=4)
+    one, two = (run_with_fake_clock(Engine(cfg, params, max_slots=4, max_len=96, mesh=make_mesh(tp)),
+                                    work).outputs for tp in (1, 2))
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    assert all(o.finish_reason in ("stop", "length") for o in two)
