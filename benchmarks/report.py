@@ -476,7 +476,16 @@ def server_section(overhead: dict | None, soak: dict | None) -> str:
                        f"{statistics.median(rates[name]):.0f}"] for name in ("engine", "server")])
             + f"\n\nThe server serves **{overhead['ratio_of_medians']:.0%}** of the engine's "
             "tokens/s (ratio of medians; the pairs: "
-            + ", ".join(f"{r:.0%}" for r in overhead["paired_ratios"]) + ").\n")
+            + ", ".join(f"{r:.0%}" for r in overhead["paired_ratios"]) + "). TTFT p50 "
+            + " against ".join(f"{statistics.median(overhead['ttft_p50_s'][n]) * 1e3:.0f} ms"
+                               for n in ("server", "engine"))
+            + ", ITL p99 "
+            + " against ".join(f"{statistics.median(overhead['itl_p99_s'][n]) * 1e3:.0f} ms"
+                               for n in ("server", "engine"))
+            + " (server against engine, medians). Not profiled yet; the likely causes: on 2 cores the clients' "
+            "threads, parsing their streams in another process, take the cores the engine "
+            "computes on, and the server's event loop (JSON and SSE for every token of every "
+            "stream) shares the GIL with the loop thread's host work between steps.\n")
     if soak:
         growth = soak["rss_growth"]
         parts.append(
