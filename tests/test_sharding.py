@@ -149,8 +149,8 @@ def test_a_dense_and_a_mixture_of_experts_family_split_over_two_devices_as_over_
     assert bool(experts) == (family == "mixtral")
     for leaf in experts:  # [experts, d, expert d_ff]: each device holds half of every expert
         assert leaf.addressable_shards[0].data.shape[2] * 2 == leaf.shape[2]
-    work = mixed_workload(n=8, seed=4)
-    one, two = (run_with_fake_clock(Engine(cfg, params, max_slots=4, max_len=96, mesh=make_mesh(tp)),
+    work = mixed_workload(n=4, seed=4)
+    one, two = (run_with_fake_clock(Engine(cfg, params, max_slots=2, max_len=96, mesh=make_mesh(tp)),
                                     work).outputs for tp in (1, 2))
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
     assert all(o.finish_reason in ("stop", "length") for o in two)
