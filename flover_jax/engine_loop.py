@@ -127,7 +127,7 @@ class EngineLoop:
         with self._wake:
             self.failed = why
             pending, self._inbox = self._inbox, []
-        ended = [h for h in self._live.values()] + [h for kind, h, _ in pending if kind == "submit"]
+        ended = [*self._live.values(), *(h for kind, h, _ in pending if kind == "submit")]
         self._live.clear()
         for handle in ended:
             self._call(handle, StreamDelta(handle.request_id if handle.request_id is not None else -1,
