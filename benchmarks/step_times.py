@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from common import ENGINE_OPS, decode_bytes, live_state, machine_limits, step_roofline  # benchmarks/ on path
 
 from flover_jax.buckets import bucket
+from flover_jax.chunks import PromptPiece
 from flover_jax.engine import Engine
 from flover_jax.sampling_params import SamplingParams
 from models import kernels
@@ -129,13 +130,14 @@ def compaction_table(engine: Engine) -> None:
 
 def prefill_table(engine: Engine) -> None:
     ex = engine.executor
-    print("\n| prompt bucket | prefill + insert ms (1 prompt) | (8 prompts) |")
+    print("\n| prompt bucket | prefill ms (1 prompt) | (8 prompts) |")
     print("|---:|---:|---:|")
     params = SamplingParams(max_new_tokens=1)
     for t in [t for t in ex.buckets.prompt_lengths if t <= 512]:
         prompt = list(range(3, 3 + t))
-        one = median_ms(lambda: ex.read(ex.prefill([0], [prompt], [params])), 3)
-        eight = median_ms(lambda: ex.read(ex.prefill(list(range(8)), [prompt] * 8, [params] * 8)), 3)
+        one = median_ms(lambda: ex.read(ex.prefill([PromptPiece(0, prompt, 0, True, params)])), 3)
+        eight = median_ms(lambda: ex.read(ex.prefill(
+            [PromptPiece(slot, prompt, 0, True, params) for slot in range(8)])), 3)
         print(f"| {t} | {one:.1f} | {eight:.1f} |")
 
 

@@ -63,6 +63,8 @@ def run(
     summary["attention"] = "cpu_kernel" if engine.executor.attention_kernel else "xla"
     summary["matmul"] = "cpu_kernel" if engine.executor.matmul_kernel else "xla"
     summary["batch_invariant"] = engine.executor.batch_invariant
+    summary["prefill_chunk"] = engine.executor.buckets.prefill_chunk
+    summary["prefix_cache_rows"] = len(engine.executor.prefix_rows)
     done = [(r, o) for r, o in zip(requests, result.outputs) if o.finish_reason != "error"]
     if solo_samples and done:
         ttft, tpot = solo_latency_fit(engine, [r for r, _ in done], solo_samples)

@@ -4,6 +4,7 @@ the number of compiles is bounded by these sets and never by traffic."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -32,8 +33,9 @@ class Buckets:
 
     windows: tuple[int, ...]  # decode-step widths (slots computed)
     kv_lengths: tuple[int, ...]  # cache positions the decode step reads
-    prompt_lengths: tuple[int, ...]  # padded prefill lengths
-    prefill_batches: tuple[int, ...]  # prompts per prefill call
+    prompt_lengths: tuple[int, ...]  # padded lengths of a prompt's pieces
+    prefill_batches: tuple[int, ...]  # pieces per prefill call
+    prefill_chunk: int = 0  # the longest piece (0: whole prompts; see chunks.py)
 
     @classmethod
     def for_engine(
@@ -44,6 +46,7 @@ class Buckets:
         fine_windows: bool = False,
         min_window: int = 1,
         batch_invariant: bool = False,
+        prefill_chunk: int = 0,
     ) -> Buckets:
         """fine_windows: widths every max_slots / 8 (at least 4) besides the powers of two, for
         steps whose cost grows with the rows computed (XLA:CPU, compute-bound at many slots);
@@ -56,11 +59,14 @@ class Buckets:
         length only, never on who shares the device, and rows of one program are computed alike
         wherever they sit, so its tokens are the ones it gets alone (checked in bfloat16 on
         XLA:CPU and an H200, where the default buckets are not). The price: every step computes
-        every slot."""
-        prompt_lengths = powers_of_two(min(16, max_len), max_len)
+        every slot.
+        prefill_chunk: pieces of prompts are at most this long (0: whole prompts)."""
+        longest_piece = min(prefill_chunk, max_len) if prefill_chunk else max_len
+        prompt_lengths = powers_of_two(min(16, longest_piece), longest_piece)
         if batch_invariant:
             return cls(windows=(max_slots,), kv_lengths=(max_len,),
-                       prompt_lengths=prompt_lengths, prefill_batches=(1,))
+                       prompt_lengths=prompt_lengths, prefill_batches=(1,),
+                       prefill_chunk=prefill_chunk)
         windows = powers_of_two(min(min_window, max_slots), max_slots)
         if fine_windows:
             step = max(4, max_slots // 8)
@@ -71,4 +77,18 @@ class Buckets:
             kv_lengths=powers_of_two(min(64, max_len), max_len),
             prompt_lengths=prompt_lengths,
             prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
+            prefill_chunk=prefill_chunk,
         )
+
+    def prefill_shapes(self, prompt_lens: Sequence[int] | None = None) -> set[tuple[int, int]]:
+        """(padded piece length, kv_len) of every prefill the pieces of prompts of these
+        lengths run with (of every prompt length up to the longest, by default)."""
+        chunk, max_len = self.prefill_chunk, self.kv_lengths[-1]
+        if prompt_lens is None:
+            pieces = ((s, r) for s in range(0, max_len, chunk or max_len)
+                      for r in range(1, min(chunk or max_len, max_len - 1 - s) + 1))
+        else:
+            pieces = ((s, min(n, s + chunk) - s if chunk else n) for n in prompt_lens
+                      for s in range(0, n, chunk or max(n, 1)))
+        return {(bucket(r, self.prompt_lengths), bucket(s + r, self.kv_lengths))
+                for s, r in pieces}

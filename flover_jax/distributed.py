@@ -3,7 +3,7 @@
 Every process runs the same program on its own devices, and JAX requires them
 all to issue the same device computations in the same order. So only process
 0 schedules: its executor is a `BroadcastExecutor`, which sends each device
-call (prefill, decode, compact, release, with its arguments) to every process
+call (prefill, decode, compact, copy_prefix, release, with its arguments) to every process
 before running it; the other processes `follow`, replaying the calls. No
 process can diverge, because none decides anything. Tokens come back
 replicated, so process 0 reads them from its own devices.
@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flover_jax.buckets import powers_of_two
+from flover_jax.chunks import PromptPiece
 from flover_jax.executor import DeviceExecutor
 from flover_jax.sampling import Sampled
 
@@ -57,6 +58,7 @@ class BroadcastExecutor:
     def __init__(self, executor: DeviceExecutor) -> None:
         self.executor = executor
         self.num_slots, self.max_len = executor.num_slots, executor.max_len
+        self.prefix_rows = executor.prefix_rows
         self.vocab_size, self.buckets = executor.vocab_size, executor.buckets
         self.attention_kernel, self.matmul_kernel = executor.attention_kernel, executor.matmul_kernel
         self.batch_invariant = executor.batch_invariant
@@ -65,8 +67,11 @@ class BroadcastExecutor:
         _broadcast(pickle.dumps((name, args)))
         return getattr(self.executor, name)(*args)
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]], params) -> Sampled:
-        return self._call("prefill", list(slots), [list(p) for p in prompts], list(params))
+    def prefill(self, pieces: Sequence[PromptPiece]) -> Sampled:
+        return self._call("prefill", list(pieces))
+
+    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        self._call("copy_prefix", list(copies))
 
     def decode(self, start: int, width: int, kv_len: int) -> Sampled:
         return self._call("decode", start, width, kv_len)

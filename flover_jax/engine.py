@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from flover_jax.distributed import BroadcastExecutor, follow
 from flover_jax.executor import DeviceExecutor
 from flover_jax.loader import DEFAULT_MODEL, load_model
+from flover_jax.prefix_cache import PrefixCache
 from flover_jax.request import Request, RequestOutput, StreamDelta
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import POLICIES, RequestIds, Scheduler, Stats
@@ -31,6 +32,8 @@ from models.config import ModelConfig
 from models.transformer import Params
 
 Prompt = str | Sequence[int]
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFIX_CACHE_ROWS = 4
 
 
 @dataclasses.dataclass
@@ -65,15 +68,25 @@ class Engine:
         attention: str = "auto",
         batch_invariant: bool = False,
         matmul: str = "auto",
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_rows: int = DEFAULT_PREFIX_CACHE_ROWS,
     ) -> None:
+        """prefill_chunk: prompts are prefilled in pieces of at most this many tokens, one
+        iteration's worth at a time between decode steps (0: whole prompts at once).
+        prefix_cache_rows: rows of the decode state, each as big as a slot, that hold the
+        prefixes of earlier prompts for later ones to reuse (0: no prefix cache; it needs
+        prefill_chunk >= 1)."""
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
         self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
         self.executor = DeviceExecutor(
             params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention,
-            batch_invariant, matmul,
+            batch_invariant, matmul, prefill_chunk, prefix_cache_rows,
         )
+        # Kept across this engine's schedulers, as the rows it indexes are.
+        self.prefix_cache = (PrefixCache(self.executor.prefix_rows, prefill_chunk)
+                             if prefix_cache_rows else None)
         if jax.process_count() > 1 and jax.process_index() == 0:
             # Process 0 schedules for everyone; the others call `follow` (distributed.py).
             self.executor = BroadcastExecutor(self.executor)
@@ -114,7 +127,8 @@ class Engine:
         sleep: Callable[[float], None] = time.sleep,
     ) -> Scheduler:
         return Scheduler(
-            self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep, self._request_ids
+            self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep, self._request_ids,
+            self.prefix_cache,
         )
 
     # -- prompts ------------------------------------------------------------------------------
@@ -129,6 +143,14 @@ class Engine:
             raise ValueError(f"user_message={user_message!r}: must be a string")
         messages = [{"role": "user", "content": user_message}]
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (for a benchmark's cold start, say); call it with
+        no request in flight."""
+        if self.scheduler.has_work():
+            raise RuntimeError("reset_prefix_cache: requests are in flight; finish them first")
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     # -- requests -----------------------------------------------------------------------------
 

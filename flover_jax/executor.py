@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from flover_jax import sharding, step
 from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
+from flover_jax.chunks import PromptPiece
 from flover_jax.sampling import Sampled, SlotSampling
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
@@ -68,20 +69,21 @@ def state_bytes(state, shardings) -> dict[jax.Device | str, int]:
     return dict(needed)
 
 
-def _check_state_fits(state, shardings, num_slots: int, max_len: int) -> None:
+def _check_state_fits(state, shardings, num_slots: int, prefix_rows: int, max_len: int) -> None:
     """Refuse a decode state too big for memory before allocating it: on CPU an oversized one
     gets the process killed by the OOM killer, with no message."""
     for pool, needed in state_bytes(state, shardings).items():
         free = _free_bytes(pool)
         if free is None or needed <= STATE_SHARE * free:
             continue
-        fit = int(STATE_SHARE * free // (needed / num_slots))
+        fit = int(STATE_SHARE * free // (needed / (num_slots + prefix_rows))) - prefix_rows
         where = "the host" if pool == "host" else pool
+        cached = f" beside the prefix cache's {prefix_rows} rows" if prefix_rows else ""
         raise ValueError(
             f"max_slots={num_slots}, max_len={max_len}: the decode state (KV cache and per-slot "
             f"arrays) needs {needed / 2**30:.2f} GiB on {where}, which has {free / 2**30:.2f} GiB "
-            f"free; at most {fit} slots of max_len={max_len} fit in {STATE_SHARE:.0%} of that "
-            "(lower max_slots or max_len)")
+            f"free; at most {max(fit, 0)} slots of max_len={max_len} fit{cached} in "
+            f"{STATE_SHARE:.0%} of that (lower max_slots, max_len or the prefix cache's rows)")
 
 
 def _check_count(name: str, value, least: int = 1) -> None:
@@ -136,11 +138,17 @@ class DeviceExecutor:
         attention: str = "auto",
         batch_invariant: bool = False,
         matmul: str = "auto",
+        prefill_chunk: int = 0,
+        prefix_rows: int = 0,
     ) -> None:
         """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
         which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
-        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls."""
+        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls.
+        prefill_chunk: the longest piece of a prompt one prefill computes (0: whole prompts).
+        prefix_rows: rows of the decode state beyond the slots, which hold cached prefixes."""
         _check_count("max_slots", num_slots)
+        _check_count("prefill_chunk", prefill_chunk, 0)
+        _check_count("prefix_rows", prefix_rows, 0)
         _check_count("max_len", max_len, 2)
         if max_prefill_batch is None:
             max_prefill_batch = 1 if batch_invariant else DEFAULT_PREFILL_BATCH
@@ -155,12 +163,14 @@ class DeviceExecutor:
         self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
         # The capacity check comes first, on shapes alone: nothing proportional to max_slots or
         # max_len is allocated before it (a billion slots once grew to 23 GB before any word).
-        empty = partial(DecodeState.empty, cfg, num_slots, max_len)
+        self.num_rows = num_slots + prefix_rows  # the slots, then the prefix cache's rows
+        empty = partial(DecodeState.empty, cfg, self.num_rows, max_len)
         abstract_state = jax.eval_shape(empty)
         state_sharding = sharding.state_shardings(abstract_state, cfg, self.mesh)
-        _check_state_fits(abstract_state, state_sharding, num_slots, max_len)
+        _check_state_fits(abstract_state, state_sharding, num_slots, prefix_rows, max_len)
         _check_finite(params)
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
+        self.prefix_rows = range(num_slots, self.num_rows)
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         self.attention_kernel = _use_cpu_kernel("attention", attention, cfg, self.mesh, on_cpu)
@@ -172,7 +182,7 @@ class DeviceExecutor:
         self.buckets = Buckets.for_engine(
             num_slots, max_len, max_prefill_batch,
             fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,
-            batch_invariant=batch_invariant,
+            batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
         )
         if self.matmul_kernel:  # on its one device every packed weight is whole
             params = transformer.pack_weights(params)
@@ -185,44 +195,42 @@ class DeviceExecutor:
         self.params = jax.tree.map(_place, params, params_sharding)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         self.verbs = step.Verbs(
-            cfg, self.eos_ids, params_sharding, state_sharding,
-            sharding.kv_sharding(cfg, self.mesh), sharding.replicated(self.mesh),
+            cfg, self.eos_ids, params_sharding, state_sharding, sharding.replicated(self.mesh),
             self.attention_kernel, step.CPU_COMPACT_PIECE_BYTES if on_cpu else None,
         )
 
     def _pad_slots(self, slots: Sequence[int], size: int) -> np.ndarray:
-        """Slot ids padded with the out-of-range slot S, which every scatter drops."""
-        out = np.full(size, self.num_slots, np.int32)
+        """Slot ids padded with the out-of-range row, which every scatter drops."""
+        out = np.full(size, self.num_rows, np.int32)
         out[: len(slots)] = slots
         return out
 
-    def prefill(
-        self, slots: Sequence[int], prompts: Sequence[list[int]], params: Sequence[SamplingParams]
-    ) -> Sampled:
-        b = bucket(len(prompts), self.buckets.prefill_batches)
-        t = bucket(max(len(p) for p in prompts), self.buckets.prompt_lengths)
+    def prefill(self, pieces: Sequence[PromptPiece]) -> Sampled:
+        """Pieces whose lengths share a prompt-length bucket and whose ends share a kv_len
+        bucket (the scheduler groups them so: a piece's shapes are its own, whoever it
+        shares the call with)."""
+        b = bucket(len(pieces), self.buckets.prefill_batches)
+        t = bucket(max(len(p.tokens) for p in pieces), self.buckets.prompt_lengths)
+        kv_len = bucket(max(p.end for p in pieces), self.buckets.kv_lengths)
         tokens = np.zeros((b, t), np.int32)
-        lengths = np.ones(b, np.int32)
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = prompt
-            lengths[i] = len(prompt)
-        return self._prefill_insert(tokens, lengths, self._pad_slots(slots, b), params)
-
-    def _prefill_insert(
-        self, tokens: np.ndarray, lengths: np.ndarray, slots: np.ndarray,
-        params: Sequence[SamplingParams],
-    ) -> Sampled:
-        b = len(slots)
-        sampling = SlotSampling.from_params(list(params), b)
+        starts, lengths = np.zeros(b, np.int32), np.ones(b, np.int32)
+        finals, ignore_eos = np.zeros(b, bool), np.zeros(b, bool)
         max_new = np.ones(b, np.int32)
-        max_new[: len(params)] = [p.max_new_tokens for p in params]
-        ignore_eos = np.zeros(b, bool)
-        ignore_eos[: len(params)] = [p.ignore_eos for p in params]
-        prefilled = self.verbs.prefill(self.params, tokens, lengths, sampling)
-        self.state = self.verbs.insert(
-            self.state, prefilled, slots, lengths, max_new, ignore_eos, sampling
-        )
-        return prefilled.first
+        for i, piece in enumerate(pieces):
+            tokens[i, : len(piece.tokens)] = piece.tokens
+            starts[i], lengths[i], finals[i] = piece.start, len(piece.tokens), piece.final
+            max_new[i], ignore_eos[i] = piece.params.max_new_tokens, piece.params.ignore_eos
+        return self._prefill(self._pad_slots([p.slot for p in pieces], b), tokens, starts,
+                             lengths, finals, max_new, ignore_eos, [p.params for p in pieces],
+                             kv_len)
+
+    def _prefill(self, slots, tokens, starts, lengths, finals, max_new, ignore_eos,
+                 params: Sequence[SamplingParams], kv_len: int) -> Sampled:
+        sampling = SlotSampling.from_params(list(params), len(slots))
+        self.state, first = self.verbs.prefill(
+            self.params, self.state, slots, tokens, starts, lengths, finals, max_new, ignore_eos,
+            sampling, kv_len)
+        return first
 
     def program_kv_len(self, kv_len: int) -> int:
         """The kv_len a decode step is compiled for: the kernel reads each slot's live positions
@@ -241,6 +249,15 @@ class DeviceExecutor:
         dst = self._pad_slots([d for _, d in moves], self.num_slots)
         self.state = self.verbs.compact(self.state, src, dst, kv_len)
 
+    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """For each (src, dst, length): copy the first `length` cache positions and the prompt
+        marks of row src to row dst (slots and prefix rows alike). The lengths share a kv_len
+        bucket, which is what is copied: positions past a prefix are never read."""
+        src = self._pad_slots([s for s, _, _ in copies], self.num_slots)
+        dst = self._pad_slots([d for _, d, _ in copies], self.num_slots)
+        kv_len = bucket(max((n for _, _, n in copies), default=1), self.buckets.kv_lengths)
+        self.state = self.verbs.copy_prefix(self.state, src, dst, kv_len)
+
     def release(self, slots: Sequence[int]) -> None:
         self.state = self.verbs.release(self.state, self._pad_slots(slots, self.num_slots))
 
@@ -258,7 +275,7 @@ class DeviceExecutor:
         """Compile the buckets that hold the given sizes (all buckets by default) by running
         every verb on padding rows only, on an idle engine (a decode step would advance live
         slots). A size is rounded up to its bucket, the shape a request of that size will run
-        with."""
+        with; a prompt length stands for the shapes of all its pieces."""
         if np.any(self.read(self.state.active)):
             raise RuntimeError("warmup: slots are decoding; warm up before submitting requests")
         b = self.buckets
@@ -267,14 +284,19 @@ class DeviceExecutor:
             return sorted({bucket(n, all_sizes) for n in sizes}) if sizes else all_sizes
 
         kv_lengths = buckets_of(kv_lengths, b.kv_lengths)
-        for t in buckets_of(prompt_lengths, b.prompt_lengths):
+        for t, kv_len in sorted(b.prefill_shapes(prompt_lengths)):
             for size in b.prefill_batches:
-                tokens = np.zeros((size, t), np.int32)
-                self._prefill_insert(tokens, np.full(size, t, np.int32), self._pad_slots([], size), [])
+                nothing = np.zeros(size, np.int32)
+                self._prefill(self._pad_slots([], size), np.zeros((size, t), np.int32), nothing,
+                              nothing + 1, nothing.astype(bool), nothing + 1,
+                              nothing.astype(bool), [], kv_len)
         for width in buckets_of(windows, b.windows):
             for kv_len in kv_lengths:
                 self.decode(0, width, kv_len)
+        no_copies = self._pad_slots([], self.num_slots)
         for kv_len in kv_lengths:
             self.compact([], kv_len)
+            if self.prefix_rows:
+                self.state = self.verbs.copy_prefix(self.state, no_copies, no_copies, kv_len)
         self.release([])
         jax.block_until_ready(self.state)

@@ -12,15 +12,16 @@ from flover_jax.engine import RunResult
 
 
 def distribution(values) -> dict[str, float | None]:
-    """Mean and percentiles; None (JSON null) for each when there are no values."""
+    """Mean, percentiles and maximum; None (JSON null) for each when there are no values."""
     values = np.asarray(list(values), dtype=np.float64)
     if values.size == 0:
-        return dict.fromkeys(("mean", "p50", "p90", "p99"))
+        return dict.fromkeys(("mean", "p50", "p90", "p99", "max"))
     return {
         "mean": float(values.mean()),
         "p50": float(np.percentile(values, 50)),
         "p90": float(np.percentile(values, 90)),
         "p99": float(np.percentile(values, 99)),
+        "max": float(values.max()),
     }
 
 
@@ -73,7 +74,10 @@ def summarize(result: RunResult) -> dict:
         "compactions": stats.compactions,
         "moves": stats.moves,
         "computed_rows": stats.computed_rows,
-        "requests": [{k: v for k, v in r.items() if k != "token_times_s"} for r in records],
+        "prompt_pieces": stats.prompt_pieces,
+        "prefix_hits": stats.prefix_hits,
+        "prefix_hit_rate": stats.prefix_hit_rate,
+        "requests": records,
     }
 
 

@@ -5,8 +5,11 @@ bound to a model and a DecodeState, or a fake in tests) and never imports a
 model. One call to `iteration()` is one Flover iteration:
 
 1. intake: requests whose arrival time has come join the queue; cancels apply.
-2. admit: queued requests take free slots; their prompts are prefilled (several
-   per call, grouped by length bucket) and inserted. Any number may join.
+2. prefill: pieces of the prompts already in slots, then queued requests join free
+   slots with their first pieces (any number may join), up to the iteration's token
+   budget (`prefill_chunk`, chunks.py), several pieces per call; a prompt's cached
+   opening is copied into its slot instead of computed, and a prompt's own opening
+   stored for later ones (prefix_cache.py). A prompt's last piece samples its first token.
 3. compact: when holes left by finished requests make the decode window wider
    than the live count needs, Flover's plan moves the fewest slots.
 4. dispatch one decode step over the window of live slots.
@@ -33,6 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
+from flover_jax.chunks import PromptPiece, cacheable_len, piece_end
+from flover_jax.prefix_cache import CachedPrefix, PrefixCache
 from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
 from flover_jax.sampling import Sampled
 from flover_jax.sampling_params import SamplingParams
@@ -45,12 +50,14 @@ class Executor(Protocol):
     `read` blocks until a dispatched result is ready."""
 
     num_slots: int
+    prefix_rows: range  # rows of the decode state past the slots, for the prefix cache
     max_len: int
     vocab_size: int
     buckets: Buckets
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[list[int]],
-                params: Sequence[SamplingParams]) -> Any: ...  # -> handle of a Sampled [b]
+    def prefill(self, pieces: Sequence[PromptPiece]) -> Any: ...  # -> handle of a Sampled [b]
+
+    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None: ...  # src, dst, length
 
     def decode(self, start: int, width: int, kv_len: int) -> Any: ...  # -> of a Sampled [width]
 
@@ -87,6 +94,7 @@ class Stats:
     iterations: int = 0
     decode_steps: int = 0
     prefill_calls: int = 0
+    prompt_pieces: int = 0
     admitted: int = 0
     joins: int = 0  # requests admitted while others were decoding
     mid_window_finishes: int = 0  # finishes strictly inside the live span (leave a hole)
@@ -95,10 +103,19 @@ class Stats:
     inflight_sum: int = 0  # sum over decode steps of live requests (mean = / decode_steps)
     computed_rows: int = 0  # sum over decode steps of the window width
     windows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prefix_lookup_tokens: int = 0  # prompt tokens of the prompts the prefix cache looked up
+    prefix_hit_tokens: int = 0  # of those, copied from the cache instead of computed
+    prefix_hits: int = 0
+    prefixes_stored: int = 0
 
     @property
     def mean_inflight(self) -> float:
         return self.inflight_sum / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the looked-up prompt tokens that came from the prefix cache."""
+        return self.prefix_hit_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else 0.0
 
 
 @dataclasses.dataclass
@@ -141,8 +158,12 @@ class Scheduler:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
         request_ids: RequestIds | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
+        """prefix_cache: the index of the executor's prefix rows (kept across the schedulers
+        of one engine); None: no prefix caching."""
         self.executor = executor
+        self.prefix_cache = prefix_cache
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
@@ -155,6 +176,10 @@ class Scheduler:
         self._queue: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # request_id -> request (owns a slot)
         self._positions: dict[int, int] = {}  # request_id -> next cache position (upper bound)
+        # request_id -> where its prompt's next piece starts, while the prompt is not all in
+        # (in admission order: pieces are scheduled first come, first served)
+        self._prefilling: dict[int, int] = {}
+        self._prefix_refs: dict[int, CachedPrefix] = {}  # request_id -> the prefix it reused
         self._cancels: set[int] = set()
         self._requests: dict[int, Request] = {}  # until the request is handed out, finished
         self._finished: dict[int, Request] = {}  # finished, not yet handed out (in order)
@@ -296,7 +321,7 @@ class Scheduler:
         """One Flover iteration (see the module docstring)."""
         self.stats.iterations += 1
         self._intake()
-        first_tokens = self._admit()
+        first_tokens = self._prefill()
         self._compact()
         previous, self._in_flight = self._in_flight, self._dispatch_decode()
         released: list[int] = []
@@ -310,7 +335,8 @@ class Scheduler:
             sampled = self.executor.read(handle)
             now = self.now()
             for request, *row in zip(requests, *sampled):
-                self._add_token(request, Sampled(*row), now, released)
+                if request is not None:  # else a piece that did not end its prompt
+                    self._add_token(request, Sampled(*row), now, released)
         if released:
             self.executor.release(released)
         if not self._running:
@@ -391,49 +417,126 @@ class Scheduler:
             if self.on_event:
                 self.on_event("finished", request)
 
-    def _admit(self) -> list[tuple[Any, list[Request]]]:
-        if not self._queue or (self._running and not self.policy.admit_while_running):
-            return []
-        room = self.table.num_free
+    def _prefill(self) -> list[tuple[Any, list[Request | None]]]:
+        """Admit queued requests into free slots and dispatch this iteration's prompt pieces,
+        within the token budget: first the prompts already in slots, then new ones, first
+        come first served (a piece that does not fit leaves room for shorter ones behind it;
+        a request joins only when its first piece is dispatched). Returns (handle, the request
+        whose prompt each row's piece ends, else None) per call."""
+        buckets = self.executor.buckets
+        chunk = buckets.prefill_chunk
+        budget, used = chunk or math.inf, 0
+        hits: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)  # by kv bucket
+        groups: dict[tuple[int, int], list] = collections.defaultdict(list)  # by shape
+
+        others_running = bool(self._running)
+
+        def dispatch(request: Request, cached: tuple[CachedPrefix, int] | None = None) -> bool:
+            nonlocal used
+            begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
+            prompt = request.prompt_ids
+            end = piece_end(begin, len(prompt), chunk)
+            if used and used + end - begin > budget:
+                return False
+            used += end - begin
+            if request.request_id not in self._running:
+                self._join(request, others_running)
+                self._reuse_prefix(request, cached, hits)
+            slot = self.table.slot_of(request.request_id)
+            piece = PromptPiece(slot, prompt[begin:end], begin, end == len(prompt), request.params)
+            groups[bucket(end - begin, buckets.prompt_lengths), bucket(end, buckets.kv_lengths)
+                   ].append((piece, request))
+            self._prefilling[request.request_id] = self._positions[request.request_id] = end
+            return True
+
+        for request_id in list(self._prefilling):
+            dispatch(self._running[request_id])
+        room = self.table.num_free if self.policy.admit_while_running or not others_running else 0
         if self.policy.max_batch is not None:
             room = min(room, self.policy.max_batch - len(self._running))
-        joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-        if not joining:
-            return []
-        buckets = self.executor.buckets
-        if self._running:
-            self.stats.joins += len(joining)
-        self.stats.admitted += len(joining)
-        # Prompts of one length bucket share a prefill call, up to the largest batch bucket.
-        by_length: dict[int, list[Request]] = collections.defaultdict(list)
-        for request in joining:
-            by_length[bucket(len(request.prompt_ids), buckets.prompt_lengths)].append(request)
-        calls = []
-        for group in by_length.values():
+        for request in list(self._queue):
+            if room <= 0 or used >= budget:
+                break
+            if dispatch(request, self._cached_prefix(request)):
+                self._queue.remove(request)
+                room -= 1
+        for copies in hits.values():
+            self.executor.copy_prefix(copies)
+        calls, stored = [], collections.defaultdict(list)
+        for group in groups.values():
             for i in range(0, len(group), buckets.prefill_batches[-1]):
-                chunk = group[i : i + buckets.prefill_batches[-1]]
-                slots = [self.table.allocate(r.request_id) for r in chunk]
-                now = self.now()
-                for request in chunk:
-                    request.admitted_s = now
-                    self._running[request.request_id] = request
-                    self._positions[request.request_id] = len(request.prompt_ids)
-                    if self.on_event:
-                        self.on_event("added", request)
+                batch = group[i : i + buckets.prefill_batches[-1]]
                 try:
-                    handle = self.executor.prefill(
-                        slots, [r.prompt_ids for r in chunk], [r.params for r in chunk]
-                    )
-                except Exception as e:  # a bad chunk ends with the error; the others go on
-                    self._fail(chunk, f"prefill failed: {type(e).__name__}: {e}")
+                    handle = self.executor.prefill([piece for piece, _ in batch])
+                except Exception as e:  # a bad batch ends with the error; the others go on
+                    self._fail([r for _, r in batch], f"prefill failed: {type(e).__name__}: {e}")
+                    begun = [piece.slot for piece, _ in batch if piece.start > 0]
+                    if begun:  # earlier pieces or a copied prefix are in those slots
+                        self.executor.release(begun)
                     continue
                 self.stats.prefill_calls += 1
-                calls.append((handle, chunk))
+                self.stats.prompt_pieces += len(batch)
+                for piece, request in batch:
+                    self._store_prefix(request, piece, stored)
+                    if piece.final:
+                        self._end_prefill(request.request_id)
+                calls.append((handle, [r if piece.final else None for piece, r in batch]))
+        for copies in stored.values():
+            self.executor.copy_prefix(copies)
         return calls
 
+    def _join(self, request: Request, others_running: bool) -> None:
+        """The request takes a slot, as its first piece (or cached prefix) goes in."""
+        self.table.allocate(request.request_id)
+        request.admitted_s = self.now()
+        self._running[request.request_id] = request
+        self._positions[request.request_id] = 0
+        self.stats.admitted += 1
+        self.stats.joins += others_running
+        if self.on_event:
+            self.on_event("added", request)
+
+    def _cached_prefix(self, request: Request) -> tuple[CachedPrefix, int] | None:
+        """The prefix cache's longest usable prefix of the request's prompt, if any."""
+        usable = cacheable_len(len(request.prompt_ids), self.executor.buckets.prefill_chunk)
+        if self.prefix_cache is None or not usable:
+            return None
+        return self.prefix_cache.lookup(request.prompt_ids, usable)
+
+    def _reuse_prefix(self, request: Request, cached: tuple[CachedPrefix, int] | None,
+                      hits: dict[int, list[tuple[int, int, int]]]) -> None:
+        """As a request joins: count its lookup and, on a hit, hold the entry and queue the
+        copy of the cached prefix into the request's slot."""
+        if self.prefix_cache is None or not cacheable_len(len(request.prompt_ids),
+                                                          self.executor.buckets.prefill_chunk):
+            return
+        self.stats.prefix_lookup_tokens += len(request.prompt_ids)
+        if cached is None:
+            return
+        entry, length = cached
+        self.prefix_cache.ref(entry)
+        self._prefix_refs[request.request_id] = entry
+        slot = self.table.slot_of(request.request_id)
+        hits[bucket(length, self.executor.buckets.kv_lengths)].append((entry.row, slot, length))
+        self.stats.prefix_hits += 1
+        self.stats.prefix_hit_tokens += length
+
+    def _store_prefix(self, request: Request, piece: PromptPiece,
+                      stored: dict[int, list[tuple[int, int, int]]]) -> None:
+        """After the piece that completes the prompt's cacheable prefix: queue its copy into a
+        row of the prefix cache (unless cached already or every row is in use)."""
+        prompt = request.prompt_ids
+        length = cacheable_len(len(prompt), self.executor.buckets.prefill_chunk)
+        if self.prefix_cache is None or not length or piece.end != length:
+            return
+        row = self.prefix_cache.store(prompt[:length])
+        if row is not None:
+            stored[bucket(length, self.executor.buckets.kv_lengths)].append((piece.slot, row, length))
+            self.stats.prefixes_stored += 1
+
     def _fail(self, requests: Sequence[Request], error: str) -> None:
-        """End admitted requests whose prefill failed (never inserted, so nothing to release
-        on the device) with an error, and free their slots."""
+        """End admitted requests whose prefill failed (not decoding on the device, so nothing
+        to release there) with an error, and free their slots."""
         now = self.now()
         for request in requests:
             self._free_slot(request)
@@ -477,9 +580,13 @@ class Scheduler:
         live = len(self.table)
         start, width = self._window(live)
         rows = [self._running.get(self.table.owner(s)) for s in range(start, start + width)]
-        live_rows = [r for r in rows if r is not None]
-        handle = self.executor.decode(start, width, self._kv_len(live_rows))
-        for request in live_rows:
+        # A slot whose prompt is not all in holds its place in the window, undecoded.
+        rows = [None if r is None or r.request_id in self._prefilling else r for r in rows]
+        decoding = [r for r in rows if r is not None]
+        if not decoding:
+            return None
+        handle = self.executor.decode(start, width, self._kv_len(decoding))
+        for request in decoding:
             self._positions[request.request_id] += 1
         self.stats.decode_steps += 1
         self.stats.inflight_sum += live
@@ -502,4 +609,11 @@ class Scheduler:
     def _free_slot(self, request: Request) -> int:
         del self._running[request.request_id]
         del self._positions[request.request_id]
+        self._end_prefill(request.request_id)
         return self.table.release(request.request_id)
+
+    def _end_prefill(self, request_id: int) -> None:
+        """The request's prompt is all in its slot, or the request has ended."""
+        self._prefilling.pop(request_id, None)
+        if (entry := self._prefix_refs.pop(request_id, None)) is not None:
+            self.prefix_cache.unref(entry)

@@ -128,11 +128,5 @@ def state_shardings(state, cfg: ModelConfig, mesh: Mesh):
     )
 
 
-def kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-    """Prefill K/V [layers, b, kv_heads, t, head_dim]: split like the cache."""
-    rules = ShardingRules.for_model(cfg, mesh)
-    return NamedSharding(mesh, rules.spec((None, None, "kv_heads", None, None)))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -1,9 +1,10 @@
 """The device verbs: pure, jitted, DecodeState donated. Everything the host dispatches.
 
-- `prefill`:  right-padded prompts [b, t] -> their K/V and first sampled token.
-- `insert`:   write a prefill into chosen slots (padding rows carry slot = S and drop).
+- `prefill`:  a piece of each of b prompts [b, t] into its slot; a prompt's last piece
+              samples its first token and starts it decoding (padding rows: slot = S).
 - `decode_step`: one token for every active slot in the window [start, start + width).
 - `compact`:  move whole slots src -> dst (the memory shuffle), in place.
+- `copy_prefix`: copy the first positions of rows src -> dst (prefix caching).
 - `release`:  deactivate slots the host finished (stop strings, stop ids, cancel).
 
 Sampled tokens come back as `Sampled`: the tokens, and their log-probabilities for the rows
@@ -35,16 +36,7 @@ from flover_jax.sampling import (
 from flover_jax.state import DecodeState
 from models import transformer
 from models.config import ModelConfig
-from models.layers import pytree_dataclass
 from models.transformer import KVCache, Params
-
-
-@pytree_dataclass
-class Prefilled:
-    k: jax.Array  # [layers, b, kv_heads, t, head_dim]
-    v: jax.Array  # [layers, b, kv_heads, t, head_dim]
-    first: Sampled  # [b]: the first token (and its log-probability)
-    seen: jax.Array  # [b, vocab] bool: the prompt's tokens
 
 
 def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -56,66 +48,61 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 def prefill(
     params: Params,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    sampling: SlotSampling,
-    *,
-    cfg: ModelConfig,
-) -> Prefilled:
-    """tokens [b, t] right-padded, lengths [b] >= 1, sampling fields [b]."""
-    b, t = tokens.shape
-    hidden, k, v = transformer.prefill(params, cfg, tokens)
-    last = hidden[jnp.arange(b), lengths - 1]  # [b, d]: only the last real position matters
-    logits = transformer.logits(params, last, cfg)
-    real = jnp.arange(t)[None, :] < lengths[:, None]
-    seen = jnp.zeros((b, cfg.vocab_size), bool)
-    seen = seen.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
-    no_output = jnp.zeros(seen.shape, jnp.int32)
-    first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
-    first = report(logits, first, jnp.ones((b,), bool), sampling)
-    return Prefilled(k=k, v=v, first=first, seen=seen)
-
-
-def insert(
     state: DecodeState,
-    prefilled: Prefilled,
     slots: jax.Array,
+    tokens: jax.Array,
+    starts: jax.Array,
     lengths: jax.Array,
+    finals: jax.Array,
     max_new_tokens: jax.Array,
     ignore_eos: jax.Array,
     sampling: SlotSampling,
+    kv_len: int,
     *,
+    cfg: ModelConfig,
     eos_ids: tuple[int, ...],
-) -> DecodeState:
-    """Give each prefilled prompt its slot; all arrays [b], slots = S for padding rows."""
-    t = prefilled.k.shape[3]
+) -> tuple[DecodeState, Sampled]:
+    """A piece of each of b prompts into its slot (`transformer.extend`): tokens [b, t]
+    right-padded, `lengths[i]` real from position starts[i]; the other arrays [b], slots = S
+    for padding rows. A row whose piece ends its prompt (finals) samples the first token
+    and starts decoding; the others only fill the cache and the prompt's token marks."""
+    b = tokens.shape[0]
+    hidden, cache = transformer.extend(params, cfg, state.cache, slots, tokens, starts, lengths,
+                                       kv_len)
+    last = hidden[jnp.arange(b), lengths - 1]  # [b, d]: only the last real position matters
+    logits = transformer.logits(params, last, cfg)
+    # The prompt's marks (repetition penalty) grow piece by piece from the piece at 0.
+    real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    earlier = state.seen.at[slots].get(mode="fill", fill_value=False) & (starts > 0)[:, None]
+    seen = earlier.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
+    no_output = jnp.zeros(seen.shape, jnp.int32)
+    first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
+    first = report(logits, first, finals, sampling)
+    tokens_first = first.tokens
+    prompt_len = starts + lengths
+    done = (max_new_tokens <= 1) | (_is_eos(tokens_first, eos_ids) & ~ignore_eos)
+    done = done | (prompt_len >= state.max_len)
+    everyone = jnp.ones_like(finals)
+    first_seen = mark_tokens(jnp.zeros_like(seen), tokens_first, finals)
+    first_counts = count_tokens(no_output, tokens_first, everyone)
+    starting = jnp.where(finals, slots, state.num_slots)  # rows that start decoding
 
-    def write(layers, prompts):  # prompts [layers, b, kv_heads, t, head_dim]
-        return tuple(c.at[slots, :, :t].set(p, mode="drop") for c, p in zip(layers, prompts))
+    def put(array, values, where=starting):
+        return array.at[where].set(values, mode="drop")
 
-    cache = KVCache(write(state.cache.k, prefilled.k), write(state.cache.v, prefilled.v))
-    first = prefilled.first.tokens
-    done = (max_new_tokens <= 1) | (_is_eos(first, eos_ids) & ~ignore_eos)
-    done = done | (lengths >= state.max_len)
-    everyone = jnp.ones_like(first, bool)
-    first_seen = mark_tokens(jnp.zeros_like(prefilled.seen), first, everyone)
-    first_counts = count_tokens(jnp.zeros(prefilled.seen.shape, jnp.int32), first, everyone)
-
-    def put(array, values):
-        return array.at[slots].set(values, mode="drop")
-
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
-        tokens=put(state.tokens, first),
-        pos=put(state.pos, lengths),
+        tokens=put(state.tokens, tokens_first),
+        pos=put(state.pos, prompt_len),
         active=put(state.active, ~done),
         remaining=put(state.remaining, max_new_tokens - 1),
-        generated=put(state.generated, jnp.ones_like(first)),
+        generated=put(state.generated, jnp.ones_like(tokens_first)),
         ignore_eos=put(state.ignore_eos, ignore_eos),
         sampling=jax.tree.map(put, state.sampling, sampling),
-        seen=put(state.seen, prefilled.seen | first_seen),
+        seen=put(state.seen, seen | first_seen, slots),
         output_counts=put(state.output_counts, first_counts),
     )
+    return state, first
 
 
 def decode_step(
@@ -178,43 +165,69 @@ def decode_step(
 CPU_COMPACT_PIECE_BYTES = 16 << 20
 
 
+def _copy_kv(
+    cache: KVCache, src: jax.Array, dst: jax.Array, kv_len: int, piece_bytes: int | None
+) -> KVCache:
+    """The cache with slot src[i]'s first kv_len positions copied to slot dst[i], in place.
+
+    The cost grows with the number of copies, not with the capacity: each real copy moves
+    one slot's KV block into the donated cache (a loop of dynamic-update-slices, which XLA
+    runs as plain copies; a gather/scatter over the slot axis ran 10x slower). Padding
+    entries (dst = S) sit at the end and copy nothing. piece_bytes: copy each block in
+    pieces of positions whose blocks, over every layer's K and V, take at most this many
+    bytes (None: whole blocks).
+    """
+    num_slots = cache.k[0].shape[0]
+    src_read = jnp.clip(src, 0, num_slots - 1)
+    position_bytes = cache.nbytes // (num_slots * cache.max_len)  # of one slot
+    piece = kv_len  # halved until it fits: equal pieces for the power-of-two kv_len buckets
+    while piece_bytes is not None and piece > 1 and piece * position_bytes > piece_bytes:
+        piece = -(-piece // 2)
+    pieces = -(-kv_len // piece)  # else the last piece ends at kv_len, overlapping the one before
+
+    def copy_piece(n, layers):  # piece n % pieces of copy n // pieces, in every layer's arrays
+        i, start = n // pieces, jnp.minimum(n % pieces * piece, kv_len - piece)
+
+        def copy_block(array):
+            _, heads, _, dim = array.shape
+            block = jax.lax.dynamic_slice(array, (src_read[i], 0, start, 0), (1, heads, piece, dim))
+            return jax.lax.dynamic_update_slice(array, block, (dst[i], 0, start, 0))
+
+        return jax.tree.map(copy_block, layers)
+
+    copies = jnp.sum(dst < num_slots)
+    return jax.lax.fori_loop(0, copies * pieces, copy_piece, cache)
+
+
 def compact(
     state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int, piece_bytes: int | None = None
 ) -> DecodeState:
     """Move slot src[i] to dst[i] (whole rows; KV up to kv_len), src slots become inactive.
 
     dst must be free and distinct from every src (Flover's plan guarantees it).
-    Padding entries carry src = dst = S. The cost grows with the number of
-    moves, not with the capacity: each real move copies one slot's KV block in
-    place into the donated cache (a loop of dynamic-update-slices, which XLA
-    runs as plain copies; a gather/scatter over the slot axis ran 10x slower).
-    piece_bytes: copy each block in pieces of positions whose blocks, over every layer's K and
-    V, take at most this many bytes (None: whole blocks).
+    Padding entries carry src = dst = S. piece_bytes: see `_copy_kv`.
     """
     src_read = jnp.clip(src, 0, state.num_slots - 1)
-    position_bytes = state.cache.nbytes // (state.num_slots * state.max_len)  # of one slot
-    piece = kv_len  # halved until it fits: equal pieces for the power-of-two kv_len buckets
-    while piece_bytes is not None and piece > 1 and piece * position_bytes > piece_bytes:
-        piece = -(-piece // 2)
-    pieces = -(-kv_len // piece)  # else the last piece ends at kv_len, overlapping the one before
 
     def move(array):
         return array.at[dst].set(array.at[src_read].get(), mode="drop")
 
-    def copy_piece(n, layers):  # piece n % pieces of move n // pieces, in every layer's arrays
-        i, start = n // pieces, jnp.minimum(n % pieces * piece, kv_len - piece)
-
-        def copy_block(cache):
-            _, heads, _, dim = cache.shape
-            block = jax.lax.dynamic_slice(cache, (src_read[i], 0, start, 0), (1, heads, piece, dim))
-            return jax.lax.dynamic_update_slice(cache, block, (dst[i], 0, start, 0))
-
-        return jax.tree.map(copy_block, layers)
-
-    moves = jnp.sum(dst < state.num_slots)  # padding sits at the end
-    cache = jax.lax.fori_loop(0, moves * pieces, copy_piece, state.cache)
+    cache = _copy_kv(state.cache, src, dst, kv_len, piece_bytes)
     moved = jax.tree.map(move, state.replace(cache=None))
     return moved.replace(cache=cache).deactivate(src)
+
+
+def copy_prefix(
+    state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int, piece_bytes: int | None = None
+) -> DecodeState:
+    """Copy row src[i]'s first kv_len cache positions and prompt marks to row dst[i], and
+    nothing else (prefix caching: a prompt's prefix into a row of the prefix cache, or a
+    cached prefix into the slot of a request that starts with it). Padding: src = dst = S."""
+    src_read = jnp.clip(src, 0, state.num_slots - 1)
+    return state.replace(
+        cache=_copy_kv(state.cache, src, dst, kv_len, piece_bytes),
+        seen=state.seen.at[dst].set(state.seen[src_read], mode="drop"),
+    )
 
 
 def release(state: DecodeState, slots: jax.Array) -> DecodeState:
@@ -235,23 +248,17 @@ class Verbs:
         eos_ids: tuple[int, ...],
         params_sharding,
         state_sharding,
-        kv_sharding,
         replicated,
         attention_kernel: bool = False,
         compact_piece_bytes: int | None = None,
     ) -> None:
         sampled = Sampled(replicated, replicated, replicated, replicated)
-        prefilled = Prefilled(k=kv_sharding, v=kv_sharding, first=sampled, seen=replicated)
         self.prefill = jax.jit(
-            partial(prefill, cfg=cfg),
-            in_shardings=(params_sharding, replicated, replicated, replicated),
-            out_shardings=prefilled,
-        )
-        self.insert = jax.jit(
-            partial(insert, eos_ids=eos_ids),
-            in_shardings=(state_sharding, prefilled) + (replicated,) * 5,
-            out_shardings=state_sharding,
-            donate_argnums=0,
+            partial(prefill, cfg=cfg, eos_ids=eos_ids),
+            static_argnums=10,  # kv_len
+            in_shardings=(params_sharding, state_sharding) + (replicated,) * 8,
+            out_shardings=(state_sharding, sampled),
+            donate_argnums=1,
         )
         self.decode_step = jax.jit(
             partial(decode_step, cfg=cfg, eos_ids=eos_ids, attention_kernel=attention_kernel),
@@ -262,6 +269,13 @@ class Verbs:
         )
         self.compact = jax.jit(
             partial(compact, piece_bytes=compact_piece_bytes),
+            static_argnums=3,  # kv_len
+            in_shardings=(state_sharding, replicated, replicated),
+            out_shardings=state_sharding,
+            donate_argnums=0,
+        )
+        self.copy_prefix = jax.jit(
+            partial(copy_prefix, piece_bytes=compact_piece_bytes),
             static_argnums=3,  # kv_len
             in_shardings=(state_sharding, replicated, replicated),
             out_shardings=state_sharding,

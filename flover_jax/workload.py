@@ -4,6 +4,8 @@ Arrival processes: `constant` (a fixed gap), `poisson` / gamma (`rate` requests 
 second; burstiness 1 = Poisson, < 1 burstier, > 1 smoother, as in vLLM's
 benchmark), `burst` (everything at t = 0) and `trace` (a JSONL file: a request a
 line with `arrival_s`, `prompt` or `prompt_ids` and any SamplingParams field).
+Lengths: fixed, uniform or log-normal (`lengths`); synthetic prompts may share a system
+prompt and grow multi-turn conversations (`synthetic`).
 """
 
 from __future__ import annotations
@@ -81,23 +83,42 @@ def arrival_times(
     return arrivals
 
 
-def output_lengths(spec: str | int, n: int, seed: int = 0) -> np.ndarray:
-    """`N` or `uniform:LO:HI` (inclusive) -> n output lengths."""
+LENGTH_FORMS = "N, uniform:LO:HI or lognormal:MEDIAN:SIGMA:MAX"
+
+
+def lengths(name: str, spec: str | int, n: int, seed: int = 0, stream: int = 1) -> np.ndarray:
+    """n token counts drawn as `spec` says: `N`; `uniform:LO:HI` (inclusive); or
+    `lognormal:MEDIAN:SIGMA:MAX`, a log-normal of that median and log-space sigma, rounded
+    and clipped to [1, MAX] (chat traffic's lengths: docs/benchmarks.md). name: the flag, for
+    errors; stream: which random stream the draws take (one per kind of length)."""
     text = str(spec)
-    if text.startswith("uniform:"):
-        try:
-            lo, hi = (int(x) for x in text.split(":")[1:])
-        except ValueError:
-            raise ValueError(f"output_len={text!r}: expected N or uniform:LO:HI") from None
+    kind, *args = text.split(":")
+    bad = ValueError(f"{name}={text!r}: expected {LENGTH_FORMS}")
+    try:
+        numbers = [float(x) if kind == "lognormal" and i == 1 else int(x)
+                   for i, x in enumerate(args)]
+    except ValueError:
+        raise bad from None
+    rng = _rng(seed, stream)
+    if kind == "uniform" and len(numbers) == 2:
+        lo, hi = numbers
         if not 1 <= lo <= hi:
-            raise ValueError(f"output_len={text!r}: need 1 <= LO <= HI")
-        return _rng(seed, 1).integers(lo, hi + 1, n)
+            raise ValueError(f"{name}={text!r}: need 1 <= LO <= HI")
+        return rng.integers(lo, hi + 1, n)
+    if kind == "lognormal" and len(numbers) == 3:
+        median, sigma, most = numbers
+        if not (median >= 1 and 0 <= sigma < math.inf and most >= 1):
+            raise ValueError(f"{name}={text!r}: need MEDIAN >= 1, SIGMA >= 0, MAX >= 1")
+        drawn = np.rint(median * np.exp(sigma * rng.standard_normal(n)))
+        return np.clip(drawn, 1, most).astype(np.int64)
+    if args:
+        raise bad
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"output_len={text!r}: expected N or uniform:LO:HI") from None
+        raise bad from None
     if value < 1:
-        raise ValueError(f"output_len={value}: must be >= 1")
+        raise ValueError(f"{name}={value}: must be >= 1")
     return np.full(n, value)
 
 
@@ -140,9 +161,9 @@ def with_prompts(
     if not prompts:
         raise ValueError("prompts_file: no prompts")
     arrivals = arrival_times(kind, n, seed=seed, **arrival_options)
-    lengths = output_lengths(output_len, n, seed)
+    outputs = lengths("output_len", output_len, n, seed)
     requests = []
-    for i, (t, m) in enumerate(zip(arrivals, lengths)):
+    for i, (t, m) in enumerate(zip(arrivals, outputs)):
         prompt, params = prompts[i % len(prompts)]
         requests.append(
             TimedRequest(prompt, dataclasses.replace(params, max_new_tokens=int(m)), float(t))
@@ -151,16 +172,49 @@ def with_prompts(
 
 
 def synthetic(
-    kind: str, n: int, prompt_len: int, output_len: str | int, vocab_size: int, *,
-    params: SamplingParams = SamplingParams(ignore_eos=True), seed: int = 0, **arrival_options,
+    kind: str, n: int, prompt_len: str | int, output_len: str | int, vocab_size: int, *,
+    params: SamplingParams | None = None, seed: int = 0, shared_prefix: int = 0, turns: int = 1,
+    **arrival_options,
 ) -> list[TimedRequest]:
-    """Random-token prompts (the paper's 8-token prompts), arrivals and output lengths
-    (max_new_tokens over `params`) as asked."""
-    if prompt_len < 1:
-        raise ValueError(f"prompt_len={prompt_len}: must be >= 1")
+    """Random-token prompts of `prompt_len` tokens (a length spec: `lengths`), arrivals and
+    output lengths (max_new_tokens over `params`) as asked.
+
+    shared_prefix: every prompt opens with the same random tokens (a system prompt), then its
+    own `prompt_len`. turns: requests form conversations of this many turns, request i being
+    turn i % turns of conversation i // turns: its prompt is the conversation so far (the
+    shared prefix, each earlier turn's question and a stand-in answer of that turn's output
+    length, then its own question). The answers are random tokens, not the model's: a turn's
+    prompt does not wait for the answer before it, so arrivals stay as `kind` draws them."""
+    params = SamplingParams(ignore_eos=True) if params is None else params
     rng = _rng(seed)
-    prompts = [(rng.integers(3, vocab_size, prompt_len).tolist(), params) for _ in range(n)]
+    sizes = prompt_sizes(n, prompt_len, output_len, seed, shared_prefix, turns)
+
+    def tokens(count: int) -> list[int]:
+        return rng.integers(3, vocab_size, int(count)).tolist()
+
+    system = tokens(shared_prefix)
+    prompts, conversation = [], []
+    for i, size in enumerate(sizes):
+        if i % turns == 0:
+            conversation = list(system)
+        conversation += tokens(size - len(conversation))  # an answer and a question
+        prompts.append((list(conversation), params))
     return with_prompts(prompts, kind, n, output_len, seed=seed, **arrival_options)
+
+
+def prompt_sizes(n: int, prompt_len: str | int, output_len: str | int, seed: int = 0,
+                 shared_prefix: int = 0, turns: int = 1) -> list[int]:
+    """The prompt lengths of `synthetic`'s requests (checked before any is built)."""
+    for name, value, least in (("shared_prefix", shared_prefix, 0), ("turns", turns, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r}: must be an int >= {least}")
+    questions = lengths("prompt_len", prompt_len, n, seed, stream=2)
+    answers = lengths("output_len", output_len, n, seed)  # as with_prompts draws them
+    sizes = []
+    for i in range(n):
+        earlier = shared_prefix if i % turns == 0 else sizes[-1] + int(answers[i - 1])
+        sizes.append(earlier + int(questions[i]))
+    return sizes
 
 
 def demo(chat_prompt, n: int = 24, rate: float = 4.0, seed: int = 0) -> list[TimedRequest]:

@@ -5,11 +5,10 @@ only in those specs and in where their checkpoints keep each weight.
 
 Two entry points, both pure and jittable (the config is static):
 
-- `prefill(params, cfg, tokens[b, t])`: causal forward over right-padded prompts.
-  Returns the hidden states and the prompts' K/V; `flover_jax.step.insert`
-  copies them into slots. Padding never leaks: the mask is causal, so a real
-  position never reads a padded one, and padded cache rows lie beyond a slot's
-  position, where decode never looks before overwriting them.
+- `extend(params, cfg, cache, slots[b], tokens[b, t], starts[b], ...)`: a piece of each
+  of b right-padded prompts, from its start position on, into its slot's cache (a whole
+  prompt is the piece that starts at 0). Padding never leaks: padding tokens write
+  nothing, and the mask is causal, so a real position never reads a later one.
 - `decode(params, cfg, tokens[w], positions[w], ...)`: one new token for each
   of `w` consecutive slots starting at `start`; writes its K/V at its position
   and attends over the first `kv_len` cache entries of its slot (or over the
@@ -159,31 +158,56 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
         return out
 
 
-def prefill(
-    params: Params, cfg: ModelConfig, tokens: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens [b, t] -> hidden [b, t, d], k and v [layers, b, kv_heads, t, head_dim]."""
+def extend(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    slots: jax.Array,
+    tokens: jax.Array,
+    starts: jax.Array,
+    lengths: jax.Array,
+    kv_len: int,
+) -> tuple[jax.Array, KVCache]:
+    """A piece of each of b prompts, continued in its slot: the one forward pass over prompts.
+
+    Row i holds `lengths[i]` tokens of a prompt at positions starts[i], starts[i] + 1, ...,
+    right-padded to t; the slot's cache already holds the positions before starts[i] (a
+    prompt's first piece starts at 0). Each real token's K/V is written at its position, and
+    each token attends over its slot's first kv_len positions (static: it must exceed every
+    real position), causally. Rows whose slot is out of range (padding) write nothing.
+    Returns hidden [b, t, d] and the cache.
+    """
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    steps = jnp.arange(t)
+    max_len = cache.max_len
+    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)  # [b, t]
+    # Padding positions write nowhere (out of range: the scatter drops them).
+    write_pos = jnp.where(jnp.arange(t) < lengths[:, None], positions, max_len)
+    read_slots = jnp.clip(slots, 0, cache.k[0].shape[0] - 1)
     x = _embed(params, tokens, positions, cfg)
-    ks, vs = [], []
+    k_cache, v_cache = list(cache.k), list(cache.v)
 
-    def self_attend(q, k, v, window):
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # the cache's head-major layout
-        ks.append(k)
-        vs.append(v)
-        mask = jnp.broadcast_to(visible(steps[:, None], steps[None, :], window), (b, t, t))
-        return attend(q, k, v, mask, cfg)
+    for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
-    for layer, spec in zip(params.layers, cfg.layers):
-        x = _block(x, layer, spec, positions, cfg, self_attend)
-    return x, jnp.stack(ks), jnp.stack(vs)
+        def cached_attend(q, k, v, window, i=layer_index):
+            k_cache[i] = k_cache[i].at[slots[:, None], :, write_pos].set(k, mode="drop")
+            v_cache[i] = v_cache[i].at[slots[:, None], :, write_pos].set(v, mode="drop")
+            k_rows = k_cache[i][read_slots, :, :kv_len]  # [b, kv_heads, kv_len, head_dim]
+            v_rows = v_cache[i][read_slots, :, :kv_len]
+            mask = visible(positions[:, :, None], jnp.arange(kv_len)[None, None, :], window)
+            return attend(q, k_rows, v_rows, mask, cfg)
+
+        x = _block(x, layer, spec, positions, cfg, cached_attend)
+    return x, KVCache(tuple(k_cache), tuple(v_cache))
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Full-sequence float32 logits [b, t, vocab] (the parity reference)."""
-    hidden, _, _ = prefill(params, cfg, tokens)
+    """Full-sequence float32 logits [b, t, vocab] (the parity reference): the prompts as one
+    piece each, into a cache of their own."""
+    b, t = tokens.shape
+    cache = KVCache.zeros(cfg, b, t)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    hidden, _ = extend(params, cfg, cache, rows, tokens, jnp.zeros_like(rows),
+                       jnp.full_like(rows, t), t)
     return logits(params, hidden, cfg)
 
 

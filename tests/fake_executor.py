@@ -14,8 +14,12 @@ relies on and raises `DeviceContractError` when the host breaks it:
 - decode: the window lies in [0, num_slots), width is a window bucket, kv_len is a kv bucket
   and exceeds the position of every active slot in the window, and (by default) no active
   slot lies outside the window (it would never progress);
-- prefill: targets distinct free slots (never a live one), batch and prompt lengths fit the
-  buckets, prompts are in-vocab and shorter than max_len, params validate;
+- prefill: pieces target distinct slots, never a live one; a piece that starts past 0
+  continues exactly where its slot's prompt stands (after earlier pieces or a copied
+  prefix); a piece never crosses a chunk boundary and shares its call's shape buckets;
+  tokens are in-vocab, params validate;
+- copy_prefix: sources hold at least `length` positions of a prompt (a prefix row, or a
+  slot whose prompt is that far in), targets are prefix rows or slots not yet begun;
 - compact: sources are occupied (inserted, not released, possibly device-finished), targets
   are free, all distinct and no target is a source; kv_len is a kv bucket covering the
   cache of every active moved slot; the list fits the move buckets;
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
+from flover_jax.chunks import PromptPiece
 from flover_jax.sampling import Sampled
 from flover_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -110,8 +115,10 @@ class DecodeLog:
 @dataclasses.dataclass
 class PrefillLog:
     slots: list[int]
-    occupied_before: int
+    occupied_before: int  # slots occupied since before the current mark (iteration)
     mark: int  # the value of `executor.mark` at the call (tests set it to the iteration)
+    new: int  # pieces that begin their prompt (at 0, or right after a copied prefix)
+    finals: int  # pieces that end their prompt
 
 
 @dataclasses.dataclass
@@ -128,6 +135,11 @@ def _span(mask: np.ndarray) -> tuple[int, int]:
     return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
 
 
+def whole(slot: int, prompt: Sequence[int], params: SamplingParams) -> PromptPiece:
+    """A prompt as one piece, into `slot` (for tests that drive the fake by hand)."""
+    return PromptPiece(slot, list(prompt), 0, True, params)
+
+
 class FakeExecutor:
     def __init__(
         self,
@@ -138,13 +150,18 @@ class FakeExecutor:
         buckets: Buckets | None = None,
         max_prefill_batch: int = 8,
         require_window_covers_active: bool = True,
+        prefix_rows: int = 0,
     ) -> None:
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.buckets = buckets or Buckets.for_engine(num_slots, max_len, max_prefill_batch)
         self.require_window_covers_active = require_window_covers_active
-        s = num_slots
+        self.prefix_rows = range(num_slots, num_slots + prefix_rows)
+        s = num_slots + prefix_rows
         self.cache = np.full((s, max_len), STALE, np.int64)  # token id at each cache position
+        self.filled = np.zeros(s, np.int64)  # prompt positions in the cache while prefilling
+        self.since = np.zeros(s, np.int64)  # the mark at which the slot's request came in
+        self.copied_in = np.zeros(s, bool)  # holds a copied prefix and no piece yet
         self.tokens = np.zeros(s, np.int64)  # last sampled token = next step's input
         self.pos = np.zeros(s, np.int64)  # tokens in the cache
         self.active = np.zeros(s, bool)
@@ -159,10 +176,11 @@ class FakeExecutor:
         self.prefills: list[PrefillLog] = []
         self.compactions: list[CompactLog] = []
         self.releases: list[list[int]] = []
+        self.copies: list[tuple[int, int, int]] = []  # (src, dst, length) of copy_prefix
         self.mark = 0  # free for tests: e.g. the iteration number, recorded by prefill
 
     _ROW_FIELDS = ("tokens", "pos", "active", "occupied", "remaining", "generated",
-                   "ignore_eos", "seed", "logprobs")
+                   "ignore_eos", "seed", "logprobs", "filled", "since", "copied_in")
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -188,47 +206,92 @@ class FakeExecutor:
 
     # -- the Executor protocol ----------------------------------------------------------------
 
-    def prefill(
-        self, slots: Sequence[int], prompts: Sequence[list[int]], params: Sequence[SamplingParams]
-    ) -> Handle:
+    def prefill(self, pieces: Sequence[PromptPiece]) -> Handle:
         self.calls["prefill"] += 1
-        _check(len(slots) == len(prompts) == len(params) >= 1,
-               f"prefill: {len(slots)} slots, {len(prompts)} prompts, {len(params)} params")
-        bucket(len(prompts), self.buckets.prefill_batches)  # raises like the real executor
-        bucket(max(len(p) for p in prompts), self.buckets.prompt_lengths)
+        _check(len(pieces) >= 1, "prefill: no pieces")
+        b = self.buckets
+        bucket(len(pieces), b.prefill_batches)  # raises like the real executor
+        shapes = {(bucket(len(p.tokens), b.prompt_lengths), bucket(p.end, b.kv_lengths))
+                  for p in pieces}
+        _check(len(shapes) == 1, f"prefill: pieces of several shapes {sorted(shapes)} in one call")
+        slots = [p.slot for p in pieces]
         _check(len(set(int(s) for s in slots)) == len(slots), f"prefill: repeated slot {slots}")
-        for slot in slots:
+        for p in pieces:
+            slot = p.slot
             _check(self._slot_ok(slot), f"prefill: slot {slot!r} out of range")
             _check(not self.active[slot], f"prefill: slot {slot} is active (a live request)")
-            _check(not self.occupied[slot], f"prefill: slot {slot} is occupied (not released)")
-        for prompt, p in zip(prompts, params):
-            p.validate()
-            _check(1 <= len(prompt) < self.max_len, f"prefill: prompt length {len(prompt)}")
-            _check(all(0 <= t < self.vocab_size for t in prompt), f"prefill: bad ids {prompt}")
-        self.prefills.append(PrefillLog([int(s) for s in slots], int(self.occupied.sum()),
-                                        self.mark))
-        first = np.zeros(len(slots), np.int64)
-        first_logprobs = np.zeros(len(slots), np.float32)
-        for i, (slot, prompt, p) in enumerate(zip(slots, prompts, params)):
-            length = len(prompt)
-            padded = bucket(length, self.buckets.prompt_lengths)
-            self.cache[slot, :length] = prompt
+            _check(p.start == 0 or (self.filled[slot] == p.start and self.occupied[slot]),
+                   f"prefill: a piece at {p.start} into slot {slot}, whose prompt stands at "
+                   f"{self.filled[slot] if self.occupied[slot] else 'nothing'}")
+            chunk = b.prefill_chunk
+            _check(not chunk or (len(p.tokens) <= chunk and p.start // chunk == (p.end - 1) // chunk),
+                   f"prefill: piece [{p.start}, {p.end}) crosses a boundary of chunk {chunk}")
+            p.params.validate()
+            _check(1 <= len(p.tokens) and p.end < self.max_len,
+                   f"prefill: piece [{p.start}, {p.end})")
+            _check(all(0 <= t < self.vocab_size for t in p.tokens), f"prefill: bad ids {p.tokens}")
+        before = int((self.occupied & (self.since < self.mark)).sum())
+        new = sum(p.start == 0 or bool(self.copied_in[p.slot]) for p in pieces)
+        self.prefills.append(PrefillLog([int(s) for s in slots], before, self.mark, new,
+                                        sum(p.final for p in pieces)))
+        first = np.full(len(pieces), -1, np.int64)
+        first_logprobs = np.zeros(len(pieces), np.float32)
+        for i, p in enumerate(pieces):
+            slot, length = p.slot, p.end
+            self.cache[slot, p.start : length] = p.tokens
+            padded = p.start + bucket(len(p.tokens), b.prompt_lengths)
             self.cache[slot, length:padded] = STALE  # the padding's K/V: garbage
-            token = next_token(p.seed, prompt, self.vocab_size)
+            if p.start == 0:
+                self.since[slot] = self.mark
+            self.occupied[slot], self.filled[slot], self.copied_in[slot] = True, length, False
+            if not p.final:
+                continue
+            prompt = self.cache[slot, :length].tolist()
+            token = next_token(p.params.seed, prompt, self.vocab_size)
             first[i] = token
-            first_logprobs[i] = token_logprob(p.seed, prompt) if p.logprobs else 0.0
+            first_logprobs[i] = token_logprob(p.params.seed, prompt) if p.params.logprobs else 0.0
             done = (
-                p.max_new_tokens <= 1
-                or (token in self.eos_ids and not p.ignore_eos)
+                p.params.max_new_tokens <= 1
+                or (token in self.eos_ids and not p.params.ignore_eos)
                 or length >= self.max_len
             )
             self.tokens[slot], self.pos[slot] = token, length
-            self.active[slot], self.occupied[slot] = not done, True
-            self.remaining[slot], self.generated[slot] = p.max_new_tokens - 1, 1
-            self.ignore_eos[slot], self.seed[slot] = p.ignore_eos, p.seed
-            self.logprobs[slot] = p.logprobs
+            self.active[slot] = not done
+            self.remaining[slot], self.generated[slot] = p.params.max_new_tokens - 1, 1
+            self.ignore_eos[slot], self.seed[slot] = p.params.ignore_eos, p.params.seed
+            self.logprobs[slot] = p.params.logprobs
+            self.filled[slot] = 0
         self._check_invariants()
         return self._handle("prefill", first, first_logprobs)
+
+    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        self.calls["copy_prefix"] += 1
+        copies = [(int(a), int(b), int(n)) for a, b, n in copies]
+        _check(len(copies) <= self.num_slots, f"copy_prefix: {len(copies)} copies > capacity")
+        kv = {bucket(n, self.buckets.kv_lengths) for _, _, n in copies}
+        _check(len(kv) == 1, f"copy_prefix: lengths of several kv buckets {sorted(kv)} in one call")
+        for src, dst, length in copies:
+            rows = len(self.cache)
+            _check(0 <= src < rows and 0 <= dst < rows and src != dst,
+                   f"copy_prefix: {src}->{dst} out of range")
+            _check(1 <= length < self.max_len, f"copy_prefix: length {length}")
+            if src in self.prefix_rows:
+                _check(self.filled[src] >= length, f"copy_prefix: prefix row {src} holds "
+                                                   f"{self.filled[src]} < {length} positions")
+                _check(dst not in self.prefix_rows and not self.occupied[dst],
+                       f"copy_prefix: target slot {dst} is in use")
+            else:
+                _check(self.occupied[src] and not self.active[src] and self.filled[src] >= length,
+                       f"copy_prefix: source slot {src} holds no prompt of {length} positions")
+                _check(dst in self.prefix_rows, f"copy_prefix: {src}->{dst}: slot to slot")
+        for src, dst, length in copies:
+            self.copies.append((src, dst, length))
+            # The device copies the whole kv bucket; positions past `length` are garbage.
+            self.cache[dst, :length] = self.cache[src, :length]
+            self.cache[dst, length:bucket(length, self.buckets.kv_lengths)] = STALE
+            self.filled[dst] = length
+            if dst not in self.prefix_rows:
+                self.occupied[dst], self.copied_in[dst], self.since[dst] = True, True, self.mark
 
     def decode(self, start: int, width: int, kv_len: int) -> Handle:
         self.calls["decode"] += 1
@@ -290,6 +353,8 @@ class FakeExecutor:
             if self.active[src]:
                 _check(kv_len >= self.pos[src],
                        f"compact: kv_len {kv_len} < position {self.pos[src]} of slot {src}")
+            _check(kv_len >= self.filled[src],
+                   f"compact: kv_len {kv_len} < the {self.filled[src]} prompt positions of {src}")
         span_before = _span(self.occupied)
         # Simultaneous gather/scatter like the device: read every source, then write.
         rows = {f: getattr(self, f)[srcs].copy() for f in self._ROW_FIELDS}

@@ -112,10 +112,13 @@ def test_bench_mode_writes_valid_json(tmp_path, policy, flag):
     assert summary["errors"] == 0
     assert 12 * 4 <= summary["output_tokens"] <= 12 * 24
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        assert set(summary[key]) == {"mean", "p50", "p90", "p99"}
+        assert set(summary[key]) == {"mean", "p50", "p90", "p99", "max"}
     assert summary["makespan_s"] > 0 and summary["output_tokens_per_s"] > 0
     assert summary["kv_cache_bytes"] > 0 and summary["peak_rss_bytes"] > 0
     assert len(summary["requests"]) == 12
+    for record in summary["requests"]:  # each token's time, from the start
+        assert len(record["token_times_s"]) == record["output_len"]
+        assert record["token_times_s"] == sorted(record["token_times_s"])
     assert summary["compile_s"] >= 0 and summary["iterations"] >= summary["decode_steps"] > 0
     assert summary["latency_vs_solo"] > 0.5 and summary["solo"]["tpot_s"] > 0
     if flag != "--nowarmup":  # otherwise the run's latencies include compiles

@@ -75,7 +75,7 @@ def test_broadcast_executor_takes_every_device_call_as_the_executor_does():
     from flover_jax.distributed import BroadcastExecutor
     from flover_jax.executor import DeviceExecutor
 
-    for name in ("prefill", "decode", "compact", "release", "warmup", "read"):
+    for name in ("prefill", "decode", "compact", "copy_prefix", "release", "warmup", "read"):
         ours, theirs = (inspect.signature(getattr(c, name)) for c in (BroadcastExecutor, DeviceExecutor))
         assert list(ours.parameters) == list(theirs.parameters), name
         assert [p.default for p in ours.parameters.values()] == [

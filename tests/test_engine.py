@@ -139,6 +139,34 @@ def test_fused_equals_solo_greedy_for_every_family(family):
         assert output.token_ids == solo_tokens(engine, request), f"request {output.request_id}"
 
 
+def test_chunked_prefill_and_prefix_hits_give_each_request_its_solo_tokens(tiny):
+    """Long prompts go in pieces of 16 between decode steps, compacted mid-prompt, and
+    requests that open with a cached system prompt copy its K/V instead of computing it: each
+    request's tokens (penalties included, which read the prompt's marks) are the ones it gets
+    alone on an engine with no prefix cache."""
+    cfg, params = tiny
+    engine = Engine(cfg, params, max_slots=4, max_len=128, prefill_chunk=16, prefix_cache_rows=2)
+    alone = Engine(cfg, params, max_slots=4, max_len=128, prefill_chunk=16, prefix_cache_rows=0)
+    rng = np.random.default_rng(3)
+    systems = [rng.integers(3, 256, 40).tolist(), rng.integers(3, 256, 21).tolist()]
+    workload = []
+    for i in range(14):
+        own = rng.integers(3, 256, int(rng.integers(1, 30))).tolist()
+        prompt = systems[i % 3] + own if i % 3 < 2 else own
+        params_i = SamplingParams(max_new_tokens=int(rng.integers(1, 30)), ignore_eos=bool(i % 2),
+                                  repetition_penalty=1.4 if i % 4 == 1 else 1.0,
+                                  frequency_penalty=0.5 if i % 4 == 3 else 0.0)
+        workload.append(TimedRequest(prompt, params_i, arrival_s=float(i) * 1.5))
+    result = run_with_fake_clock(engine, workload, "flover")
+    stats = result.stats
+    assert stats.prefix_hits > 0 and stats.prefixes_stored > 0
+    assert stats.prompt_pieces > stats.admitted and stats.compactions > 0
+    assert engine.prefix_cache.referenced == 0
+    for request, output in zip(workload, result.outputs):
+        assert output.finish_reason in ("stop", "length")
+        assert output.token_ids == solo_tokens(alone, request), f"request {output.request_id}"
+
+
 def test_penalties_follow_each_request_through_fused_steps(engine):
     # Each request's seen mask and output counts must follow it into whatever slot and window
     # it decodes in: fused tokens equal solo tokens, and the penalties do change tokens.
@@ -325,14 +353,16 @@ def test_compaction_moves_every_slot_array_bitwise(engine):
 
 
 def test_compiles_are_bounded_by_buckets(tiny, compiles):
+    """Prompts in pieces of 16, some opening alike (prefix hits): warm-up covers every shape."""
     cfg, params = tiny
-    engine = Engine(cfg, params, max_slots=8, max_len=128)
+    engine = Engine(cfg, params, max_slots=8, max_len=128, prefill_chunk=16, prefix_cache_rows=2)
     b = engine.executor.buckets
     engine.executor.warmup()
     rng = np.random.default_rng(7)
+    opening = rng.integers(3, 256, 20).tolist()
     workload = [
         TimedRequest(
-            rng.integers(3, 256, int(rng.integers(1, 60))).tolist(),
+            opening[: 20 * (i % 2)] + rng.integers(3, 256, int(rng.integers(1, 40))).tolist(),
             SamplingParams(max_new_tokens=int(rng.integers(1, 60)),
                            temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.integers(0, 5)),
                            top_p=float(rng.choice([1.0, 0.8])), seed=i, ignore_eos=bool(i % 2)),
@@ -343,7 +373,8 @@ def test_compiles_are_bounded_by_buckets(tiny, compiles):
     with compiles() as count:
         result = run_with_fake_clock(engine, workload)
     assert len(result.outputs) == 200
-    assert result.stats.compactions > 0
+    assert result.stats.compactions > 0 and result.stats.prefix_hits > 0
+    assert result.stats.prompt_pieces > result.stats.admitted
     assert count() == 0, f"{count()} compiles after warming every bucket"
     assert set(result.stats.windows) <= set(b.windows)
 
@@ -486,8 +517,7 @@ def test_logprobs_are_the_models_whatever_the_sampling_and_the_batch(engine, tin
     for out in outs[:2]:
         # The model's own distribution at each position: a full causal recompute (XLA).
         sequence = jnp.array([prompt + out.token_ids[:-1]])
-        hidden, _, _ = transformer.prefill(params, cfg, sequence)
-        log_probs = jax.nn.log_softmax(transformer.logits(params, hidden[0], cfg), axis=-1)
+        log_probs = jax.nn.log_softmax(transformer.forward(params, cfg, sequence)[0], axis=-1)
         reference = log_probs[len(prompt) - 1 + np.arange(n), np.array(out.token_ids)]
         np.testing.assert_allclose(out.logprobs, reference, rtol=1e-5, atol=1e-5)
     # Alone: the same tokens; log-probabilities equal to rounding (a prefill's batch can
@@ -513,8 +543,7 @@ def test_top_logprobs_are_the_models_likeliest_tokens_whatever_the_batch(engine,
     outs = engine.generate([prompt, prompt, [7, 8]], [*asked, quiet])
     for wanted, out in zip((3, 20), outs):
         sequence = jnp.array([prompt + out.token_ids[:-1]])
-        hidden, _, _ = transformer.prefill(params, cfg, sequence)
-        log_probs = np.asarray(jax.nn.log_softmax(transformer.logits(params, hidden[0], cfg), -1))
+        log_probs = np.asarray(jax.nn.log_softmax(transformer.forward(params, cfg, sequence)[0], -1))
         assert [len(top) for top in out.top_logprobs] == [wanted] * n
         for position, top in zip(len(prompt) - 1 + np.arange(n), out.top_logprobs):
             ids, values = zip(*top)
@@ -535,11 +564,14 @@ def test_a_decode_state_too_big_for_memory_is_refused_before_it_is_allocated(tin
     needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
     free = int(needed / 0.9 * 0.6)  # room for 60% of the slots
     monkeypatch.setattr("flover_jax.executor._free_bytes", lambda pool: free if pool == "host" else None)
+    rows = len(Engine(cfg, params, max_slots=1, max_len=8).executor.prefix_rows)  # default 4
+    # 60% of the 64 slots' and the prefix rows' state fits: 40 rows, so 36 slots beside them.
     with pytest.raises(ValueError, match=r"max_slots=64, max_len=256: the decode state \(KV cache "
                        r"and per-slot arrays\) needs [\d.]+ GiB on the host, which has [\d.]+ GiB "
-                       r"free; at most 38 slots of max_len=256 fit"):
+                       rf"free; at most {40 - rows} slots of max_len=256 fit beside the prefix "
+                       rf"cache's {rows} rows"):
         Engine(cfg, params, max_slots=64, max_len=256)
-    Engine(cfg, params, max_slots=38, max_len=256)  # what the message offers fits
+    Engine(cfg, params, max_slots=40 - rows, max_len=256)  # what the message offers fits
 
 
 def test_api_misuse_is_named(engine):

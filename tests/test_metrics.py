@@ -28,13 +28,14 @@ def test_latency_figures_follow_vllm_definitions():
     assert figures["ttft_s"]["mean"] == pytest.approx(0.35)
     assert figures["tpot_s"]["mean"] == pytest.approx(0.3)
     assert figures["itl_s"]["p50"] == pytest.approx(0.5)  # gaps 0.5, 0.5 and 0.1
+    assert figures["itl_s"]["max"] == pytest.approx(0.5)
     assert figures["e2e_s"]["mean"] == pytest.approx((1.5 + 0.3) / 2)
 
 
 def test_single_token_requests_have_no_tpot():
     figures = metrics.latency_figures([record(0.0, [0.25])])
     assert figures["output_tokens"] == 1 and figures["ttft_s"]["p50"] == pytest.approx(0.25)
-    assert figures["tpot_s"] == dict.fromkeys(("mean", "p50", "p90", "p99"))  # undefined, not 0
+    assert figures["tpot_s"] == dict.fromkeys(("mean", "p50", "p90", "p99", "max"))  # undefined, not 0
 
 
 def test_a_run_where_nothing_finished_has_zero_makespan_and_no_latencies():

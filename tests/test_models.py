@@ -124,8 +124,9 @@ def test_eos_ids_come_from_generation_config(tmp_path):
 def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     family_model, max_len, kv_len, cpu_kernels
 ):
-    """Prompts of different lengths share one padded prefill; each then decodes
-    token by token from its own slot (not slot 0, not contiguous with its batch row).
+    """Prompts of different lengths go into their slots (not slot 0, not contiguous with
+    their batch rows) in two pieces, each piece of every prompt in one padded batch; each
+    then decodes token by token.
     The first case attends over the whole cache in place, the second over the window's block,
     the third with the CPU kernels (models/kernels): matmuls on packed weights, and attention
     where the kernel computes the model's (Gemma 3's sliding windows, not Gemma 2's
@@ -143,17 +144,20 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     full = rng.integers(0, VOCAB, size=(3, pad_to + steps))
     padded = np.where(np.arange(pad_to)[None] < lengths[:, None], full[:, :pad_to], 0)
 
-    hidden, k, v = jax.jit(transformer.prefill, static_argnums=1)(params, cfg, jnp.asarray(padded))
-    prefill_logits = transformer.logits(params, hidden, cfg)
+    # Noise in every cache cell first: a position no piece or step wrote must never be read.
     cache = KVCache.zeros(cfg, n_slots, max_len)
-    # Garbage in the padded tail must never be read: fill it with noise.
-    k = k + jnp.where(jnp.arange(pad_to)[None, None, None, :, None]
-                      >= jnp.asarray(lengths)[None, :, None, None, None], 7.0, 0.0)
-
-    def write(layers, prompts):  # prompts [layers, b, kv_heads, t, head_dim]
-        return tuple(c.at[slots, :, :pad_to].set(p) for c, p in zip(layers, prompts))
-
-    cache = KVCache(write(cache.k, k), write(cache.v, v))
+    cache = KVCache(*(tuple(c + 7.0 for c in layers) for layers in (cache.k, cache.v)))
+    # Each prompt goes in two pieces, [0, 4) and the rest, each piece of every prompt in one
+    # batch (a prompt of 3 tokens has no second piece: its row is padding, slot S).
+    extend = jax.jit(transformer.extend, static_argnums=(1, 7))
+    first = np.minimum(lengths, 4)
+    rest = lengths - first
+    second_slots = np.where(rest > 0, slots, n_slots)
+    h1, cache = extend(params, cfg, cache, jnp.asarray(slots), jnp.asarray(padded[:, :4]),
+                       jnp.zeros(3, jnp.int32), jnp.asarray(first), max_len)
+    h2, cache = extend(params, cfg, cache, jnp.asarray(second_slots), jnp.asarray(padded[:, 4:]),
+                       jnp.full(3, 4, jnp.int32), jnp.asarray(np.maximum(rest, 1)), max_len)
+    prefill_logits = transformer.logits(params, jnp.concatenate([h1, h2], axis=1), cfg)
 
     decode = jax.jit(transformer.decode, static_argnums=(1, 7, 8))
     reference = [hf_logits(hf, full[i : i + 1, : lengths[i] + steps])[0] for i in range(3)]

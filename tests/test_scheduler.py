@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flover_jax.buckets import Buckets, bucket, powers_of_two
+from flover_jax.prefix_cache import PrefixCache
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.scheduler import POLICIES, Scheduler
 from tests.fake_executor import (
@@ -26,6 +27,7 @@ from tests.fake_executor import (
     FakeExecutor,
     expected_logprobs,
     expected_tokens,
+    whole,
 )
 
 
@@ -70,6 +72,7 @@ class Scenario:
     vocab: int
     eos_ids: tuple[int, ...]
     buckets: Buckets
+    prefix_rows: int
     specs: list[Spec]
     cancels: list[tuple[int, int]]  # (spec index, iteration before which cancel() is called)
 
@@ -83,8 +86,13 @@ def scenarios(draw, busy: bool = False) -> Scenario:
     vocab = draw(st.integers(30, 60) if busy else st.integers(6, 40))
     eos_ids = tuple(draw(st.sets(st.integers(0, vocab - 1), max_size=2)))
     max_prefill_batch = draw(st.integers(1, 4))
+    # Chunked prefill in pieces of a few tokens (0: whole prompts), and a prefix cache of a
+    # few rows when chunked: prompts below open with shared tokens, so hits and evictions come.
+    chunk = draw(st.sampled_from([0, 0, 2, 3, 4]))
+    prefix_rows = draw(st.integers(0, 3)) if chunk else 0
+    longest_piece = chunk or max_len
     if draw(st.booleans()):
-        buckets = Buckets.for_engine(num_slots, max_len, max_prefill_batch)
+        buckets = Buckets.for_engine(num_slots, max_len, max_prefill_batch, prefill_chunk=chunk)
     else:  # finer buckets so that kv_len / prompt bucketing matters at small max_len
         buckets = Buckets(
             # Every width, or powers of two (the engine's fine widths lie between the two), or
@@ -92,15 +100,20 @@ def scenarios(draw, busy: bool = False) -> Scenario:
             windows=draw(st.sampled_from([powers_of_two(1, num_slots), tuple(range(1, num_slots + 1)),
                                           powers_of_two(min(4, num_slots), num_slots)])),
             kv_lengths=powers_of_two(min(draw(st.sampled_from([2, 4, 8])), max_len), max_len),
-            prompt_lengths=powers_of_two(min(2, max_len), max_len),
+            prompt_lengths=powers_of_two(min(2, longest_piece), longest_piece),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
+            prefill_chunk=chunk,
         )
+    openings = [draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
+                for _ in range(2)]
     specs = []
     for index in range(draw(st.integers(4, 14) if busy else st.integers(1, 12))):
         # About 1 in 4 requests is bad (1 in 10 when busy).
         bad = draw(st.sampled_from([None] * (90 if busy else 30) + sorted(BAD_KINDS)))
-        plen = draw(st.integers(1, min(10, max_len - 1)))
+        plen = draw(st.integers(1, min(14, max_len - 1)))
         prompt = draw(st.lists(st.integers(0, vocab - 1), min_size=plen, max_size=plen))
+        if draw(st.booleans()):  # a shared opening, then its own tokens
+            prompt = (draw(st.sampled_from(openings)) + prompt)[:plen]
         max_new = draw(st.integers(1, min(max_len - plen, 24)))
         fields = dict(
             max_new_tokens=max_new,
@@ -146,7 +159,7 @@ def scenarios(draw, busy: bool = False) -> Scenario:
     for _ in range(draw(st.integers(0, 5))):
         index = draw(st.integers(0, len(specs) - 1))
         cancels.append((index, specs[index].submit_iter + draw(st.integers(-1, 14))))
-    return Scenario(num_slots, max_len, vocab, eos_ids, buckets, specs, cancels)
+    return Scenario(num_slots, max_len, vocab, eos_ids, buckets, prefix_rows, specs, cancels)
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -162,7 +175,9 @@ def check_consistent(sched: Scheduler, ex: FakeExecutor) -> None:
         assert table.slot_of(request_id) == slot
         assert not sched.request(request_id).finished
     assert set(sched._running) == set(live) == set(sched._positions)
-    assert ex.occupied.tolist() == table.owned()  # the device frees exactly what the host frees
+    # The device frees exactly what the host frees (the prefix rows are never a request's).
+    assert ex.occupied[: ex.num_slots].tolist() == table.owned()
+    assert not ex.occupied[ex.num_slots:].any()
     assert not (ex.active & ~ex.occupied).any()
 
 
@@ -179,8 +194,10 @@ class Run:
 
 def run_scenario(sc: Scenario, policy: str) -> Run:
     clock = FakeClock()
-    ex = FakeExecutor(sc.num_slots, sc.max_len, sc.vocab, sc.eos_ids, sc.buckets)
-    sched = Scheduler(ex, policy, eos_ids=sc.eos_ids, clock=clock)
+    ex = FakeExecutor(sc.num_slots, sc.max_len, sc.vocab, sc.eos_ids, sc.buckets,
+                      prefix_rows=sc.prefix_rows)
+    cache = PrefixCache(ex.prefix_rows, sc.buckets.prefill_chunk) if sc.prefix_rows else None
+    sched = Scheduler(ex, policy, eos_ids=sc.eos_ids, clock=clock, prefix_cache=cache)
     by_iter = collections.defaultdict(list)
     for spec in sc.specs:
         by_iter[spec.submit_iter].append(spec)
@@ -237,7 +254,15 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
     # Nothing leaked: the table is empty, the device has no live slot, and every request was
     # forgotten once its output was handed out (a long-lived server holds no history).
     assert len(sched.table) == 0 and not ex.occupied.any() and not ex.active.any()
-    assert not sched._requests
+    assert not sched._requests and not sched._prefilling and not sched._prefix_refs
+    cache = sched.prefix_cache
+    if cache is not None:  # no row leaked, every reference returned
+        cache.check()
+        assert cache.referenced == 0 and cache.capacity == sc.prefix_rows
+    hits = [c for c in ex.copies if c[0] in ex.prefix_rows]
+    assert stats.prefix_hits == len(hits)
+    assert stats.prefix_hit_tokens == sum(length for _, _, length in hits)
+    assert stats.prefixes_stored == len(ex.copies) - len(hits)
 
     admitted = 0
     for spec in sc.specs:
@@ -274,7 +299,10 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
 
     # Stats agree with what the device saw.
     assert stats.iterations == run.iterations
-    assert stats.admitted == admitted == sum(len(p.slots) for p in ex.prefills)
+    # A request joins with its prompt's first piece; it has tokens once its last piece is in.
+    assert stats.admitted == sum(p.new for p in ex.prefills)
+    assert admitted == sum(p.finals for p in ex.prefills) <= stats.admitted
+    assert stats.prompt_pieces == sum(len(p.slots) for p in ex.prefills)
     assert stats.prefill_calls == ex.calls["prefill"]
     assert stats.decode_steps == ex.calls["decode"] == len(ex.decodes)
     assert stats.compactions == ex.calls["compact"] == len(ex.compactions)
@@ -287,7 +315,7 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
     for p in ex.prefills:
         by_iteration[p.mark].append(p)
     assert stats.joins == sum(
-        sum(len(p.slots) for p in group) for group in by_iteration.values()
+        sum(p.new for p in group) for group in by_iteration.values()
         if group[0].occupied_before > 0
     )
     assert 0 <= stats.mid_window_finishes <= stats.admitted
@@ -313,10 +341,12 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
         assert all((d.start, d.width) == (0, sc.num_slots) for d in ex.decodes)
     if policy in ("static", "sequential"):
         assert stats.joins == 0
-        # Never admits while running: the first prefill of an iteration sees no occupied slot.
-        assert all(group[0].occupied_before == 0 for group in by_iteration.values())
+        # Never admits while running: an iteration that admits found no slot occupied.
+        assert all(group[0].occupied_before == 0 for group in by_iteration.values()
+                   if any(p.new for p in group))
     if policy == "sequential":
-        assert all(len(p.slots) == 1 and p.occupied_before == 0 for p in ex.prefills)
+        assert all(len(p.slots) == 1 and (p.occupied_before == 0 or not p.new)
+                   for p in ex.prefills)
         assert all(d.occupied <= 1 for d in ex.decodes)
 
 
@@ -613,10 +643,10 @@ def test_numpy_arrival_times_are_accepted():
 class FailingPrefill(FakeExecutor):
     """Fails the prefill of any batch holding a prompt that starts with 13."""
 
-    def prefill(self, slots, prompts, params):
-        if any(p[0] == 13 for p in prompts):
+    def prefill(self, pieces):
+        if any(p.start == 0 and p.tokens[0] == 13 for p in pieces):
             raise RuntimeError("boom")
-        return super().prefill(slots, prompts, params)
+        return super().prefill(pieces)
 
 
 def test_a_failed_prefill_ends_its_requests_and_spares_the_others():
@@ -725,11 +755,11 @@ def test_fake_executor_enforces_device_contract():
                       buckets=Buckets(windows=(1, 2, 4), kv_lengths=(4, 8, 16),
                                       prompt_lengths=(4, 8, 16), prefill_batches=(1, 2)))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    handle = ex.prefill([1, 2], [[1, 2, 3], [4]], [sp, sp])
+    handle = ex.prefill([whole(1, [1, 2, 3], sp), whole(2, [4], sp)])
     first = ex.read(handle).tokens
     assert first.tolist() == [expected_tokens(p, sp, (), 16, 20)[0][0] for p in ([1, 2, 3], [4])]
     with pytest.raises(DeviceContractError, match="active"):
-        ex.prefill([2], [[1]], [sp])  # onto a live slot
+        ex.prefill([whole(2, [1], sp)])  # onto a live slot
     with pytest.raises(DeviceContractError, match="width"):
         ex.decode(0, 3, 8)  # width not a bucket
     with pytest.raises(DeviceContractError, match="outside"):
@@ -763,7 +793,7 @@ def test_fake_compaction_that_drops_cache_changes_tokens():
     good = FakeExecutor(num_slots=2, max_len=16, vocab_size=97)
     bad = FakeExecutor(num_slots=2, max_len=16, vocab_size=97)
     for ex in (good, bad):
-        ex.prefill([1], [prompt], [sp])
+        ex.prefill([whole(1, prompt, sp)])
         ex.decode(0, 2, 16)
     good.compact([(1, 0)], 16)
     # A broken compaction that copies only 4 of the 7 cache positions in use.

@@ -50,9 +50,11 @@ def tokenizer():
 
 
 def tiny_chat_engine(tokenizer, max_slots=4):
+    """Prompts go in pieces of 16 tokens, and their openings into a prefix cache of 2 rows:
+    every test below runs through chunked prefill and prefix hits."""
     cfg = tiny_config("llama", vocab_size=tokenizer.vocab_size)
     return Engine(cfg, init_params(cfg, jax.random.key(0), scale=0.3), tokenizer,
-                  max_slots=max_slots, max_len=128)
+                  max_slots=max_slots, max_len=128, prefill_chunk=16, prefix_cache_rows=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,24 @@ def metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
+
+
+def test_a_shared_system_prompt_is_computed_once(client, served):
+    _, url = served
+    system = "You are a kind assistant. You answer every question in one short sentence. " * 2
+    before = [metric(url, f"flover_prefix_cache_{n}_total") for n in ("queries", "hits")]
+
+    def ask(question):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return client.chat.completions.create(model="tiny-chat", messages=messages,
+                                              max_tokens=6, **GREEDY)
+
+    first, second = ask("Hi"), ask("What is the sea?")
+    queries, hits = (metric(url, f"flover_prefix_cache_{n}_total") - b
+                     for n, b in zip(("queries", "hits"), before))
+    assert queries == first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert hits >= 32  # the second reused the system prompt's whole pieces of 16
+    assert ask("What is the sea?").choices[0].message == second.choices[0].message  # a full hit
 
 
 def test_completion_streamed_equals_completion_whole(client):

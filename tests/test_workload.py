@@ -37,11 +37,38 @@ def test_gamma_gaps_average_one_over_rate():
 def test_synthetic_requests_take_the_given_sampling_settings():
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=5)
     requests = workload.synthetic("burst", 6, 8, "uniform:3:9", 100, params=params, seed=2)
-    lengths = workload.output_lengths("uniform:3:9", 6, seed=2)
+    lengths = workload.lengths("output_len", "uniform:3:9", 6, seed=2)
     assert [r.params.max_new_tokens for r in requests] == lengths.tolist()
     for r in requests:
         assert dataclasses.replace(r.params, max_new_tokens=16) == params
         assert len(r.prompt) == 8 and all(3 <= t < 100 for t in r.prompt)
+
+
+def test_lognormal_lengths_have_their_median_and_stay_in_bounds():
+    drawn = workload.lengths("prompt_len", "lognormal:200:1.0:1500", 20001, seed=1)
+    assert np.median(drawn) == pytest.approx(200, rel=0.05)
+    assert drawn.min() >= 1 and drawn.max() == 1500  # sigma 1: some draws pass 1500, clipped
+    assert np.all(workload.lengths("output_len", "lognormal:7:0:9", 5) == 7)  # sigma 0: the median
+    for spec, message in (("lognormal:0:1:9", "MEDIAN >= 1"), ("lognormal:9:1", "expected N"),
+                          ("gauss:3:4", "expected N"), ("uniform:5:2", "LO <= HI"), ("0", ">= 1")):
+        with pytest.raises(ValueError, match=f"prompt_len=.*{message}"):
+            workload.lengths("prompt_len", spec, 3)
+
+
+def test_conversations_share_a_system_prompt_and_grow_turn_by_turn():
+    requests = workload.synthetic("burst", 6, "uniform:2:5", "uniform:3:6", 100, seed=4,
+                                  shared_prefix=10, turns=3)
+    prompts = [r.prompt for r in requests]
+    system = prompts[0][:10]
+    assert all(p[:10] == system for p in prompts)
+    assert prompts[0][10:] != prompts[3][10:]  # a new conversation after three turns
+    for first, turn in ((0, 1), (1, 2), (3, 4), (4, 5)):  # each turn extends the one before,
+        earlier, later = prompts[first], prompts[turn]  # by the earlier answer and a question
+        assert later[: len(earlier)] == earlier
+        question = len(later) - len(earlier) - requests[first].params.max_new_tokens
+        assert 2 <= question <= 5
+    with pytest.raises(ValueError, match="turns=0: must be an int >= 1"):
+        workload.synthetic("burst", 2, 4, 4, 100, turns=0)
 
 
 def write_lines(path, *records):

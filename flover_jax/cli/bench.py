@@ -30,10 +30,12 @@ def _check_workload() -> None:
     # Sizes first: each below is built whole in memory.
     workload.arrival_times(FLAGS.workload, FLAGS.num_requests, **_arrival_flags())
     longest = FLAGS.max_len if FLAGS.backend == "engine" else MAX_SERVER_PROMPT
-    if not FLAGS.prompts_file and not 1 <= FLAGS.prompt_len < longest:
-        raise ValueError(f"--prompt_len={FLAGS.prompt_len}: must be in [1, {longest}) "
+    sizes = workload.prompt_sizes(FLAGS.num_requests, FLAGS.prompt_len, FLAGS.output_len,
+                                  FLAGS.seed, FLAGS.shared_prefix, FLAGS.turns)
+    if not FLAGS.prompts_file and max(sizes) >= longest:
+        raise ValueError(f"--prompt_len={FLAGS.prompt_len} (with --shared_prefix and --turns): "
+                         f"a prompt of {max(sizes)} tokens; prompts must be shorter than {longest} "
                          f"({'--max_len' if FLAGS.backend == 'engine' else 'a server'})")
-    workload.output_lengths(FLAGS.output_len, FLAGS.num_requests, FLAGS.seed)
 
 
 # Random prompt tokens for a server: ids below this are valid in every vocabulary we serve.
@@ -70,7 +72,9 @@ def _workload(engine):
     else:
         vocab_size = engine.cfg.vocab_size if engine else SERVER_VOCAB
         requests = workload.synthetic(FLAGS.workload, FLAGS.num_requests, FLAGS.prompt_len,
-                                      FLAGS.output_len, vocab_size, params=defaults, **arrivals)
+                                      FLAGS.output_len, vocab_size, params=defaults,
+                                      shared_prefix=FLAGS.shared_prefix, turns=FLAGS.turns,
+                                      **arrivals)
         where = [f"request {i} (--prompt_len, --output_len)" for i in range(len(requests))]
     for request, label in zip(requests, where if engine else ()):
         try:
@@ -120,7 +124,7 @@ def _bench_server(output) -> int:
         record["prompt_len"] = len(request.prompt) if isinstance(request.prompt, list) else None
     summary = {"backend": "openai", "base_url": FLAGS.base_url, "model": server.model,
                "wall_s": wall_s} | metrics.latency_figures(records) | {
-        "requests": [{k: v for k, v in r.items() if k != "token_times_s"} for r in records]}
+        "requests": records}
     Console(stderr=True).print(viz.summary_table(summary, f"bench · {FLAGS.workload} · "
                                                           f"{FLAGS.base_url}"))
     for record in records:

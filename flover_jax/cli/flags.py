@@ -23,6 +23,13 @@ flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel"],
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")
+flags.DEFINE_integer("prefill_chunk", 256, "Prompts are prefilled this many tokens an iteration "
+                     "at most, between decode steps, so a long prompt never stalls the others "
+                     "(0: whole prompts at once).")
+flags.DEFINE_bool("prefix_cache", True, "Reuse the K/V of prompt openings seen before (system "
+                  "prompts, conversations); needs --prefill_chunk > 0.")
+flags.DEFINE_integer("prefix_cache_rows", 4, "Cached prefixes held at once; each takes a slot's "
+                     "memory (--max_len tokens of K/V).")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: devices (across all processes) per model.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
@@ -49,8 +56,14 @@ flags.DEFINE_float("interval_s", 0.5, "Gap between arrivals (constant workload).
 flags.DEFINE_float("rate", 4.0, "Requests per second (poisson workload).")
 flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the gaps: 1 = Poisson, < 1 burstier.")
 flags.DEFINE_string("trace", None, "JSONL trace (trace workload).")
-flags.DEFINE_integer("prompt_len", 8, "Random-token prompt length (bench).")
-flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens: N or uniform:LO:HI (bench).")
+flags.DEFINE_string("prompt_len", "8", "Random-token prompt lengths (bench): N, uniform:LO:HI or "
+                    "lognormal:MEDIAN:SIGMA:MAX.")
+flags.DEFINE_string("output_len", "uniform:128:512", "Output tokens (bench): N, uniform:LO:HI "
+                    "or lognormal:MEDIAN:SIGMA:MAX.")
+flags.DEFINE_integer("shared_prefix", 0, "Random-token prompts open with the same this many "
+                     "tokens, a system prompt (bench).")
+flags.DEFINE_integer("turns", 1, "Random-token requests form conversations of this many turns, "
+                     "each prompt the conversation so far (bench).")
 flags.DEFINE_string("output_json", None, "Write the bench summary here ('-': stdout, the default).")
 flags.DEFINE_bool("warmup", True, "Compile every bucket before timing (bench).")
 flags.DEFINE_integer("solo_samples", 3, "Requests run alone for latency_vs_solo (0: skip).")
@@ -72,7 +85,8 @@ flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
 
 # The flags each mode reads.
 ENGINE_FLAGS = ("model", "dtype", "max_slots", "max_len", "policy", "attention", "matmul",
-                "batch_invariant", "tp", "coordinator_address", "num_processes", "process_id")
+                "batch_invariant", "prefill_chunk", "prefix_cache", "prefix_cache_rows", "tp",
+                "coordinator_address", "num_processes", "process_id")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
 ARRIVAL_FLAGS = ("workload", "num_requests", "interval_s", "rate", "burstiness")
@@ -80,14 +94,16 @@ MODE_FLAGS = {
     "run": ENGINE_FLAGS + ("num_requests", "rate", "seed"),
     "generate": ENGINE_FLAGS + SAMPLING_FLAGS + ("prompt", "prompts_file", "output", "chat"),
     "bench": ENGINE_FLAGS + SAMPLING_FLAGS + ARRIVAL_FLAGS + (
-        "trace", "prompts_file", "chat", "prompt_len", "output_len", "output_json", "warmup",
+        "trace", "prompts_file", "chat", "prompt_len", "output_len", "shared_prefix", "turns",
+        "output_json", "warmup",
         "solo_samples", "backend", "base_url", "api_key"),
     "convert": ("src", "dst"),
     "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s",
                              "request_timeout_s"),
 }
 # Within bench: a trace sets arrivals, prompts and lengths; otherwise --output_len sets lengths.
-NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len")
+NOT_WITH_TRACE = ARRIVAL_FLAGS[1:] + ("prompts_file", "chat", "prompt_len", "output_len",
+                                      "shared_prefix", "turns")
 # What an engine of this process would read, which a bench of a server does not.
 NOT_WITH_SERVER = ENGINE_FLAGS + ("warmup", "solo_samples", "chat")
 # The gap flags each arrival process reads.

@@ -61,22 +61,31 @@ class Metrics:
         self.generation_tokens = Counter("flover_generation_tokens", "Generated tokens.", registry=r)
         self.finished = Counter("flover_requests_finished", "Requests ended, by reason.",
                                 ["finish_reason"], registry=r)
-        self.compactions = Counter("flover_compactions", "Compactions (slot moves planned "
-                                   "together).", registry=r)
+        # Counters that follow the scheduler's own counts (Stats field -> counter).
+        self._counts = {
+            "compactions": Counter("flover_compactions", "Compactions (slot moves planned "
+                                   "together).", registry=r),
+            "prefix_lookup_tokens": Counter("flover_prefix_cache_queries", "Prompt tokens looked "
+                                            "up in the prefix cache.", registry=r),
+            "prefix_hit_tokens": Counter("flover_prefix_cache_hits", "Prompt tokens copied from "
+                                         "the prefix cache instead of computed.", registry=r),
+        }
         self.ttft = Histogram("flover_time_to_first_token_seconds", "Arrival to first token.",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("flover_inter_token_latency_seconds", "Between a request's tokens.",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("flover_e2e_request_latency_seconds", "Arrival to last token.",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self._compactions_seen = 0
+        self._seen = dict.fromkeys(self._counts, 0)
 
     def on_iteration(self, scheduler) -> None:  # the loop thread
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
         self.slots_in_use.set(len(scheduler.table))
-        self.compactions.inc(scheduler.stats.compactions - self._compactions_seen)
-        self._compactions_seen = scheduler.stats.compactions
+        for field, counter in self._counts.items():  # the loop's one scheduler counts on
+            count = getattr(scheduler.stats, field)
+            counter.inc(count - self._seen[field])
+            self._seen[field] = count
 
     def on_finished(self, output: RequestOutput) -> None:  # the loop thread
         self.finished.labels(output.finish_reason).inc()
