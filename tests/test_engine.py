@@ -83,6 +83,16 @@ def solo_tokens(engine, request):
     return engine.generate([request.prompt], request.params)[0].token_ids
 
 
+_SOLO_RUNS = {}  # (engine, prompt, params) -> the output alone: each policy's test reuses it
+
+
+def solo_output(engine, request):
+    key = (id(engine), tuple(request.prompt), request.params)
+    if key not in _SOLO_RUNS:
+        _SOLO_RUNS[key] = engine.generate([request.prompt], request.params)[0]
+    return _SOLO_RUNS[key]
+
+
 @pytest.mark.parametrize("ops", ["cpu_kernels", "xla"])
 @pytest.mark.parametrize("policy", ["flover", "fused", "static"])
 def test_fused_equals_solo_greedy(request, policy, ops):
@@ -97,7 +107,7 @@ def test_fused_equals_solo_greedy(request, policy, ops):
         assert stats.mid_window_finishes > 0 and stats.compactions > 0 and stats.moves > 0
     for request, output in zip(workload, result.outputs):
         assert output.finish_reason in ("stop", "length")
-        alone = engine.generate([request.prompt], request.params)[0]
+        alone = solo_output(engine, request)
         assert output.token_ids == alone.token_ids, f"request {output.request_id}"
         if request.params.logprobs:  # equal to rounding: a prefill's batch moves the last bits
             np.testing.assert_allclose(output.logprobs, alone.logprobs, rtol=1e-5, atol=1e-5)
@@ -368,11 +378,11 @@ def test_compiles_are_bounded_by_buckets(tiny, compiles):
                            top_p=float(rng.choice([1.0, 0.8])), seed=i, ignore_eos=bool(i % 2)),
             arrival_s=float(rng.exponential(0.8)) * i,
         )
-        for i in range(200)
+        for i in range(120)
     ]
     with compiles() as count:
         result = run_with_fake_clock(engine, workload)
-    assert len(result.outputs) == 200
+    assert len(result.outputs) == 120
     assert result.stats.compactions > 0 and result.stats.prefix_hits > 0
     assert result.stats.prompt_pieces > result.stats.admitted
     assert count() == 0, f"{count()} compiles after warming every bucket"

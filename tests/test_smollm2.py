@@ -79,7 +79,7 @@ def test_fused_equals_solo(engine):
             SamplingParams(max_new_tokens=int(rng.integers(4, 40)), ignore_eos=bool(i % 2)),
             arrival_s=float(i),
         )
-        for i in range(24)
+        for i in range(16)
     ]
     result = run_with_fake_clock(engine, workload)
     stats = result.stats
