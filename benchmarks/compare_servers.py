@@ -54,11 +54,15 @@ def bench(workload: str, *flags_: str) -> dict:
     """One run of our load generator (or, without --backend=openai, our in-process engine)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "bench.json"
-        subprocess.run([sys.executable, str(REPO / "main.py"), "--mode=bench", f"--workload={workload}",
-                        f"--num_requests={FLAGS.requests}", f"--prompt_len={PROMPT_LEN}",
-                        f"--output_len={FLAGS.output_len}", f"--rate={FLAGS.rate}", "--ignore_eos",
-                        "--temperature=0", f"--output_json={out}", *flags_],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        arrivals = [f"--rate={FLAGS.rate}"] if workload == "poisson" else []
+        run = subprocess.run([sys.executable, str(REPO / "main.py"), "--mode=bench",
+                              f"--workload={workload}", *arrivals, f"--num_requests={FLAGS.requests}",
+                              f"--prompt_len={PROMPT_LEN}", f"--output_len={FLAGS.output_len}",
+                              "--ignore_eos", "--temperature=0", f"--output_json={out}", *flags_],
+                             check=False, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"bench {workload} {' '.join(flags_)}: exit {run.returncode}: "
+                               f"{run.stderr[-2000:]}")
         summary = json.loads(out.read_text())
     return {key: summary[key] for key in FIGURES}
 
