@@ -1,7 +1,7 @@
 """flover_jax side by side with the systems a user would pick instead, on the same model, the same
 workloads and this machine, in one run. Writes benchmarks/results/peers.json; report.py renders it.
 
-    benchmarks/peers/setup.sh            # once: builds llama-server, makes the HF environment
+    benchmarks/peers/setup.sh            # once: builds llama-server, makes the HF and vLLM environments
     .venv/bin/python benchmarks/compare_peers.py
 
 Systems (each peer in its own environment under .peers/, never a dependency of flover_jax):
@@ -10,8 +10,12 @@ Systems (each peer in its own environment under .peers/, never a dependency of f
 - llama_f32:     the same server on an F32 GGUF dequantized from it, f32 KV cache: our precision.
 - hf_continuous: transformers' continuous batching manager (what `generate_batch` runs), fp32.
 - hf_static:     transformers' batched `generate` over whatever has arrived, fp32.
+- vllm_fp32:     vLLM's CPU build, its offline engine (`LLMEngine`, what `LLM.generate` runs) on
+                 the same weights in fp32, as many sequences at once as the widest workload.
+- vllm_bf16:     the same in bfloat16 (weights, activations and KV cache).
 
-Figures merge into --output: a run of some experiments or systems keeps the others' figures.
+Figures merge into --output: a run of some experiments or systems keeps the others' figures
+(unless the file's figures come from another CPU: then it starts afresh).
 
 Workloads (8-token random prompts, EOS ignored, greedy), all systems on identical requests:
 - headline:    32 requests of 512 tokens, one every --interval_s (the paper's Fig. 4 workload),
@@ -33,15 +37,16 @@ import jax
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_run, merge_results  # noqa: E402
-from peers import llama_server  # noqa: E402
+from common import cpu_description, median_run, merge_results  # noqa: E402
+from peers import llama_server, vllm_peer  # noqa: E402
 
 from flover_jax import bench, metrics, workload  # noqa: E402
 from flover_jax.engine import Engine, TimedRequest  # noqa: E402
 from models.presets import smollm2_gguf_path  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("systems", ["flover", "llama_q4_1", "llama_f32", "hf_continuous", "hf_static"],
+flags.DEFINE_list("systems", ["flover", "vllm_fp32", "vllm_bf16", "llama_q4_1", "llama_f32",
+                                "hf_continuous", "hf_static"],
                   "Which systems to run.")
 flags.DEFINE_list("experiments", ["headline", "concurrency"], "Which workloads to run.")
 flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Concurrent requests (concurrency).")
@@ -51,7 +56,7 @@ flags.DEFINE_float("interval_s", 0.5, "Arrival gap (headline).")
 flags.DEFINE_integer("headline_repeats", 3, "Runs of the headline per system (median reported).")
 flags.DEFINE_string("output", "benchmarks/results/peers.json", "Where the results go.")
 
-PROMPT_LEN, SLOTS, VOCAB = 8, 32, 49152
+PROMPT_LEN, HEADLINE_REQUESTS, VOCAB = 8, 32, 49152
 PEERS = Path(".peers")
 
 
@@ -59,7 +64,7 @@ def workloads() -> dict[str, list[TimedRequest]]:
     """name -> the workload's requests; a repeat of a workload is named `name#k`."""
     specs = {}
     if "headline" in FLAGS.experiments:
-        specs["headline"] = ("constant", SLOTS, FLAGS.headline_output_len, {"interval_s": FLAGS.interval_s})
+        specs["headline"] = ("constant", HEADLINE_REQUESTS, FLAGS.headline_output_len, {"interval_s": FLAGS.interval_s})
     if "concurrency" in FLAGS.experiments:
         for n in FLAGS.sizes:
             specs[f"concurrency/{n}"] = ("burst", int(n), FLAGS.sweep_output_len, {})
@@ -68,6 +73,11 @@ def workloads() -> dict[str, list[TimedRequest]]:
     if "headline" in work:
         work |= {f"headline#{k}": work["headline"] for k in range(2, FLAGS.headline_repeats + 1)}
     return work
+
+
+def slots() -> int:
+    """Requests each system may run at once: the widest workload."""
+    return max(HEADLINE_REQUESTS, *map(int, FLAGS.sizes))
 
 
 def fold_repeats(runs: dict[str, dict]) -> dict[str, dict]:
@@ -86,7 +96,7 @@ def plain(work: dict[str, list[TimedRequest]]) -> dict[str, list[dict]]:
 
 
 def run_flover(work: dict[str, list[TimedRequest]]) -> tuple[dict, dict]:
-    engine = Engine.from_pretrained("smollm2-135m", max_slots=SLOTS,
+    engine = Engine.from_pretrained("smollm2-135m", max_slots=slots(),
                                     max_len=PROMPT_LEN + FLAGS.headline_output_len)
     engine.executor.warmup(prompt_lengths=[PROMPT_LEN])
     results = {}
@@ -106,7 +116,7 @@ def run_llama(work: dict[str, list[dict]], quantized: bool) -> tuple[dict, dict]
         kv_type = "f32"
     name = "llama_q4_1" if quantized else "llama_f32"
     longest = max(r["max_new_tokens"] for requests in work.values() for r in requests)
-    server = llama_server.LlamaServer(gguf, SLOTS, PROMPT_LEN + longest + 16, kv_type=kv_type,
+    server = llama_server.LlamaServer(gguf, slots(), PROMPT_LEN + longest + 16, kv_type=kv_type,
                                       log=PEERS / f"{name}.log")
     results = {}
     with server:
@@ -123,6 +133,18 @@ def run_hf(work: dict[str, list[dict]], mode: str) -> tuple[dict, dict]:
         subprocess.run([str(PEERS / "hf/bin/python"), "benchmarks/peers/hf_peer.py", f"--mode={mode}",
                         f"--gguf={smollm2_gguf_path()}", f"--workloads={inputs}", f"--output={outputs}"],
                        check=True)
+        out = json.loads(outputs.read_text())
+    results = {w: summarize(name, w, records) for w, records in out["records"].items()}
+    return results, out["versions"]
+
+
+def run_vllm(work: dict[str, list[dict]], dtype: str) -> tuple[dict, dict]:
+    name = f"vllm_{'fp32' if dtype == 'float32' else 'bf16'}"
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = Path(tmp) / "work.json", Path(tmp) / "records.json"
+        inputs.write_text(json.dumps(work))
+        subprocess.run([str(vllm_peer.PYTHON), "benchmarks/peers/vllm_peer.py", f"--model={PEERS / 'smollm2-hf'}",
+                        f"--dtype={dtype}", f"--workloads={inputs}", f"--output={outputs}"], check=True)
         out = json.loads(outputs.read_text())
     results = {w: summarize(name, w, records) for w, records in out["records"].items()}
     return results, out["versions"]
@@ -150,21 +172,27 @@ def main(argv):
         "llama_f32": lambda: run_llama(peer_work, quantized=False),
         "hf_continuous": lambda: run_hf(peer_work, "continuous"),
         "hf_static": lambda: run_hf(peer_work, "static"),
+        "vllm_fp32": lambda: run_vllm(peer_work, "float32"),
+        "vllm_bf16": lambda: run_vllm(peer_work, "bfloat16"),
     }
     unknown = set(FLAGS.systems) - set(runners)
     if unknown:
         raise app.UsageError(f"systems={sorted(unknown)}: allowed {sorted(runners)}")
+    cpu = cpu_description()
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpu_cores": jax.local_device_count()},
+                           "cpu_cores": jax.local_device_count(), "cpu": cpu, "slots": slots()},
                "workloads": {name: {"num_requests": len(r), "output_len": r[0].params.max_new_tokens,
                                     "last_arrival_s": r[-1].arrival_s, "date": str(date.today())}
                              for name, r in work.items() if "#" not in name},
                "systems": {}, "versions": {}}
+    path = Path(FLAGS.output)
+    if path.exists() and json.loads(path.read_text())["machine"].get("cpu") != cpu:
+        path.unlink()  # figures from another machine never share a table with these
     for system in FLAGS.systems:
         print(system, flush=True)
         runs, results["versions"][system] = runners[system]()
         results["systems"][system] = fold_repeats(runs)
-    merge_results(Path(FLAGS.output), results)
+        merge_results(path, results)  # each system's figures kept as soon as it has them
     print(f"wrote {FLAGS.output}")
 
 

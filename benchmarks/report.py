@@ -184,10 +184,20 @@ def ablation_section(paper: dict) -> str:
 
 SYSTEMS = {  # name -> what it is, as the tables say it
     "flover": "flover_jax (fp32 weights, fp32 KV)",
-    "llama_q4_1": "llama-server -np 32 (Q4_1 weights, f16 KV)",
-    "llama_f32": "llama-server -np 32 (F32 weights, f32 KV)",
+    "vllm_fp32": "vLLM CPU offline engine (fp32)",
+    "vllm_bf16": "vLLM CPU offline engine (bf16 weights and KV)",
+    "llama_q4_1": "llama-server (Q4_1 weights, f16 KV)",
+    "llama_f32": "llama-server (F32 weights, f32 KV)",
     "hf_continuous": "HF continuous batching (fp32)",
     "hf_static": "HF static batched generate (fp32)",
+}
+SERVERS = {  # compare_servers.py's systems, as its table says them
+    "flover": "flover_jax server (`main.py --mode=serve`, defaults, fp32)",
+    "flover_xla": "flover_jax server, `--matmul=xla --attention=xla`",
+    "flover_engine": "flover_jax in-process engine (no HTTP; reference)",
+    "llama_q4_1": "llama-server (Q4_1 weights, f16 KV)",
+    "llama_f32": "llama-server (F32 weights, f32 KV)",
+    "vllm_fp32": "vLLM CPU server (`vllm.entrypoints.openai.api_server`, fp32)",
 }
 
 
@@ -203,7 +213,9 @@ def peers_section(peers: dict) -> str:
              "Same model (SmolLM2-135M-Instruct), same requests (8-token random prompts, EOS ignored, "
              "greedy), same machine; each table's systems ran back to back in one run; each peer in its "
              "own environment under `.peers/` "
-             "(`benchmarks/peers/setup.sh`). Versions: "
+             "(`benchmarks/peers/setup.sh`)"
+             + (f"; {peers['machine']['cpu']}, each system allowed {peers['machine']['slots']} requests "
+                "at once" if "cpu" in peers["machine"] else "") + ". Versions: "
              + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in peers["versions"][s].items())
                          for s in systems) + ".\n"]
     if ours is not None:
@@ -462,6 +474,37 @@ def interrupts_section(record: dict) -> str:
     )
 
 
+def servers_section(servers: dict, why: str | None) -> str:
+    """compare_servers.py: every server through our one HTTP client, per workload."""
+    parts = [
+        "## Servers through one HTTP client (`benchmarks/compare_servers.py`)\n\n"
+        f"`{servers['command']}` on {servers['cpu']} ({servers['date']}): each server in turn on "
+        "127.0.0.1, driven by `main.py --mode=bench --backend=openai` (streamed, one client thread "
+        f"per request, in its own process); {servers['prompt_len']}-token random prompts, "
+        f"{servers['output_len']} tokens each, greedy, EOS ignored; one untimed burst first on "
+        "every server, then one run of each workload. TTFT at the first streamed token, ITL "
+        "between streamed tokens. Versions: "
+        + "; ".join(f"{s}: {v}" for s, v in servers["versions"].items()) + ".\n"]
+    runs = servers["systems"]
+    for workload, description in servers["workloads"].items():
+        ours = runs.get("flover", {}).get(workload)
+        rows = []
+        for system, by_workload in runs.items():
+            r = by_workload.get(workload)
+            if r is None:
+                continue
+            rows.append([SERVERS.get(system, system), f"{r['output_tokens_per_s']:.0f}",
+                         *(f"{r[k][p] * 1e3:.0f} ms" for k in ("ttft_s", "itl_s") for p in ("p50", "p99")),
+                         r["errors"],
+                         f"{ours['output_tokens_per_s'] / r['output_tokens_per_s']:.2f}x" if ours else ""])
+        parts.append(f"### {workload}: {description}\n\n" + _table(
+            ["system", "output tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "errors",
+             "flover_jax server vs it"], rows) + "\n")
+    if why:
+        parts.append(why)
+    return "\n".join(parts)
+
+
 def server_section(overhead: dict | None, soak: dict | None) -> str:
     parts = ["## Serving over HTTP (`benchmarks/server_vs_engine.py`, `benchmarks/soak.py`)\n"]
     if overhead:
@@ -548,6 +591,10 @@ def main() -> None:
                       for path in (RESULTS / "server_vs_engine.json", RESULTS / "soak.json"))
     if overhead or soak:
         parts.append(server_section(overhead, soak))
+    if (RESULTS / "servers.json").exists():
+        why = RESULTS / "servers_why.md"
+        parts.append(servers_section(json.loads((RESULTS / "servers.json").read_text()),
+                                     why.read_text() if why.exists() else None))
     if (RESULTS / "interrupts.json").exists():
         parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

