@@ -141,15 +141,19 @@ class ServerState:
 # -- one HTTP call's engine requests --------------------------------------------------------------
 
 
+_EXPIRED = object()  # put on a call's queue at its deadline
+
+
 class _Calls:
     """The engine requests of one HTTP call: choice i's deltas arrive on `queue` as (i, delta)."""
 
     def __init__(self, state: ServerState, jobs: Sequence[tuple[list[int], SamplingParams]]) -> None:
         self.state, self.queue = state, asyncio.Queue()
         self.pending = set(range(len(jobs)))
-        self.deadline = time.monotonic() + state.timeout_s
         state.admit(len(jobs))
         aio = asyncio.get_running_loop()
+        # One timer for the whole call, not one per delta: at the deadline `next` answers 504.
+        self._deadline = aio.call_later(state.timeout_s, self.queue.put_nowait, _EXPIRED)
         self.handles = []
         try:
             for i, (ids, params) in enumerate(jobs):
@@ -171,19 +175,21 @@ class _Calls:
     async def next(self) -> tuple[int, StreamDelta]:
         """The next delta of any choice; past the call's deadline its choices are cancelled and
         this raises a 504."""
-        try:
-            index, delta = await asyncio.wait_for(self.queue.get(),
-                                                  max(0.0, self.deadline - time.monotonic()))
-        except TimeoutError:
+        item = await self.queue.get()
+        if item is _EXPIRED:
             self.cancel()
             raise ApiError(504, f"no answer within {self.state.timeout_s:g} s (--request_timeout_s)",
-                           kind="server_error", code="timeout") from None
+                           kind="server_error", code="timeout")
+        index, delta = item
         if delta.finish_reason is not None:
             self.pending.discard(index)
+            if not self.pending:
+                self._deadline.cancel()
         return index, delta
 
     def cancel(self) -> None:
         """Cancel the choices still running (the client has gone)."""
+        self._deadline.cancel()
         for i in self.pending:
             if i < len(self.handles):
                 try:
@@ -351,6 +357,25 @@ class _TooLarge(Exception):
     pass
 
 
+class _Authenticate:
+    """ASGI middleware: every /v1, /tokenize and /detokenize call needs `Authorization: Bearer
+    KEY`, compared in constant time; 401 otherwise. (Plain ASGI, as `_BodyLimit`: Starlette's
+    BaseHTTPMiddleware would relay every streamed chunk through a task of its own.)"""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/tokenize", "/detokenize")):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(ApiError(401, "missing or wrong API key (Authorization: "
+                                                 "Bearer KEY)", kind="authentication_error",
+                                                 code="invalid_api_key").body(), 401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="flover_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -380,18 +405,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def internal(_: Request, e: Exception) -> JSONResponse:  # never a trace to a client
         _log.exception("server: a request failed")
         return JSONResponse(ApiError(500, "internal error", kind="server_error").body(), 500)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        protected = request.url.path.startswith(("/v1", "/tokenize", "/detokenize"))
-        if protected and state.api_key is not None:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: "
-                                             "Bearer KEY)", kind="authentication_error",
-                                             code="invalid_api_key").body(), 401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:
@@ -548,6 +561,8 @@ def create_app(state: ServerState) -> FastAPI:
                            param="tokens")
         return {"prompt": state.engine.tokenizer.decode(body.tokens)}
 
+    if state.api_key is not None:
+        app.add_middleware(_Authenticate, api_key=state.api_key)
     app.add_middleware(_BodyLimit, limit=state.max_body_bytes)  # added last: runs first
     return app
 
