@@ -549,6 +549,40 @@ def server_section(overhead: dict | None, soak: dict | None) -> str:
     return "\n".join(parts)
 
 
+def long_prompts_section(record: dict) -> str:
+    parts = ["## Long prompts and shared openings (`benchmarks/long_prompts.py`)\n",
+             f"`{record['command']}` on {record['cpu']}, {record['model']}, float32, each engine "
+             "run once untimed (compiles) and then timed.\n"]
+    if stall := record.get("stall"):
+        runs = stall["runs"]
+        parts.append(
+            f"**A long prompt among decoders.** {stall['decoders']} requests decode (8-token "
+            f"prompts) when a {stall['long_prompt']}-token prompt arrives.\n\n"
+            + _table(["prefill", "decoders' longest gap between tokens", "their median gap",
+                      "the long prompt's TTFT"],
+                     [[name, f"{r['decoders_max_itl_s']:.2f} s",
+                       f"{r['decoders_median_itl_s'] * 1e3:.0f} ms",
+                       f"{r['long_prompt_ttft_s']:.2f} s"] for name, r in runs.items()])
+            + f"\n\nIn pieces the decoders' longest gap is **{stall['max_itl_ratio']:.2f}x** "
+            f"the whole prompt's (target: at most 0.25x), and the long prompt's TTFT "
+            f"**{stall['ttft_ratio']:.2f}x** (target: at most 1.5x).\n")
+    if shared := record.get("shared"):
+        runs = shared["runs"]
+        parts.append(
+            f"**A shared system prompt.** {shared['requests']} requests at once, each a "
+            f"{shared['system']}-token system prompt and its own question of 16-32 tokens, "
+            "32 tokens each, greedy.\n\n"
+            + _table(["", "mean TTFT", "p99 TTFT", "all done", "prompt tokens from the cache"],
+                     [[name.replace("_", " "), f"{r['mean_ttft_s']:.2f} s",
+                       f"{r['p99_ttft_s']:.2f} s", f"{r['wall_s']:.1f} s",
+                       f"{r['prefix_hit_rate']:.0%}"] for name, r in runs.items()])
+            + f"\n\nWith the prefix cache the mean TTFT is **{shared['mean_ttft_ratio']:.2f}x** "
+            "the one without (target: at most a third); every request's tokens are "
+            + ("**the same both ways**." if shared["tokens_identical"] else "**NOT the same** both ways.")
+            + "\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -597,6 +631,8 @@ def main() -> None:
         why = RESULTS / "servers_why.md"
         parts.append(servers_section(json.loads((RESULTS / "servers.json").read_text()),
                                      why.read_text() if why.exists() else None))
+    if (RESULTS / "long_prompts.json").exists():
+        parts.append(long_prompts_section(json.loads((RESULTS / "long_prompts.json").read_text())))
     if (RESULTS / "interrupts.json").exists():
         parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

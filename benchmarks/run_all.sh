@@ -30,4 +30,5 @@ PYEOF
 "$PY" benchmarks/server_vs_engine.py --requests=32 --output_len=128 --repeats=3 \
     --output_json=benchmarks/results/server_vs_engine.json
 "$PY" benchmarks/soak.py --requests=2000 --output_json=benchmarks/results/soak.json
+"$PY" benchmarks/long_prompts.py --output_json=benchmarks/results/long_prompts.json
 "$PY" benchmarks/report.py
