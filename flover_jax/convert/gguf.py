@@ -1,4 +1,5 @@
-"""Import a GGUF file (llama.cpp's format; LLaMA architecture), dequantized to float32.
+"""Import a GGUF file (llama.cpp's format; LLaMA architecture): float tensors in their own
+dtype, quantized ones dequantized to float32.
 
 llama.cpp's converter permutes the rows of q and k so that its rotary kernel
 can pair adjacent dims; we undo that permutation, after which every tensor
@@ -7,14 +8,17 @@ equals Hugging Face's.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gguf
+import ml_dtypes
 import numpy as np
 
-from flover_jax.convert.tensors import CheckpointError, shape_checked_getter
+from flover_jax.convert.tensors import CheckpointError, shape_checked_getter, stored_dtype
 from flover_jax.tokenizer import gguf_stop_ids
 from models.config import LayerSpec, ModelConfig, Rope
+from models.lazy import LazyTensor
 from models.llama import llama_params
 from models.transformer import Params
 
@@ -116,28 +120,45 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _read_gguf_tensor(path: Path, tensor) -> np.ndarray:
+    """A GGUF tensor in numpy's (row-major) shape: float tensors in their own dtype, quantized
+    ones dequantized to float32."""
+    shape = tuple(reversed([int(n) for n in tensor.shape]))  # GGUF lists dims innermost first
+    try:
+        if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
+            return np.ascontiguousarray(tensor.data).view(ml_dtypes.bfloat16).reshape(shape)
+        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return np.array(tensor.data).reshape(shape)
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} cannot be dequantized ({e})") from None
+
+
+def _gguf_dtype(tensor) -> np.dtype:
+    return np.dtype({gguf.GGMLQuantizationType.BF16: ml_dtypes.bfloat16,
+                     gguf.GGMLQuantizationType.F16: np.float16}.get(tensor.tensor_type, np.float32))
+
+
 def load_gguf(path: str | Path, reader: gguf.GGUFReader | None = None) -> tuple[ModelConfig, Params]:
-    """config + float32 numpy params of a GGUF file (any quant type `gguf` can dequantize)."""
+    """config + params of a GGUF file (any quant type `gguf` can dequantize): each param a
+    `LazyTensor` read when it is placed, in its own dtype (quantized ones in float32)."""
     path = Path(path)
     reader = reader or open_gguf(path)
     cfg = gguf_config(reader, path)
     by_name = {t.name: t for t in reader.tensors}
 
-    def read(hf_name: str) -> np.ndarray | None:
+    def read(hf_name: str) -> LazyTensor | None:
         name = _gguf_name(hf_name)
         tensor = by_name.get(name) if name else None
         if tensor is None:
             return None
-        try:
-            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {name!r} cannot be dequantized ({e})") from None
-        # GGUF lists dims innermost first; numpy's shape is the reverse.
-        w = w.reshape(tuple(reversed([int(n) for n in tensor.shape])))
+        w = LazyTensor(tuple(reversed([int(n) for n in tensor.shape])), _gguf_dtype(tensor),
+                       functools.partial(_read_gguf_tensor, path, tensor))
         if name.endswith("attn_q.weight"):
-            w = unpermute_rotary(w, cfg.n_heads)
-        elif name.endswith("attn_k.weight"):
-            w = unpermute_rotary(w, cfg.n_kv_heads)
+            return w.map(functools.partial(unpermute_rotary, n_heads=cfg.n_heads))
+        if name.endswith("attn_k.weight"):
+            return w.map(functools.partial(unpermute_rotary, n_heads=cfg.n_kv_heads))
         return w
 
-    return cfg, llama_params(shape_checked_getter(path, read), cfg)
+    params = llama_params(shape_checked_getter(path, read), cfg)
+    return cfg.replace(dtype=stored_dtype(params)), params
