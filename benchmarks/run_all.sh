@@ -29,4 +29,6 @@ PYEOF
 "$PY" benchmarks/server_vs_engine.py --requests=32 --output_len=128 --repeats=3 \
     --output_json=benchmarks/results/server_vs_engine.json
 "$PY" benchmarks/soak.py --requests=2000 --output_json=benchmarks/results/soak.json
+"$PY" benchmarks/load_memory.py --output_json=benchmarks/results/load_memory.json
+"$PY" benchmarks/moe_step.py --output_json=benchmarks/results/moe_step.json
 "$PY" benchmarks/report.py
