@@ -347,14 +347,19 @@ def write_llama_gguf(path, tokenizer: str | None = None, tensors=(), **metadata)
 
 
 @pytest.mark.parametrize("metadata, tensors, message", [
-    ({"llama.rope.scaling.type": "linear"}, (), "llama.rope.scaling.type='linear'"),
-    ({"llama.rope.scaling.factor": 4.0}, (), "llama.rope.scaling.factor=4.0"),
-    ({"llama.rope.dimension_count": 4}, (), "llama.rope.dimension_count=4"),
-    ({}, [("rope_freqs.weight", (4,))], "rope_freqs.weight"),
+    ({"llama.rope.scaling.type": "yarn"}, (), "llama.rope.scaling.type='yarn' is unsupported"),
+    ({"llama.rope.scaling.factor": 4.0}, (), "llama.rope.scaling.factor=4.0 is unsupported"),
+    ({}, [("rope_factors_long.weight", (4,))], "rope_factors_long.weight (LongRoPE scaling) is "
+                                                "unsupported"),
+    # Divisors of the frequencies: positive (these are random normals), one per pair of dims.
+    ({}, [("rope_freqs.weight", (4,))], "rope_freqs.weight: rope freq_factors=("),
+    ({"llama.expert_count": 4, "llama.expert_used_count": 2, "llama.expert_gating_func": 2},
+     (), "llama.expert_gating_func=2 is unsupported (1: softmax)"),
 ])
-def test_gguf_scaled_rotary_embeddings_are_refused(tmp_path, metadata, tensors, message):
+def test_gguf_rotary_and_routing_it_would_not_compute_are_refused(tmp_path, metadata, tensors,
+                                                                 message):
     path = write_llama_gguf(tmp_path / "m.gguf", tensors=tensors, **metadata)
-    with pytest.raises(CheckpointError, match=re.escape(message) + ".* unsupported"):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         convert(path)
 
 
