@@ -583,6 +583,54 @@ def long_prompts_section(record: dict) -> str:
     return "\n".join(parts)
 
 
+def load_memory_section(record: dict) -> str:
+    ck = record["checkpoint"]
+    disk = ck["safetensors_bytes"]
+    rows = [[case["dtype"] + (" (its own)" if name == "own" else " (`dtype=\"float32\"`)"),
+             f"{case['param_bytes'] / 1e6:.0f} MB", f"{case['peak_over_baseline'] / 1e6:.0f} MB",
+             f"**{case['peak_over_disk']:.2f}x**", f"{case['seconds']:.1f} s"]
+            for name, case in record["loads"].items()]
+    return (
+        "## Host memory of a load (`benchmarks/load_memory.py`)\n\n"
+        f"`{record['command']}` on {record['cpu']}, {record['at']}: a random bfloat16 LLaMA "
+        f"checkpoint (d_model {ck['d_model']}, {ck['layers']} layers, d_ff {ck['d_ff']}, vocab "
+        f"{ck['vocab']}, untied head; {disk / 1e6:.0f} MB of safetensors) loaded in a fresh "
+        "process by `load_model`, which reads one tensor at a time straight into its device "
+        "buffer (on CPU, host memory). Peak: the process's VmHWM (mapped file pages included) "
+        "less its resident memory after the imports; the ratio is to the bytes on disk.\n\n"
+        + _table(["loaded as", "params", "peak over baseline", "peak / disk", "load time"], rows)
+        + "\n\nIn its own dtype the peak is the model plus a tensor or two; as float32 the model "
+        "itself is twice the disk's bytes.\n"
+    )
+
+
+def moe_step_section(record: dict) -> str:
+    shape, models, slots = record["shape"], record["models"], record["slots"]
+    names = {"moe": f"MoE ({shape['experts']} experts of d_ff {shape['expert_d_ff']}, top "
+                    f"{shape['top_k']})",
+             "dense_active": f"dense, same active size (d_ff {models['dense_active']['d_ff']})",
+             "dense_total": f"dense, same total size (d_ff {models['dense_total']['d_ff']})"}
+    rows = [[names[name] + f", {m['mlp_bytes'] / 1e6:.0f} MB of MLP",
+             *(f"{ms:.1f}" for ms in m["step_ms"])] for name, m in models.items()]
+    moe, active = models["moe"]["step_ms"], models["dense_active"]["step_ms"]
+    total = models["dense_total"]["step_ms"]
+    return (
+        "## Mixture of experts: a decode step against dense models (`benchmarks/moe_step.py`)\n\n"
+        f"`{record['command']}` on {record['cpu']}, {record['at']}, jax {record['jax']}: random "
+        f"weights, d_model {shape['d_model']}, {shape['layers']} layers, vocab {shape['vocab']}, "
+        f"{shape['dtype']}, every live slot at {shape['context']} cached tokens, XLA's matmuls "
+        "for all three. Median decode-step ms by live slots:\n\n"
+        + _table(["model", *(f"{n} slots" for n in slots)], rows)
+        + f"\n\nAt 1 slot the MoE step takes **{moe[0] / active[0]:.1f}x** the same-active dense "
+        f"step and {moe[0] / total[0]:.1f}x the same-total one; at {slots[-1]} slots "
+        f"{moe[-1] / active[-1]:.1f}x and {moe[-1] / total[-1]:.1f}x. The decode path does read only "
+        "its tokens' chosen experts while slots x top_k < experts (it gathers them), yet costs "
+        "more than reading every expert as one dense MLP: its einsums over gathered and stacked "
+        "[experts, d, f] weights run far below XLA's dense matmul speed on CPU. Not yet a step "
+        "that costs what its active parameters cost.\n"
+    )
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -635,6 +683,9 @@ def main() -> None:
         parts.append(long_prompts_section(json.loads((RESULTS / "long_prompts.json").read_text())))
     if (RESULTS / "interrupts.json").exists():
         parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
+    for name, section in (("load_memory", load_memory_section), ("moe_step", moe_step_section)):
+        if (RESULTS / f"{name}.json").exists():
+            parts.append(section(json.loads((RESULTS / f"{name}.json").read_text())))
     notes = Path("benchmarks/NOTES.md")
     if notes.exists():
         parts.append(notes.read_text())

@@ -31,4 +31,6 @@ PYEOF
     --output_json=benchmarks/results/server_vs_engine.json
 "$PY" benchmarks/soak.py --requests=2000 --output_json=benchmarks/results/soak.json
 "$PY" benchmarks/long_prompts.py --output_json=benchmarks/results/long_prompts.json
+"$PY" benchmarks/load_memory.py --output_json=benchmarks/results/load_memory.json
+"$PY" benchmarks/moe_step.py --output_json=benchmarks/results/moe_step.json
 "$PY" benchmarks/report.py

@@ -27,15 +27,6 @@ from models import kernels, transformer
 from models.config import ModelConfig
 from models.transformer import Params
 
-
-def _place(x, target: jax.sharding.Sharding) -> jax.Array:
-    """Put a param on its shards. Across processes, a local array goes through the host:
-    every process holds the same values and sends only its own shards."""
-    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
-        x = np.asarray(x)
-    return jax.device_put(x, target)
-
-
 KERNEL_CHOICES = ("auto", "xla", "cpu_kernel")
 STATE_SHARE = 0.9  # of a device's free memory the decode state may take; steps need the rest
 
@@ -192,7 +183,7 @@ class DeviceExecutor:
                              "run; pass the params as loaded")
         else:
             params_sharding = sharding.param_shardings(params, cfg, self.mesh)
-        self.params = jax.tree.map(_place, params, params_sharding)
+        self.params = jax.tree.map(sharding.place, params, params_sharding)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding, sharding.replicated(self.mesh),

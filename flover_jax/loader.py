@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from flover_jax import checkpoint, sharding
@@ -37,9 +38,29 @@ def _check_source(source: object) -> None:
                               "directory")
 
 
-def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    """Read a Hugging Face directory or a GGUF file (or the default model's) into float32
-    numpy params."""
+def place_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> Params:
+    """Imported params (`LazyTensor` leaves) read one leaf at a time, cast to cfg's dtype and put
+    on their shards of `mesh` (without one, on the default device) before the next is read: host
+    memory holds a tensor or two, never the model."""
+    leaves, tree = jax.tree.flatten(params)
+    targets = ([None] * len(leaves) if mesh is None
+               else jax.tree.leaves(sharding.param_shardings(params, cfg, mesh)))
+    placed = []
+    for leaf, target in zip(leaves, targets):
+        array = np.ascontiguousarray(leaf.read())  # views (.T, slices) become plain arrays
+        if array.dtype != cfg.jnp_dtype:
+            array = array.astype(cfg.jnp_dtype)
+        # Wait for each copy: queued transfers would keep their host arrays alive.
+        placed.append(jax.block_until_ready(
+            jax.device_put(array) if target is None else sharding.place(array, target)))
+    return jax.tree.unflatten(tree, placed)
+
+
+def convert(
+    source: str | Path, dtype: str | None = None, mesh: Mesh | None = None
+) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """Read a Hugging Face directory or a GGUF file (or the default model's): params in the
+    checkpoint's own dtype (`dtype` overrides it), each placed as it is read (`place_params`)."""
     _check_source(source)
     if PRESETS.get(str(source)) == "tiny":
         raise CheckpointError(f"{source}: a preset of random weights, made in memory; there "
@@ -54,19 +75,21 @@ def convert(source: str | Path) -> tuple[ModelConfig, Params, Tokenizer | None]:
             warnings.warn(f"{e}; loading without a tokenizer: prompts must be token ids",
                           stacklevel=2)
             tokenizer = None
-        return cfg, params, tokenizer
-    if path.is_dir() and not checkpoint.is_checkpoint(path):
+    elif path.is_dir() and not checkpoint.is_checkpoint(path):
         if not (path / "config.json").exists():
             raise CheckpointError(f"{source}: a directory without config.json: neither a Hugging "
                                   "Face model directory nor a checkpoint (nor a .gguf file)")
         cfg, params = load_hf(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
-        return cfg, params, tokenizer
-    if not path.exists():
+    elif not path.exists():
         raise CheckpointError(
             f"{source}: no such file, directory or preset; presets: {', '.join(PRESETS)}"
         )
-    raise CheckpointError(f"{source}: expected a .gguf file or a Hugging Face model directory")
+    else:
+        raise CheckpointError(f"{source}: expected a .gguf file or a Hugging Face model directory")
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    return cfg, place_params(params, cfg, mesh), tokenizer
 
 
 def _restore(directory: Path, mesh: Mesh | None):
@@ -83,10 +106,10 @@ def load_model(
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """(config, params, tokenizer or None) for a preset, directory or file.
 
-    dtype overrides the weights' and activations' dtype ("float32" on CPU,
-    "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. With a mesh,
-    orbax checkpoints (the default model included) restore straight into their
-    shards; imported files stay on the host until the engine places them.
+    The weights and activations run in the checkpoint's own dtype, or `dtype` ("float32" on
+    CPU, "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. With a mesh, every
+    array goes straight to its shards: orbax checkpoints (the default model included) restore
+    into them, imported files are placed tensor by tensor as they are read.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
@@ -104,7 +127,7 @@ def load_model(
         if checkpoint.is_checkpoint(source):
             cfg, params, tokenizer = _restore(Path(source), mesh)
         else:
-            cfg, params, tokenizer = convert(source)
+            cfg, params, tokenizer = convert(source, dtype, mesh)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     # Cast only what differs: an fp32 -> fp32 astype would copy every weight once more.

@@ -128,5 +128,13 @@ def state_shardings(state, cfg: ModelConfig, mesh: Mesh):
     )
 
 
+def place(x, target: NamedSharding) -> jax.Array:
+    """Put a param on its shards. Across processes, a local array goes through the host:
+    every process holds the same values and sends only its own shards."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+        x = np.asarray(x)
+    return jax.device_put(x, target)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -27,7 +27,7 @@ Activation = Literal["gelu_tanh", "gelu", "silu"]
 MlpKind = Literal["dense", "gated"]
 Residual = Literal["sequential", "parallel", "parallel_shared_norm"]
 AttentionKind = Literal["global", "sliding"]
-RopeScaling = Literal["none", "linear", "llama3", "yarn"]
+RopeScaling = Literal["none", "linear", "llama3", "yarn", "factors"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -49,6 +49,9 @@ class Rope:
     beta_slow: float = 1.0  # yarn
     attention_factor: float = 1.0  # scales cos and sin (yarn's mscale; 1 for the others)
     truncate: bool = True  # yarn: round the correction range to whole dims
+    # factors: each inverse frequency divided by its own factor (llama.cpp's rope_freqs.weight,
+    # in which GGUF files carry Llama 3's scaling); one per turning pair of dims.
+    freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -58,6 +61,12 @@ class Rope:
             raise ValueError(f"rope factor={self.factor}: must be > 0")
         if self.scaling in ("llama3", "yarn") and self.original_max_positions is None:
             raise ValueError(f"rope scaling={self.scaling!r} needs original_max_positions")
+        if (self.scaling == "factors") != (self.freq_factors is not None):
+            raise ValueError(f"rope scaling={self.scaling!r} with freq_factors="
+                             f"{self.freq_factors}: factors are given exactly when scaling is "
+                             "'factors'")
+        if self.freq_factors is not None and min(self.freq_factors) <= 0:
+            raise ValueError(f"rope freq_factors={self.freq_factors}: each must be > 0")
         if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(f"rope high_freq_factor={self.high_freq_factor}: must exceed "
                              f"low_freq_factor={self.low_freq_factor}")
@@ -165,6 +174,11 @@ class ModelConfig:
             if layer.rope is not None and (layer.rope.dims or 0) > self.head_dim:
                 raise ValueError(f"layers[{i}].rope.dims={layer.rope.dims}: must be <= "
                                  f"head_dim={self.head_dim}")
+            pairs = ((layer.rope.dims or self.head_dim) // 2) if layer.rope else None
+            if layer.rope is not None and layer.rope.freq_factors is not None and len(
+                    layer.rope.freq_factors) != pairs:
+                raise ValueError(f"layers[{i}].rope.freq_factors: {len(layer.rope.freq_factors)} "
+                                 f"factors; the rotary turns {pairs} pairs of dims")
 
     @property
     def attention_kernel_misfit(self) -> str:
@@ -255,5 +269,7 @@ def _layer_spec(fields: dict) -> LayerSpec:
     if not isinstance(fields, dict):
         raise TypeError(f"layers: each layer must be a JSON object, got {fields!r}")
     rope, moe = fields.get("rope"), fields.get("moe")
+    if rope is not None and rope.get("freq_factors") is not None:  # JSON made the tuple a list
+        rope = {**rope, "freq_factors": tuple(rope["freq_factors"])}
     return LayerSpec(**{**fields, "rope": None if rope is None else Rope(**rope),
                         "moe": None if moe is None else Moe(**moe)})

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-
 from models.config import LayerSpec, ModelConfig, Rope
 from models.gpt import TensorGetter, _count, _real
 from models.layers import NormWeights
+from models.lazy import LazyTensor
 from models.llama import hf_layer_types, hf_rope, llama_fields, llama_params
 from models.transformer import Params
 
@@ -92,11 +91,11 @@ def gemma3_config(hf: dict) -> ModelConfig:
 def gemma_params(get: TensorGetter, cfg: ModelConfig) -> Params:
     d = cfg.d_model
 
-    def norm_scale(name: str) -> np.ndarray:  # Gemma's RMSNorm: x * (1 + weight)
+    def norm_scale(name: str) -> LazyTensor:  # Gemma's RMSNorm: x * (1 + weight)
         size = cfg.head_dim if name.endswith(("q_norm.weight", "k_norm.weight")) else d
         return 1.0 + get(name, (size,))
 
-    def llama_get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def llama_get(name: str, shape: tuple[int, ...]) -> LazyTensor:
         # LLaMA's post_attention_layernorm is the MLP's input norm: Gemma's pre_feedforward one.
         name = name.replace("post_attention_layernorm", "pre_feedforward_layernorm")
         return norm_scale(name) if name.endswith("norm.weight") else get(name, shape)

@@ -2,8 +2,8 @@
 
 The compute is the shared transformer (`models/transformer.py`); what makes a
 family is its layers' `LayerSpec`s and where its checkpoint keeps each weight.
-`get(name, shape)` returns a float32 numpy array in the checkpoint's own layout
-and raises if the tensor is missing or has another shape.
+`get(name, shape)` returns a tensor (`models.lazy.LazyTensor`, read when the loader
+places it) in the checkpoint's own layout and raises if it is missing or has another shape.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
-
 from models.config import LayerSpec, ModelConfig, Rope
 from models.layers import AttentionWeights, MlpWeights, NormWeights
+from models.lazy import LazyTensor
 from models.transformer import LayerWeights, Params
 
-TensorGetter = Callable[[str, tuple[int, ...]], np.ndarray]
+# get(name, shape): a checkpoint tensor in Hugging Face's layout and names, read only when the
+# loader places it (models/lazy.py).
+TensorGetter = Callable[[str, tuple[int, ...]], LazyTensor]
 
 
 def _count(hf: dict, key: str, default: int | None = None) -> int:
@@ -131,7 +132,7 @@ def gpt2_params(get: TensorGetter, cfg: ModelConfig) -> Params:
         pos_embed=get("wpe.weight", (cfg.max_positions, d)),
         layers=layers,
         final_norm=_layernorm(get, "ln_f", d),
-        lm_head=np.ascontiguousarray(head.T),
+        lm_head=head.T,
     )
 
 
@@ -158,6 +159,6 @@ def gptj_params(get: TensorGetter, cfg: ModelConfig) -> Params:
         embed=embed,
         layers=layers,
         final_norm=_layernorm(get, "ln_f", d),
-        lm_head=np.ascontiguousarray(head.T),
+        lm_head=head.T,
         lm_head_bias=get("lm_head.bias", (cfg.vocab_size,)),
     )

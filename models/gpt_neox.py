@@ -8,11 +8,10 @@ The fused `query_key_value` keeps each head's q, k and v side by side.
 
 from __future__ import annotations
 
-import numpy as np
-
 from models.config import LayerSpec, ModelConfig
 from models.gpt import TensorGetter, _count, _eos_ids, _real
 from models.layers import AttentionWeights, MlpWeights, NormWeights
+from models.lazy import LazyTensor
 from models.llama import hf_rope
 from models.transformer import LayerWeights, Params
 
@@ -57,7 +56,7 @@ def gpt_neox_params(get: TensorGetter, cfg: ModelConfig) -> Params:
     def layernorm(prefix: str) -> NormWeights:
         return NormWeights(get(f"{prefix}.weight", (d,)), get(f"{prefix}.bias", (d,)))
 
-    def bias(name: str, size: int) -> np.ndarray | None:
+    def bias(name: str, size: int) -> LazyTensor | None:
         return get(name, (size,)) if cfg.qkv_bias else None
 
     layers = []
@@ -91,5 +90,5 @@ def gpt_neox_params(get: TensorGetter, cfg: ModelConfig) -> Params:
         embed=embed,
         layers=layers,
         final_norm=layernorm("final_layer_norm"),
-        lm_head=np.ascontiguousarray(head.T),
+        lm_head=head.T,
     )

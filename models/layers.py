@@ -107,6 +107,8 @@ def rope_frequencies(rope: Rope, head_dim: int) -> np.ndarray:
     inv_freq = (1.0 / rope.theta ** (np.arange(0, n, 2, dtype=np.float32) / n)).astype(np.float32)
     if rope.scaling == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.scaling == "factors":
+        return (inv_freq / np.asarray(rope.freq_factors, np.float32)).astype(np.float32)
     if rope.scaling == "llama3":
         # Long wavelengths are divided by factor, short ones kept, the band between blended.
         old = rope.original_max_positions

@@ -2,8 +2,8 @@
 
 Grouped-query attention, RMSNorm, SwiGLU, rotary over half-split pairs (scaled
 as transformers scales it: linear, llama3, yarn), tied or untied LM head.
-`get(name, shape)` returns a float32 numpy array in Hugging Face's layout and
-names (the GGUF importer renames and un-permutes into them).
+`get(name, shape)` returns a tensor (`models.lazy.LazyTensor`) in Hugging Face's layout
+and names (the GGUF importer renames and un-permutes into them).
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
-
 from models.config import LayerSpec, ModelConfig, Moe, Rope
 from models.gpt import TensorGetter, _count, _eos_ids, _real
 from models.layers import AttentionWeights, ExpertWeights, MlpWeights, NormWeights
+from models.lazy import LazyTensor, stack
 from models.transformer import LayerWeights, Params
 
 # Scalings whose frequencies change with the length of the sequence a forward pass sees
@@ -163,8 +162,8 @@ def expert_weights(
     router, gate, up, down = names
     f = moe.d_ff
 
-    def stacked(name: str, shape: tuple[int, int]) -> np.ndarray:  # torch (out, in) -> (in, out)
-        return np.stack([get(name.format(p=prefix, j=j), shape).T for j in range(moe.n_experts)])
+    def stacked(name: str, shape: tuple[int, int]) -> LazyTensor:  # torch (out, in) -> (in, out)
+        return stack([get(name.format(p=prefix, j=j), shape).T for j in range(moe.n_experts)])
 
     return ExpertWeights(
         router=get(router.format(p=prefix), (moe.n_experts, d)).T,
@@ -179,11 +178,11 @@ def llama_params(
     d, f, e = cfg.d_model, cfg.d_ff, cfg.head_dim
     h, k = cfg.n_heads, cfg.n_kv_heads
 
-    def linear(name: str, out_dim: int, in_dim: int) -> np.ndarray:
+    def linear(name: str, out_dim: int, in_dim: int) -> LazyTensor:
         return get(name, (out_dim, in_dim)).T  # torch Linear (out, in) -> (in, out)
 
-    def bias(on: bool, name: str, *shape: int) -> np.ndarray | None:
-        return get(name, (int(np.prod(shape)),)).reshape(shape) if on else None
+    def bias(on: bool, name: str, *shape: int) -> LazyTensor | None:
+        return get(name, (math.prod(shape),)).reshape(shape) if on else None
 
     def head_norm(on: bool, name: str) -> NormWeights | None:
         return NormWeights(get(name, (e,))) if on else None
@@ -220,5 +219,5 @@ def llama_params(
         embed=embed,
         layers=layers,
         final_norm=NormWeights(get("model.norm.weight", (d,))),
-        lm_head=np.ascontiguousarray(head.T),
+        lm_head=head.T,
     )

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 from models.config import LayerSpec, ModelConfig
 from models.gpt import TensorGetter, _count
+from models.lazy import LazyTensor
 from models.llama import hf_rope, llama_fields, llama_params, swiglu
 from models.transformer import Params
 
@@ -40,7 +39,7 @@ def phi3_params(get: TensorGetter, cfg: ModelConfig) -> Params:
         "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 2 * f, f, f),
     }
 
-    def split_get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def split_get(name: str, shape: tuple[int, ...]) -> LazyTensor:
         match = re.fullmatch(r"(model\.layers\.\d+)\.(.+)", name)
         if match is None or match[2] not in parts:
             return get(name, shape)

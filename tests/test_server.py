@@ -277,8 +277,9 @@ def test_a_full_server_answers_429_with_retry_after(tokenizer):
     server, thread, url = start_server(state, tiny_chat_engine(tokenizer, max_slots=2))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        long = [client.completions.create(model="tiny-chat", prompt="Go", max_tokens=100,
-                                          stream=True, extra_body={"ignore_eos": True}, **GREEDY) for _ in range(2)]
+        long = [client.completions.create(model="tiny-chat", prompt="Go", max_tokens=100, stream=True,
+                                          extra_body={"ignore_eos": True}, **GREEDY)
+                for _ in range(2)]
         next(iter(long[0]))
         status, body, headers = call(url + "/v1/completions",
                                      {"prompt": "Also", "max_tokens": 2}, key=None)

@@ -159,3 +159,20 @@ def test_a_dense_and_a_mixture_of_experts_family_split_over_two_devices_as_over_
                                     work).outputs for tp in (1, 2))
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
     assert all(o.finish_reason in ("stop", "length") for o in two)
+
+
+def test_an_imported_checkpoint_is_read_straight_into_shards(tmp_path):
+    from flover_jax.loader import load_model
+    from tests.hf_models import make_hf_model
+
+    make_hf_model("mixtral", tmp_path)
+    mesh = make_mesh(2)
+    cfg, sharded, _ = load_model(tmp_path, mesh=mesh)
+    _, whole, _ = load_model(tmp_path)
+    target = param_shardings(sharded, cfg, mesh)
+    for leaf, where in zip(jax.tree.leaves(sharded), jax.tree.leaves(target)):
+        assert leaf.sharding == where
+    experts = sharded.layers[0].mlp.expert_in  # [experts, d, expert d_ff]: d_ff split in two
+    assert [s.data.shape for s in experts.addressable_shards] == [(16, 64, 16)] * 2
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

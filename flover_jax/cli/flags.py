@@ -11,8 +11,8 @@ from absl import flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert", "serve"], "What to do.")
 flags.DEFINE_string("model", "smollm2-135m", "Preset, Hugging Face directory, .gguf or checkpoint.")
-flags.DEFINE_string("dtype", None, "Weights' dtype (default: the checkpoint's; imports are float32); "
-                    "bfloat16 suits GPU/TPU.")
+flags.DEFINE_string("dtype", None, "Weights' dtype (default: the checkpoint's own; quantized GGUF "
+                    "tensors are float32); bfloat16 suits GPU/TPU.")
 flags.DEFINE_integer("max_slots", 16, "Requests decoded at once (slot capacity).")
 flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
@@ -97,7 +97,7 @@ MODE_FLAGS = {
         "trace", "prompts_file", "chat", "prompt_len", "output_len", "shared_prefix", "turns",
         "output_json", "warmup",
         "solo_samples", "backend", "base_url", "api_key"),
-    "convert": ("src", "dst"),
+    "convert": ("src", "dst", "dtype"),
     "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s",
                              "request_timeout_s"),
 }

@@ -1,4 +1,4 @@
-"""What every importer shares: one error type and a shape-checked tensor getter."""
+"""What every importer shares: one error type and a shape-checked getter of lazy tensors."""
 
 from __future__ import annotations
 
@@ -7,29 +7,37 @@ from pathlib import Path
 
 import numpy as np
 
+from models.config import DTYPES
+from models.lazy import LazyTensor
+
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be loaded; the message names the file and the problem."""
 
 
 def shape_checked_getter(
-    path: Path, read: Callable[[str], np.ndarray | None]
-) -> Callable[[str, tuple[int, ...]], np.ndarray]:
-    """Wrap `read(name) -> array | None` into the `get(name, shape)` the model families use.
+    path: Path, tensor: Callable[[str], LazyTensor | None]
+) -> Callable[[str, tuple[int, ...]], LazyTensor]:
+    """Wrap `tensor(name) -> LazyTensor | None` into the `get(name, shape)` the model families
+    use: the tensor as stored, or a CheckpointError naming the file, the tensor and what was
+    expected. Nothing is read."""
 
-    Every tensor comes back as float32 numpy, or a CheckpointError names the
-    file, the tensor and what was expected.
-    """
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        array = read(name)
-        if array is None:
+    def get(name: str, shape: tuple[int, ...]) -> LazyTensor:
+        found = tensor(name)
+        if found is None:
             raise CheckpointError(f"{path}: tensor {name!r} is missing")
-        if tuple(array.shape) != tuple(shape):
+        if tuple(found.shape) != tuple(shape):
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(array.shape)} but the config "
+                f"{path}: tensor {name!r} has shape {tuple(found.shape)} but the config "
                 f"implies {tuple(shape)}"
             )
-        return np.asarray(array, dtype=np.float32)
+        return found
 
     return get
+
+
+def stored_dtype(params) -> str:
+    """The dtype a checkpoint's model runs in unless told otherwise: its embedding's, where that
+    is one of ModelConfig's (a float64 or quantized one runs in float32)."""
+    name = np.dtype(params.embed.dtype).name
+    return name if name in DTYPES else "float32"
