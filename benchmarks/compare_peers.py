@@ -186,12 +186,15 @@ def main(argv):
                              for name, r in work.items() if "#" not in name},
                "systems": {}, "versions": {}}
     path = Path(FLAGS.output)
-    if path.exists() and json.loads(path.read_text())["machine"].get("cpu") != cpu:
-        path.unlink()  # figures from another machine never share a table with these
+    # Figures from another machine never share a table with these: replaced, once there are some.
+    stale = path.exists() and json.loads(path.read_text())["machine"].get("cpu") != cpu
     for system in FLAGS.systems:
         print(system, flush=True)
         runs, results["versions"][system] = runners[system]()
         results["systems"][system] = fold_repeats(runs)
+        if stale:
+            path.unlink()
+            stale = False
         merge_results(path, results)  # each system's figures kept as soon as it has them
     print(f"wrote {FLAGS.output}")
 

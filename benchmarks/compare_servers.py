@@ -134,12 +134,15 @@ def main(argv):
                "command": "python benchmarks/compare_servers.py " + " ".join(sys.argv[1:]),
                "systems": {}, "versions": {}}
     path = Path(FLAGS.output)
-    if path.exists() and json.loads(path.read_text()).get("cpu") != cpu:
-        path.unlink()  # figures from another machine never share a table with these
+    # Figures from another machine never share a table with these: replaced, once there are some.
+    stale = path.exists() and json.loads(path.read_text()).get("cpu") != cpu
     for system in FLAGS.systems:
         print(system, flush=True)
         results["systems"][system] = run_system(system)
         results["versions"][system] = versions()[system]
+        if stale:
+            path.unlink()
+            stale = False
         merge_results(path, results)  # each system's figures kept as soon as it has them
         for workload, r in results["systems"][system].items():
             print(f"  {workload:>8}: {r['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
