@@ -70,8 +70,8 @@ class BroadcastExecutor:
     def prefill(self, pieces: Sequence[PromptPiece]) -> Sampled:
         return self._call("prefill", list(pieces))
 
-    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
-        self._call("copy_prefix", list(copies))
+    def copy_prefix(self, copies: Sequence[tuple[int, int, Sequence[int]]]) -> None:
+        self._call("copy_prefix", [(s, d, list(t)) for s, d, t in copies])
 
     def decode(self, start: int, width: int, kv_len: int) -> Sampled:
         return self._call("decode", start, width, kv_len)

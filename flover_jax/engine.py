@@ -25,14 +25,14 @@ from flover_jax.loader import DEFAULT_MODEL, load_model
 from flover_jax.prefix_cache import PrefixCache
 from flover_jax.request import Request, RequestOutput, StreamDelta
 from flover_jax.sampling_params import SamplingParams
-from flover_jax.scheduler import POLICIES, RequestIds, Scheduler, Stats
+from flover_jax.scheduler import DEFAULT_PREFILL_BUDGET, POLICIES, RequestIds, Scheduler, Stats
 from flover_jax.sharding import make_mesh
 from flover_jax.tokenizer import Tokenizer
 from models.config import ModelConfig
 from models.transformer import Params
 
 Prompt = str | Sequence[int]
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_PREFIX_CACHE_ROWS = 4
 
 
@@ -70,9 +70,12 @@ class Engine:
         matmul: str = "auto",
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_rows: int = DEFAULT_PREFIX_CACHE_ROWS,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     ) -> None:
-        """prefill_chunk: prompts are prefilled in pieces of at most this many tokens, one
-        iteration's worth at a time between decode steps (0: whole prompts at once).
+        """prefill_chunk: prompts are prefilled in pieces of at most this many tokens, with
+        boundaries at its multiples (0: whole prompts at once); it is also the granularity of
+        the prefix cache. prefill_budget: prompt tokens an iteration prefills at most, between
+        decode steps.
         prefix_cache_rows: rows of the decode state, each as big as a slot, that hold the
         prefixes of earlier prompts for later ones to reuse (0: no prefix cache; it needs
         prefill_chunk >= 1)."""
@@ -80,6 +83,7 @@ class Engine:
             raise ValueError(f"policy={policy!r}: must be one of {sorted(POLICIES)}")
         self.cfg, self.tokenizer, self.policy = cfg, tokenizer, policy
         self.eos_ids = tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids
+        self.prefill_budget = prefill_budget
         self.executor = DeviceExecutor(
             params, cfg, max_slots, max_len, self.eos_ids, max_prefill_batch, mesh, attention,
             batch_invariant, matmul, prefill_chunk, prefix_cache_rows,
@@ -128,7 +132,7 @@ class Engine:
     ) -> Scheduler:
         return Scheduler(
             self.executor, policy, self.tokenizer, self.eos_ids, clock, sleep, self._request_ids,
-            self.prefix_cache,
+            self.prefix_cache, self.prefill_budget,
         )
 
     # -- prompts ------------------------------------------------------------------------------

@@ -240,14 +240,19 @@ class DeviceExecutor:
         dst = self._pad_slots([d for _, d in moves], self.num_slots)
         self.state = self.verbs.compact(self.state, src, dst, kv_len)
 
-    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
-        """For each (src, dst, length): copy the first `length` cache positions and the prompt
-        marks of row src to row dst (slots and prefix rows alike). The lengths share a kv_len
-        bucket, which is what is copied: positions past a prefix are never read."""
-        src = self._pad_slots([s for s, _, _ in copies], self.num_slots)
-        dst = self._pad_slots([d for _, d, _ in copies], self.num_slots)
-        kv_len = bucket(max((n for _, _, n in copies), default=1), self.buckets.kv_lengths)
-        self.state = self.verbs.copy_prefix(self.state, src, dst, kv_len)
+    def copy_prefix(self, copies: Sequence[tuple[int, int, Sequence[int]]]) -> None:
+        """For each (src, dst, tokens): copy the first len(tokens) cache positions of row src
+        to row dst (slots and prefix rows alike), and make dst's prompt marks those of
+        `tokens`. The lengths share a kv_len bucket, which is what is copied: positions past
+        an opening are never read."""
+        n = self.num_slots
+        kv_len = bucket(max((len(t) for _, _, t in copies), default=1), self.buckets.kv_lengths)
+        tokens, lengths = np.zeros((n, kv_len), np.int32), np.zeros(n, np.int32)
+        for i, (_, _, opening) in enumerate(copies):
+            tokens[i, : len(opening)], lengths[i] = opening, len(opening)
+        self.state = self.verbs.copy_prefix(
+            self.state, self._pad_slots([s for s, _, _ in copies], n),
+            self._pad_slots([d for _, d, _ in copies], n), tokens, lengths, kv_len)
 
     def release(self, slots: Sequence[int]) -> None:
         self.state = self.verbs.release(self.state, self._pad_slots(slots, self.num_slots))
@@ -288,6 +293,8 @@ class DeviceExecutor:
         for kv_len in kv_lengths:
             self.compact([], kv_len)
             if self.prefix_rows:
-                self.state = self.verbs.copy_prefix(self.state, no_copies, no_copies, kv_len)
+                self.state = self.verbs.copy_prefix(
+                    self.state, no_copies, no_copies, np.zeros((self.num_slots, kv_len), np.int32),
+                    np.zeros(self.num_slots, np.int32), kv_len)
         self.release([])
         jax.block_until_ready(self.state)

@@ -7,7 +7,7 @@ model. One call to `iteration()` is one Flover iteration:
 1. intake: requests whose arrival time has come join the queue; cancels apply.
 2. prefill: pieces of the prompts already in slots, then queued requests join free
    slots with their first pieces (any number may join), up to the iteration's token
-   budget (`prefill_chunk`, chunks.py), several pieces per call; a prompt's cached
+   budget (`prefill_budget`; pieces: chunks.py), several pieces per call; a prompt's cached
    opening is copied into its slot instead of computed, and a prompt's own opening
    stored for later ones (prefix_cache.py). A prompt's last piece samples its first token.
 3. compact: when holes left by finished requests make the decode window wider
@@ -57,7 +57,7 @@ class Executor(Protocol):
 
     def prefill(self, pieces: Sequence[PromptPiece]) -> Any: ...  # -> handle of a Sampled [b]
 
-    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None: ...  # src, dst, length
+    def copy_prefix(self, copies: Sequence[tuple[int, int, list[int]]]) -> None: ...  # src, dst, tokens
 
     def decode(self, start: int, width: int, kv_len: int) -> Any: ...  # -> of a Sampled [width]
 
@@ -124,6 +124,10 @@ class _DecodeInFlight:
     rows: list[Request | None]  # the owner of each window row when the step was dispatched
 
 
+# Prompt tokens one iteration prefills at most (when prompts go in pieces): a few pieces, so
+# that a burst of short prompts joins at once while a long one never stalls the decoders long.
+DEFAULT_PREFILL_BUDGET = 512
+
 # Arrivals further ahead than this are refused: a trace of Unix timestamps, or a rate of one
 # request a year, would otherwise wait silently until killed.
 MAX_WAIT_S = 24 * 3600.0
@@ -159,11 +163,16 @@ class Scheduler:
         sleep: Callable[[float], None] = time.sleep,
         request_ids: RequestIds | None = None,
         prefix_cache: PrefixCache | None = None,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     ) -> None:
         """prefix_cache: the index of the executor's prefix rows (kept across the schedulers
-        of one engine); None: no prefix caching."""
+        of one engine); None: no prefix caching. prefill_budget: prompt tokens one iteration
+        prefills at most, in pieces (the executor's prefill_chunk) between decode steps."""
+        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
+            raise ValueError(f"prefill_budget={prefill_budget!r}: must be an int >= 1")
         self.executor = executor
         self.prefix_cache = prefix_cache
+        self.prefill_budget = prefill_budget
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
@@ -419,53 +428,67 @@ class Scheduler:
 
     def _prefill(self) -> list[tuple[Any, list[Request | None]]]:
         """Admit queued requests into free slots and dispatch this iteration's prompt pieces,
-        within the token budget: first the prompts already in slots, then new ones, first
-        come first served (a piece that does not fit leaves room for shorter ones behind it;
-        a request joins only when its first piece is dispatched). Returns (handle, the request
-        whose prompt each row's piece ends, else None) per call."""
-        buckets = self.executor.buckets
-        chunk = buckets.prefill_chunk
-        budget, used = chunk or math.inf, 0
-        hits: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)  # by kv bucket
-        groups: dict[tuple[int, int], list] = collections.defaultdict(list)  # by shape
-
+        up to `prefill_budget` tokens: in passes of at most one piece per prompt (a prompt's
+        pieces follow each other, each in its own call), first the prompts already in slots,
+        then (in the first pass) new ones, first come first served. A piece that does not fit
+        leaves room for shorter ones behind it; a request joins only when its first piece is
+        dispatched. Returns (handle, the request whose prompt each row's piece ends, else None)
+        per call."""
+        chunk = self.executor.buckets.prefill_chunk
+        budget = self.prefill_budget if chunk else math.inf
         others_running = bool(self._running)
-
-        def dispatch(request: Request, cached: tuple[CachedPrefix, int] | None = None) -> bool:
-            nonlocal used
-            begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
-            prompt = request.prompt_ids
-            end = piece_end(begin, len(prompt), chunk)
-            if used and used + end - begin > budget:
-                return False
-            used += end - begin
-            if request.request_id not in self._running:
-                self._join(request, others_running)
-                self._reuse_prefix(request, cached, hits)
-            slot = self.table.slot_of(request.request_id)
-            piece = PromptPiece(slot, prompt[begin:end], begin, end == len(prompt), request.params)
-            groups[bucket(end - begin, buckets.prompt_lengths), bucket(end, buckets.kv_lengths)
-                   ].append((piece, request))
-            self._prefilling[request.request_id] = self._positions[request.request_id] = end
-            return True
-
-        for request_id in list(self._prefilling):
-            dispatch(self._running[request_id])
         room = self.table.num_free if self.policy.admit_while_running or not others_running else 0
         if self.policy.max_batch is not None:
             room = min(room, self.policy.max_batch - len(self._running))
-        for request in list(self._queue):
-            if room <= 0 or used >= budget:
+        calls, used, first_pass = [], 0, True
+        while used < budget:
+            hits: dict[int, list[tuple[int, int, list[int]]]] = collections.defaultdict(list)
+            groups: dict[tuple[int, int], list] = collections.defaultdict(list)  # by shape
+
+            def dispatch(request: Request, cached: tuple[CachedPrefix, int] | None = None) -> bool:
+                nonlocal used
+                begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
+                prompt = request.prompt_ids
+                end = piece_end(begin, len(prompt), chunk)
+                if used and used + end - begin > budget:
+                    return False
+                used += end - begin
+                if request.request_id not in self._running:
+                    self._join(request, others_running)
+                    self._reuse_prefix(request, cached, hits)
+                slot = self.table.slot_of(request.request_id)
+                piece = PromptPiece(slot, prompt[begin:end], begin, end == len(prompt),
+                                    request.params)
+                buckets = self.executor.buckets
+                groups[bucket(end - begin, buckets.prompt_lengths),
+                       bucket(end, buckets.kv_lengths)].append((piece, request))
+                self._prefilling[request.request_id] = self._positions[request.request_id] = end
+                return True
+
+            for request_id in list(self._prefilling):
+                dispatch(self._running[request_id])
+            for request in list(self._queue) if first_pass else ():
+                if room <= 0 or used >= budget:
+                    break
+                if dispatch(request, self._cached_prefix(request)):
+                    self._queue.remove(request)
+                    room -= 1
+            if not groups:
                 break
-            if dispatch(request, self._cached_prefix(request)):
-                self._queue.remove(request)
-                room -= 1
+            calls += self._dispatch_pieces(hits, groups)
+            first_pass = False
+        return calls
+
+    def _dispatch_pieces(self, hits, groups) -> list[tuple[Any, list[Request | None]]]:
+        """One pass's device work, in order: cached openings into their slots, the pieces
+        (several per call), then the openings their pieces completed into the prefix cache."""
         for copies in hits.values():
             self.executor.copy_prefix(copies)
         calls, stored = [], collections.defaultdict(list)
+        most = self.executor.buckets.prefill_batches[-1]
         for group in groups.values():
-            for i in range(0, len(group), buckets.prefill_batches[-1]):
-                batch = group[i : i + buckets.prefill_batches[-1]]
+            for i in range(0, len(group), most):
+                batch = group[i : i + most]
                 try:
                     handle = self.executor.prefill([piece for piece, _ in batch])
                 except Exception as e:  # a bad batch ends with the error; the others go on
@@ -504,7 +527,7 @@ class Scheduler:
         return self.prefix_cache.lookup(request.prompt_ids, usable)
 
     def _reuse_prefix(self, request: Request, cached: tuple[CachedPrefix, int] | None,
-                      hits: dict[int, list[tuple[int, int, int]]]) -> None:
+                      hits: dict[int, list[tuple[int, int, list[int]]]]) -> None:
         """As a request joins: count its lookup and, on a hit, hold the entry and queue the
         copy of the cached prefix into the request's slot."""
         if self.prefix_cache is None or not cacheable_len(len(request.prompt_ids),
@@ -517,12 +540,13 @@ class Scheduler:
         self.prefix_cache.ref(entry)
         self._prefix_refs[request.request_id] = entry
         slot = self.table.slot_of(request.request_id)
-        hits[bucket(length, self.executor.buckets.kv_lengths)].append((entry.row, slot, length))
+        hits[bucket(length, self.executor.buckets.kv_lengths)].append(
+            (entry.row, slot, request.prompt_ids[:length]))
         self.stats.prefix_hits += 1
         self.stats.prefix_hit_tokens += length
 
     def _store_prefix(self, request: Request, piece: PromptPiece,
-                      stored: dict[int, list[tuple[int, int, int]]]) -> None:
+                      stored: dict[int, list[tuple[int, int, list[int]]]]) -> None:
         """After the piece that completes the prompt's cacheable prefix: queue its copy into a
         row of the prefix cache (unless cached already or every row is in use)."""
         prompt = request.prompt_ids
@@ -531,7 +555,8 @@ class Scheduler:
             return
         row = self.prefix_cache.store(prompt[:length])
         if row is not None:
-            stored[bucket(length, self.executor.buckets.kv_lengths)].append((piece.slot, row, length))
+            stored[bucket(length, self.executor.buckets.kv_lengths)].append(
+                (piece.slot, row, prompt[:length]))
             self.stats.prefixes_stored += 1
 
     def _fail(self, requests: Sequence[Request], error: str) -> None:

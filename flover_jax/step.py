@@ -218,15 +218,20 @@ def compact(
 
 
 def copy_prefix(
-    state: DecodeState, src: jax.Array, dst: jax.Array, kv_len: int, piece_bytes: int | None = None
+    state: DecodeState, src: jax.Array, dst: jax.Array, tokens: jax.Array, lengths: jax.Array,
+    kv_len: int, piece_bytes: int | None = None,
 ) -> DecodeState:
-    """Copy row src[i]'s first kv_len cache positions and prompt marks to row dst[i], and
-    nothing else (prefix caching: a prompt's prefix into a row of the prefix cache, or a
-    cached prefix into the slot of a request that starts with it). Padding: src = dst = S."""
-    src_read = jnp.clip(src, 0, state.num_slots - 1)
+    """Copy row src[i]'s first kv_len cache positions to row dst[i] (prefix caching: a
+    prompt's opening into a row of the prefix cache, or a cached opening into the slot of a
+    request that opens with it), and make dst[i]'s prompt marks those of its `lengths[i]`
+    tokens (tokens [n, kv_len]): a row may hold a longer opening than a request shares.
+    Nothing else changes. Padding: src = dst = S."""
+    real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    marks = jnp.zeros((tokens.shape[0], state.seen.shape[1]), bool)
+    marks = marks.at[jnp.arange(tokens.shape[0])[:, None], jnp.where(real, tokens, 0)].max(real)
     return state.replace(
         cache=_copy_kv(state.cache, src, dst, kv_len, piece_bytes),
-        seen=state.seen.at[dst].set(state.seen[src_read], mode="drop"),
+        seen=state.seen.at[dst].set(marks, mode="drop"),
     )
 
 
@@ -276,8 +281,8 @@ class Verbs:
         )
         self.copy_prefix = jax.jit(
             partial(copy_prefix, piece_bytes=compact_piece_bytes),
-            static_argnums=3,  # kv_len
-            in_shardings=(state_sharding, replicated, replicated),
+            static_argnums=5,  # kv_len
+            in_shardings=(state_sharding,) + (replicated,) * 4,
             out_shardings=state_sharding,
             donate_argnums=0,
         )

@@ -264,9 +264,12 @@ class FakeExecutor:
         self._check_invariants()
         return self._handle("prefill", first, first_logprobs)
 
-    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
+    def copy_prefix(self, copies: Sequence[tuple[int, int, Sequence[int]]]) -> None:
         self.calls["copy_prefix"] += 1
-        copies = [(int(a), int(b), int(n)) for a, b, n in copies]
+        for src, _, tokens in copies:  # the opening's own tokens, as the source holds them
+            _check(list(self.cache[int(src), : len(tokens)]) == list(tokens),
+                   f"copy_prefix: row {src} does not hold the tokens given")
+        copies = [(int(a), int(b), len(t)) for a, b, t in copies]
         _check(len(copies) <= self.num_slots, f"copy_prefix: {len(copies)} copies > capacity")
         kv = {bucket(n, self.buckets.kv_lengths) for _, _, n in copies}
         _check(len(kv) == 1, f"copy_prefix: lengths of several kv buckets {sorted(kv)} in one call")

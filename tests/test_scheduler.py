@@ -73,6 +73,7 @@ class Scenario:
     eos_ids: tuple[int, ...]
     buckets: Buckets
     prefix_rows: int
+    budget: int
     specs: list[Spec]
     cancels: list[tuple[int, int]]  # (spec index, iteration before which cancel() is called)
 
@@ -90,6 +91,7 @@ def scenarios(draw, busy: bool = False) -> Scenario:
     # few rows when chunked: prompts below open with shared tokens, so hits and evictions come.
     chunk = draw(st.sampled_from([0, 0, 2, 3, 4]))
     prefix_rows = draw(st.integers(0, 3)) if chunk else 0
+    budget = draw(st.sampled_from([1, max(chunk, 1), 2 * chunk + 1, 9]))  # tokens an iteration
     longest_piece = chunk or max_len
     if draw(st.booleans()):
         buckets = Buckets.for_engine(num_slots, max_len, max_prefill_batch, prefill_chunk=chunk)
@@ -159,7 +161,8 @@ def scenarios(draw, busy: bool = False) -> Scenario:
     for _ in range(draw(st.integers(0, 5))):
         index = draw(st.integers(0, len(specs) - 1))
         cancels.append((index, specs[index].submit_iter + draw(st.integers(-1, 14))))
-    return Scenario(num_slots, max_len, vocab, eos_ids, buckets, prefix_rows, specs, cancels)
+    return Scenario(num_slots, max_len, vocab, eos_ids, buckets, prefix_rows, budget, specs,
+                    cancels)
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -197,7 +200,8 @@ def run_scenario(sc: Scenario, policy: str) -> Run:
     ex = FakeExecutor(sc.num_slots, sc.max_len, sc.vocab, sc.eos_ids, sc.buckets,
                       prefix_rows=sc.prefix_rows)
     cache = PrefixCache(ex.prefix_rows, sc.buckets.prefill_chunk) if sc.prefix_rows else None
-    sched = Scheduler(ex, policy, eos_ids=sc.eos_ids, clock=clock, prefix_cache=cache)
+    sched = Scheduler(ex, policy, eos_ids=sc.eos_ids, clock=clock, prefix_cache=cache,
+                      prefill_budget=sc.budget)
     by_iter = collections.defaultdict(list)
     for spec in sc.specs:
         by_iter[spec.submit_iter].append(spec)

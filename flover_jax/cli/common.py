@@ -24,6 +24,7 @@ def engine():
         FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
         policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention, matmul=FLAGS.matmul,
         batch_invariant=FLAGS.batch_invariant, prefill_chunk=FLAGS.prefill_chunk,
+        prefill_budget=FLAGS.prefill_budget,
         prefix_cache_rows=FLAGS.prefix_cache_rows if FLAGS.prefix_cache else 0,
     )
     if jax.process_index() > 0:

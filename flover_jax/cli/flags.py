@@ -23,9 +23,11 @@ flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel"],
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")
-flags.DEFINE_integer("prefill_chunk", 256, "Prompts are prefilled this many tokens an iteration "
-                     "at most, between decode steps, so a long prompt never stalls the others "
-                     "(0: whole prompts at once).")
+flags.DEFINE_integer("prefill_chunk", 64, "Prompts are prefilled in pieces of this many tokens "
+                     "(boundaries at its multiples; the prefix cache's granularity), so a long "
+                     "prompt never stalls the others (0: whole prompts at once).")
+flags.DEFINE_integer("prefill_budget", 512, "Prompt tokens one iteration prefills at most, "
+                     "between decode steps (with --prefill_chunk > 0).")
 flags.DEFINE_bool("prefix_cache", True, "Reuse the K/V of prompt openings seen before (system "
                   "prompts, conversations); needs --prefill_chunk > 0.")
 flags.DEFINE_integer("prefix_cache_rows", 4, "Cached prefixes held at once; each takes a slot's "
@@ -85,7 +87,8 @@ flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
 
 # The flags each mode reads.
 ENGINE_FLAGS = ("model", "dtype", "max_slots", "max_len", "policy", "attention", "matmul",
-                "batch_invariant", "prefill_chunk", "prefix_cache", "prefix_cache_rows", "tp",
+                "batch_invariant", "prefill_chunk", "prefill_budget", "prefix_cache",
+                "prefix_cache_rows", "tp",
                 "coordinator_address", "num_processes", "process_id")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                   "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
