@@ -126,7 +126,7 @@ class _DecodeInFlight:
 
 # Prompt tokens one iteration prefills at most (when prompts go in pieces): a few pieces, so
 # that a burst of short prompts joins at once while a long one never stalls the decoders long.
-DEFAULT_PREFILL_BUDGET = 512
+DEFAULT_PREFILL_BUDGET = 256
 
 # Arrivals further ahead than this are refused: a trace of Unix timestamps, or a rate of one
 # request a year, would otherwise wait silently until killed.

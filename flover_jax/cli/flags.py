@@ -26,7 +26,7 @@ flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts pref
 flags.DEFINE_integer("prefill_chunk", 64, "Prompts are prefilled in pieces of this many tokens "
                      "(boundaries at its multiples; the prefix cache's granularity), so a long "
                      "prompt never stalls the others (0: whole prompts at once).")
-flags.DEFINE_integer("prefill_budget", 512, "Prompt tokens one iteration prefills at most, "
+flags.DEFINE_integer("prefill_budget", 256, "Prompt tokens one iteration prefills at most, "
                      "between decode steps (with --prefill_chunk > 0).")
 flags.DEFINE_bool("prefix_cache", True, "Reuse the K/V of prompt openings seen before (system "
                   "prompts, conversations); needs --prefill_chunk > 0.")
