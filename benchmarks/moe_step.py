@@ -3,11 +3,11 @@
 Times the decode step of a Mixtral-shaped random model (8 experts, 2 per token) against two
 dense models with the same attention, embedding and head: one of the same *active* size (MLP
 width = top_k x the expert width: what one token computes) and one of the same *total* size
-(MLP width = experts x the expert width: every expert read). Few tokens gather only their
-chosen experts (`models.layers.experts`), so at 1 live slot the MoE step should cost about
-the active-size model's; once slots x top_k reach the expert count a step runs every expert,
-and the cost should move to the total-size model's (n tokens choose about
-E * (1 - (1 - k/E)^n) distinct experts between them: 5.5 of 8 at n = 4).
+(MLP width = experts x the expert width: every expert read). A step runs only the experts its
+tokens chose, each once (`models.layers.experts`), so at 1 live slot the MoE step should cost
+about the active-size model's, and as slots grow it should move towards the total-size
+model's: n tokens choose about E * (1 - (1 - k/E)^n) distinct experts between them (5.5 of 8
+at n = 4).
 
     .venv/bin/python benchmarks/moe_step.py --output_json=benchmarks/results/moe_step.json
 """

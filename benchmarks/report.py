@@ -623,11 +623,12 @@ def moe_step_section(record: dict) -> str:
         + _table(["model", *(f"{n} slots" for n in slots)], rows)
         + f"\n\nAt 1 slot the MoE step takes **{moe[0] / active[0]:.1f}x** the same-active dense "
         f"step and {moe[0] / total[0]:.1f}x the same-total one; at {slots[-1]} slots "
-        f"{moe[-1] / active[-1]:.1f}x and {moe[-1] / total[-1]:.1f}x. The decode path does read only "
-        "its tokens' chosen experts while slots x top_k < experts (it gathers them), yet costs "
-        "more than reading every expert as one dense MLP: its einsums over gathered and stacked "
-        "[experts, d, f] weights run far below XLA's dense matmul speed on CPU. Not yet a step "
-        "that costs what its active parameters cost.\n"
+        f"{moe[-1] / active[-1]:.1f}x and {moe[-1] / total[-1]:.1f}x. A step runs only the "
+        "experts its tokens chose, each once, reading each from its own array (a slice of one "
+        "stacked [experts, d, f] array is a copy on XLA:CPU: gathering them so made the step "
+        "7.5x the same-active one). n slots choose about E (1 - (1 - k/E)^n) distinct experts "
+        "between them (2 of 8 at one slot, 5.5 at four, 7.9 at sixteen), so from a few slots "
+        "on a step reads most experts: as many weight bytes as the same-total model.\n"
     )
 
 

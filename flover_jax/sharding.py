@@ -47,9 +47,9 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "b_in": ("mlp",),
     "b_out": (None,),
     "router": (None, None),
-    "expert_gate": (None, None, "mlp"),
-    "expert_in": (None, None, "mlp"),
-    "expert_out": (None, "mlp", None),
+    "expert_gate": (None, "mlp"),  # each expert's; split like a dense MLP
+    "expert_in": (None, "mlp"),
+    "expert_out": ("mlp", None),
 }
 
 # Logical axes of each DecodeState leaf (flover_jax/state.py); sampling fields are per slot.

@@ -12,6 +12,7 @@ f = MLP width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -58,12 +59,14 @@ class MlpWeights:
 
 @pytree_dataclass
 class ExpertWeights:
-    """A mixture of gated MLPs (LayerSpec.moe): the router and each expert's weights, stacked."""
+    """A mixture of gated MLPs (LayerSpec.moe): the router and each expert's weights, an array
+    per expert: a step's matmul reads a chosen expert where it lies (on XLA:CPU, a slice of one
+    stacked array is a copy, and made a decode step several times slower)."""
 
     router: jax.Array  # [d, experts]
-    expert_gate: jax.Array  # [experts, d, f]
-    expert_in: jax.Array  # [experts, d, f]  ("up")
-    expert_out: jax.Array  # [experts, f, d]  ("down")
+    expert_gate: tuple[jax.Array, ...]  # experts x [d, f]
+    expert_in: tuple[jax.Array, ...]  # experts x [d, f]  ("up")
+    expert_out: tuple[jax.Array, ...]  # experts x [f, d]  ("down")
 
 
 def dense(
@@ -237,9 +240,11 @@ def experts(x: jax.Array, w: ExpertWeights, spec: LayerSpec) -> jax.Array:
     """x [..., d] through each token's top_k experts, weighted by the router as transformers
     weights them: softmax over every expert in float32, the top k, renormalized when asked.
 
-    Few tokens (a decode step) gather only their chosen experts' weights, so a step reads
-    top_k experts per token rather than all of them; many tokens (a prefill) run every expert
-    on every token and zero the unchosen ones, which reads each expert once.
+    Each expert runs under a `lax.cond`, only when some token chose it, over all the tokens
+    (those that did not choose it weighted 0), and the experts' outputs are summed in expert
+    order, as transformers adds them. So a step reads each chosen expert once, where it lies,
+    and no other: a decode step's cost follows its active parameters (benchmarks/moe_step.py);
+    a prefill reads every chosen expert once.
     """
     moe, act = spec.moe, ACTIVATIONS[spec.activation]
     lead, d = x.shape[:-1], x.shape[-1]
@@ -249,16 +254,16 @@ def experts(x: jax.Array, w: ExpertWeights, spec: LayerSpec) -> jax.Array:
     top_probs, chosen = jax.lax.top_k(probs, moe.top_k)  # [n, k]
     if moe.normalize:
         top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    top_probs = top_probs.astype(x.dtype)
-    if tokens.shape[0] * moe.top_k < moe.n_experts:
-        gate, up, down = w.expert_gate[chosen], w.expert_in[chosen], w.expert_out[chosen]
-        hidden = act(jnp.einsum("nd,nkdf->nkf", tokens, gate)) * jnp.einsum(
-            "nd,nkdf->nkf", tokens, up)
-        out = jnp.einsum("nkf,nkfd,nk->nd", hidden, down, top_probs)
-    else:
-        weights = jnp.zeros((tokens.shape[0], moe.n_experts), x.dtype)
-        weights = weights.at[jnp.arange(tokens.shape[0])[:, None], chosen].set(top_probs)
-        hidden = act(jnp.einsum("nd,edf->nef", tokens, w.expert_gate)) * jnp.einsum(
-            "nd,edf->nef", tokens, w.expert_in)
-        out = jnp.einsum("nef,efd,ne->nd", hidden, w.expert_out, weights)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    weights = jnp.zeros((tokens.shape[0], moe.n_experts), x.dtype).at[rows, chosen].set(
+        top_probs.astype(x.dtype))  # [n, experts]; 0 where a token did not choose the expert
+    used = jnp.zeros(moe.n_experts, bool).at[chosen.reshape(-1)].set(True)
+
+    def expert(e: int, tokens: jax.Array) -> jax.Array:
+        hidden = act(dense(tokens, w.expert_gate[e])) * dense(tokens, w.expert_in[e])
+        return dense(hidden, w.expert_out[e]) * weights[:, e, None]
+
+    out = jnp.zeros_like(tokens)
+    for e in range(moe.n_experts):
+        out = out + jax.lax.cond(used[e], functools.partial(expert, e), jnp.zeros_like, tokens)
     return out.reshape(*lead, d)

@@ -2,7 +2,7 @@
 
 An importer (flover_jax/convert) hands the family files `LazyTensor`s: a tensor's shape and
 dtype from the file's header, and how to read it. The family files rearrange them (transpose,
-reshape, slice, stack, add a constant) without reading anything, so a whole model is described
+reshape, slice, add a constant) without reading anything, so a whole model is described
 before a byte of it is loaded; the loader then reads one leaf at a time straight to its device
 shards (`flover_jax.loader`), and host memory holds a tensor or two, never the model.
 """
@@ -10,7 +10,7 @@ shards (`flover_jax.loader`), and host memory holds a tensor or two, never the m
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,15 +69,3 @@ def _probe(shape: tuple[int, ...]) -> np.ndarray:
     """An array of `shape` that takes no memory: numpy's view ops on it give their shapes."""
     return np.broadcast_to(np.empty((), np.uint8), shape)
 
-
-def stack(tensors: Sequence[LazyTensor]) -> LazyTensor:
-    """np.stack of lazy tensors, each read into its row of the result in turn."""
-    first = tensors[0]
-
-    def read() -> np.ndarray:
-        out = np.empty((len(tensors), *first.shape), first.dtype)
-        for row, tensor in zip(out, tensors):
-            row[...] = tensor.read()
-        return out
-
-    return LazyTensor((len(tensors), *first.shape), first.dtype, read)

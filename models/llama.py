@@ -14,7 +14,7 @@ from collections.abc import Callable
 from models.config import LayerSpec, ModelConfig, Moe, Rope
 from models.gpt import TensorGetter, _count, _eos_ids, _real
 from models.layers import AttentionWeights, ExpertWeights, MlpWeights, NormWeights
-from models.lazy import LazyTensor, stack
+from models.lazy import LazyTensor
 from models.transformer import LayerWeights, Params
 
 # Scalings whose frequencies change with the length of the sequence a forward pass sees
@@ -162,13 +162,12 @@ def expert_weights(
     router, gate, up, down = names
     f = moe.d_ff
 
-    def stacked(name: str, shape: tuple[int, int]) -> LazyTensor:  # torch (out, in) -> (in, out)
-        return stack([get(name.format(p=prefix, j=j), shape).T for j in range(moe.n_experts)])
+    def each(name: str, shape: tuple[int, int]) -> tuple[LazyTensor, ...]:  # (out, in) -> (in, out)
+        return tuple(get(name.format(p=prefix, j=j), shape).T for j in range(moe.n_experts))
 
     return ExpertWeights(
         router=get(router.format(p=prefix), (moe.n_experts, d)).T,
-        expert_gate=stacked(gate, (f, d)), expert_in=stacked(up, (f, d)),
-        expert_out=stacked(down, (d, f)),
+        expert_gate=each(gate, (f, d)), expert_in=each(up, (f, d)), expert_out=each(down, (d, f)),
     )
 
 

@@ -48,7 +48,7 @@ def tiny_config(family: str, n_layers: int = 2, **overrides) -> ModelConfig:
                  eos_token_ids=(255,)),
             LayerSpec(rope=Rope(dims=4), residual="parallel", activation="gelu"),
         ),
-        # 8 experts, two per token (decode steps of up to 3 tokens gather their experts).
+        # 8 experts, two per token (a step runs only the ones its tokens chose).
         "mixtral": (dict(llama_like), dataclasses.replace(swiglu, moe=Moe(8, 2, 32))),
         "qwen3_moe": (dict(llama_like), dataclasses.replace(
             swiglu, qk_norm=True, moe=Moe(8, 2, 32, normalize=False))),

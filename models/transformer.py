@@ -325,9 +325,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
                 b_in=maybe(cfg.mlp_bias, f), b_out=maybe(cfg.mlp_bias, d),
             ) if spec.moe is None else ExpertWeights(
                 router=rand(d, spec.moe.n_experts),
-                expert_gate=rand(spec.moe.n_experts, d, spec.moe.d_ff),
-                expert_in=rand(spec.moe.n_experts, d, spec.moe.d_ff),
-                expert_out=rand(spec.moe.n_experts, spec.moe.d_ff, d),
+                expert_gate=tuple(rand(spec.moe.n_experts, d, spec.moe.d_ff)),
+                expert_in=tuple(rand(spec.moe.n_experts, d, spec.moe.d_ff)),
+                expert_out=tuple(rand(spec.moe.n_experts, spec.moe.d_ff, d)),
             ),
             mlp_norm=None if spec.residual == "parallel_shared_norm" else norm_weights(),
             post_attn_norm=post_norm(spec.post_norms), post_mlp_norm=post_norm(spec.post_norms),
@@ -359,7 +359,7 @@ def pack_weights(params: Params) -> Params:
 
     def layer(w: LayerWeights) -> LayerWeights:
         attn, mlp_ = w.attn, w.mlp
-        if isinstance(mlp_, MlpWeights):  # experts stay arrays: each step gathers its own
+        if isinstance(mlp_, MlpWeights):  # experts stay arrays: XLA's dots run them
             mlp_ = dataclasses.replace(
                 mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
                 w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),

@@ -33,9 +33,8 @@ LLAMA_SHAPED = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 1_000_000.0}})),
-    # 16 experts, two per token: a decode step of up to 7 tokens gathers only its chosen
-    # experts, a prefill runs them all. Qwen3-MoE's layer 1 is dense (mlp_only_layers), its
-    # top two are not renormalized.
+    # 16 experts, two per token: a step runs only the experts its tokens chose. Qwen3-MoE's
+    # layer 1 is dense (mlp_only_layers), its top two are not renormalized.
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         intermediate_size=32, num_local_experts=16, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(

@@ -60,7 +60,7 @@ def test_hf_directory_converts_to_checkpoint_and_back(hf_llama_dir, tmp_path):
     assert_bitwise_equal(jax.tree.map(jnp.asarray, params), params2)
 
 
-# Gemma 2: its norms' 1 + w and tied head; Mixtral: stacked experts.
+# Gemma 2: its norms' 1 + w and tied head; Mixtral: its experts, an array each.
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
 def test_a_bfloat16_checkpoint_runs_in_bfloat16_and_matches_transformers(tmp_path, family):
     """Loaded in its own dtype, a bf16 checkpoint stays bf16, and its logits are within 5% of

@@ -152,8 +152,8 @@ def test_a_dense_and_a_mixture_of_experts_family_split_over_two_devices_as_over_
     experts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]
                if "expert_in" in jax.tree_util.keystr(path)]
     assert bool(experts) == (family == "mixtral")
-    for leaf in experts:  # [experts, d, expert d_ff]: each device holds half of every expert
-        assert leaf.addressable_shards[0].data.shape[2] * 2 == leaf.shape[2]
+    for leaf in experts:  # [d, expert d_ff]: each device holds half of every expert
+        assert leaf.addressable_shards[0].data.shape[1] * 2 == leaf.shape[1]
     work = mixed_workload(n=4, seed=4)
     one, two = (run_with_fake_clock(Engine(cfg, params, max_slots=2, max_len=96, mesh=make_mesh(tp)),
                                     work).outputs for tp in (1, 2))
@@ -172,7 +172,8 @@ def test_an_imported_checkpoint_is_read_straight_into_shards(tmp_path):
     target = param_shardings(sharded, cfg, mesh)
     for leaf, where in zip(jax.tree.leaves(sharded), jax.tree.leaves(target)):
         assert leaf.sharding == where
-    experts = sharded.layers[0].mlp.expert_in  # [experts, d, expert d_ff]: d_ff split in two
-    assert [s.data.shape for s in experts.addressable_shards] == [(16, 64, 16)] * 2
+    experts = sharded.layers[0].mlp.expert_in  # 16 x [d, expert d_ff]: d_ff split in two
+    assert len(experts) == 16
+    assert [s.data.shape for s in experts[0].addressable_shards] == [(64, 16)] * 2
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
