@@ -30,6 +30,7 @@ from common import cpu_description, merge_results  # noqa: E402
 from flover_jax.engine import DEFAULT_PREFILL_CHUNK, Engine, TimedRequest  # noqa: E402
 from flover_jax.loader import load_model  # noqa: E402
 from flover_jax.sampling_params import SamplingParams  # noqa: E402
+from flover_jax.scheduler import DEFAULT_PREFILL_BUDGET  # noqa: E402
 
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
 flags.DEFINE_list("experiments", ["stall", "shared"], "Which to run.")
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
     del argv
     cfg, params, _ = load_model(FLAGS.model)
     record = {"cpu": cpu_description(), "model": FLAGS.model,
-              "prefill_chunk": FLAGS.prefill_chunk,
+              "prefill_chunk": FLAGS.prefill_chunk, "prefill_budget": DEFAULT_PREFILL_BUDGET,
               "command": "python benchmarks/long_prompts.py " + " ".join(sys.argv[1:])}
     for name in FLAGS.experiments:
         record[name] = {"stall": stall, "shared": shared}[name](cfg, params, cfg.vocab_size)

@@ -551,8 +551,9 @@ def server_section(overhead: dict | None, soak: dict | None) -> str:
 
 def long_prompts_section(record: dict) -> str:
     parts = ["## Long prompts and shared openings (`benchmarks/long_prompts.py`)\n",
-             f"`{record['command']}` on {record['cpu']}, {record['model']}, float32, each engine "
-             "run once untimed (compiles) and then timed.\n"]
+             f"`{record['command']}` on {record['cpu']}, {record['model']}, float32, pieces of "
+             f"{record['prefill_chunk']} tokens, at most {record.get('prefill_budget', '?')} prompt "
+             "tokens an iteration; each engine run once untimed (compiles) and then timed.\n"]
     if stall := record.get("stall"):
         runs = stall["runs"]
         parts.append(
