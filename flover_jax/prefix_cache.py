@@ -73,9 +73,6 @@ class PrefixCache:
             raise RuntimeError(f"prefix cache row {entry.row}: unreferenced more than referenced")
         entry.refs -= 1
 
-    def holds(self, prefix: Sequence[int]) -> bool:
-        return tuple(prefix) in self._by_prefix
-
     def store(self, prefix: Sequence[int]) -> int | None:
         """A row to copy `prefix` into, now indexed under it (the caller copies at once), or
         None if it is cached already or every row is referenced."""

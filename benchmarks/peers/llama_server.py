@@ -29,10 +29,29 @@ def f32_gguf(q4_gguf: Path, out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(server, name: str, timeout_s: float, poll_s: float) -> None:
+    """Block until `server` (a peer server object with process, port, log and __exit__)
+    answers GET /health with 200. Raises if its process exits; stops it and raises on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.process.returncode}; see {server.log}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    server.__exit__(None, None, None)
+    raise RuntimeError(f"{name} not healthy within {timeout_s:.0f} s; see {server.log}")
 
 
 class LlamaServer:
@@ -40,7 +59,7 @@ class LlamaServer:
 
     def __init__(self, gguf: Path, slots: int, ctx_per_slot: int, *, threads: int = 2,
                  kv_type: str = "f16", log: Path | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.command = [
             str(BINARY), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
             "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
@@ -51,20 +70,8 @@ class LlamaServer:
     def __enter__(self) -> LlamaServer:
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}; see {self.log}")
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"llama-server not healthy within 120 s; see {self.log}")
+        wait_until_healthy(self, "llama-server", 120, 0.5)
+        return self
 
     def __exit__(self, *exc):
         self.process.terminate()

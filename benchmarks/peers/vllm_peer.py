@@ -24,14 +24,16 @@ platform, so no shim distribution or environment override is needed.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Self
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script, or as peers.vllm_peer
+from llama_server import free_port, wait_until_healthy  # noqa: E402
 
 PYTHON = Path(".peers/vllm/bin/python")  # benchmarks/peers/setup.sh makes the environment
 # Both cores (the default binds one), a 2 GiB KV cache, nothing fetched or reported.
@@ -47,18 +49,12 @@ def version() -> str:
     return " torch ".join(out.stdout.split()) if out.returncode == 0 else "not installed"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class VllmServer:
     """`with VllmServer(model_dir, dtype, seqs, max_len) as server:` serves on server.base_url."""
 
     def __init__(self, model: Path, dtype: str, max_seqs: int, max_len: int, *,
                  log: Path | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.command = [
             str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -72,20 +68,8 @@ class VllmServer:
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT,
                                         env=os.environ | ENV, start_new_session=True)
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.process.returncode}; see {self.log}")
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(1)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"vLLM's server not healthy within {LOAD_TIMEOUT_S} s; see {self.log}")
+        wait_until_healthy(self, "vLLM's server", LOAD_TIMEOUT_S, 1)
+        return self
 
     def __exit__(self, *exc):
         # Its engine runs in a child process: end the whole group the server leads.
