@@ -478,11 +478,11 @@ def servers_section(servers: dict, why: str | None) -> str:
     """compare_servers.py: every server through our one HTTP client, per workload."""
     parts = [
         "## Servers through one HTTP client (`benchmarks/compare_servers.py`)\n\n"
-        f"`{servers['command']}` on {servers['cpu']} ({servers['date']}): each server in turn on "
-        "127.0.0.1, driven by `main.py --mode=bench --backend=openai` (streamed, one client thread "
-        f"per request, in its own process); {servers['prompt_len']}-token random prompts, "
-        f"{servers['output_len']} tokens each, greedy, EOS ignored; one untimed burst first on "
-        "every server, then one run of each workload. TTFT at the first streamed token, ITL "
+        f"On {servers['cpu']} ({servers['date']}): each server in turn on 127.0.0.1, driven by "
+        "`main.py --mode=bench --backend=openai` (streamed, one client thread per request, in its "
+        "own process); random-token prompts, greedy, EOS ignored; one untimed burst first on every "
+        "server, then one run of each workload, every server with its own defaults (prefix "
+        "caching and chunked prefill on where it has them). TTFT at the first streamed token, ITL "
         "between streamed tokens. Versions: "
         + "; ".join(f"{s}: {v}" for s, v in servers["versions"].items()) + ".\n"]
     runs = servers["systems"]
@@ -497,7 +497,8 @@ def servers_section(servers: dict, why: str | None) -> str:
                          *(f"{r[k][p] * 1e3:.0f} ms" for k in ("ttft_s", "itl_s") for p in ("p50", "p99")),
                          r["errors"],
                          f"{ours['output_tokens_per_s'] / r['output_tokens_per_s']:.2f}x" if ours else ""])
-        parts.append(f"### {workload}: {description}\n\n" + _table(
+        parts.append(f"### {workload}: {description}\n\n`{servers['commands'][workload]}`, "
+                     f"{servers['max_len'][workload]} tokens a slot (sequence).\n\n" + _table(
             ["system", "output tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "errors",
              "flover_jax server vs it"], rows) + "\n")
     if why:

@@ -8,11 +8,12 @@ on top of it:
   Special ids and the chat template come from `tokenizer_config.json`,
   `chat_template.jinja`, `config.json` and `generation_config.json` beside it.
 * `Tokenizer.from_gguf(path_or_reader)`: the tokenizer described by a GGUF
-  file's `tokenizer.*` metadata. Only byte-level BPE (`tokenizer.ggml.model ==
-  "gpt2"`) is supported. The pre-tokenizer follows llama.cpp's
-  `tokenizer.ggml.pre` table (see `_PRE_TOKENIZER_SPLITS`); an unknown name falls
-  back to the plain GPT-2 regex with a warning, since that is what llama.cpp
-  does for "default" and what most byte-level vocabularies were trained with.
+  file's `tokenizer.*` metadata: byte-level BPE (`tokenizer.ggml.model == "gpt2"`)
+  or SentencePiece BPE ("llama": Llama 2, Gemma, Phi-3). The byte-level
+  pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre` table (see
+  `_PRE_TOKENIZER_SPLITS`); an unknown name falls back to the plain GPT-2 regex
+  with a warning, since that is what llama.cpp does for "default" and what most
+  byte-level vocabularies were trained with.
 * `Tokenizer.apply_chat_template`: the model's Jinja chat template, rendered in
   a sandbox with the same environment and helpers as `transformers`.
 * `IncrementalDecoder`: token-by-token text for streaming that never emits half
@@ -31,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["IncrementalDecoder", "Tokenizer"]
 
 # llama.cpp token types (`tokenizer.ggml.token_type`).
+_TOKEN_TYPE_NORMAL = 1
+_TOKEN_TYPE_UNKNOWN = 2
 _TOKEN_TYPE_CONTROL = 3  # special tokens such as <|im_start|>: matched whole, skippable in decode
 _TOKEN_TYPE_USER_DEFINED = 4  # added tokens that are not special: matched whole, always decoded
+_SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 # The GPT-2 split, as the `ByteLevel` pre-tokenizer applies it with `use_regex=True`.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -322,7 +326,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | Path | Any) -> Tokenizer:
-        """Build the byte-level BPE tokenizer described by a GGUF file's metadata."""
+        """Build the tokenizer described by a GGUF file's metadata."""
         import gguf  # imported here: only GGUF loading needs it
 
         if isinstance(path_or_reader, gguf.GGUFReader):
@@ -345,47 +349,20 @@ class Tokenizer:
         if model_type is None:
             raise UnsupportedTokenizer(
                 f"{source}: the GGUF has no tokenizer (no tokenizer.ggml.model)")
-        if model_type != "gpt2":
+        if model_type not in _GGUF_TOKENIZER_MODELS:
             raise UnsupportedTokenizer(
-                f"{source}: tokenizer.ggml.model is {model_type!r}; only 'gpt2' "
-                "(byte-level BPE) is supported"
+                f"{source}: tokenizer.ggml.model is {model_type!r}; supported: 'gpt2' "
+                "(byte-level BPE) and 'llama' (SentencePiece BPE)"
             )
         tokens: list[str] = field("tokenizer.ggml.tokens") or []
-        merges_raw: list[str] = field("tokenizer.ggml.merges") or []
-        if not tokens or not merges_raw:
-            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+        if not tokens:
+            raise ValueError(f"{source}: tokenizer.ggml.tokens is missing")
         token_types: list[int] = field("tokenizer.ggml.token_type") or [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ValueError(
                 f"{source}: {len(token_types)} token types for {len(tokens)} tokens"
             )
-
-        merges: list[tuple[str, str]] = []
-        for i, merge in enumerate(merges_raw):
-            left, sep, right = merge.partition(" ")
-            if not sep or not left or not right or " " in right:
-                raise ValueError(f"{source}: merge #{i} {merge!r} is not 'left right'")
-            merges.append((left, right))
-
-        # Normal tokens are spelled in the GPT-2 byte alphabet; llama.cpp sometimes stores
-        # others as plain text, so re-spell those (a vocabulary key the BPE can produce).
-        # Control/user-defined tokens keep their text: added tokens find their id by it.
-        alphabet = _bytes_to_unicode()
-        spelled = set(alphabet.values())
-        vocab: dict[str, int] = {}
-        for i, (token, ttype) in enumerate(zip(tokens, token_types, strict=True)):
-            added = ttype in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
-            if not added and not set(token) <= spelled:
-                token = "".join(alphabet[b] for b in token.encode("utf-8"))
-            # A duplicate keeps its first id; any later copy is unreachable, as in llama.cpp's BPE.
-            vocab.setdefault(token, i)
-
-        tok = tokenizers.Tokenizer(
-            models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-        )
-        pre = field("tokenizer.ggml.pre") or "default"
-        tok.pre_tokenizer = _byte_level_pre_tokenizer(pre, source)
-        tok.decoder = decoders.ByteLevel()
+        tok, vocab = _GGUF_TOKENIZER_MODELS[model_type](field, tokens, token_types, source)
         # Added tokens are matched in raw text before pre-tokenization, as llama.cpp does
         # for CONTROL and USER_DEFINED tokens (so "<|im_start|>" is one id, never pieces).
         tok.add_special_tokens(
@@ -424,6 +401,78 @@ class Tokenizer:
             chat_template=field("tokenizer.chat_template"),
             source=source,
         )
+
+
+def _gguf_byte_level_bpe(
+    field: Callable[..., Any], tokens: list[str], token_types: list[int], source: str
+) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    """`tokenizer.ggml.model == "gpt2"`: byte-level BPE over the file's merges, text split as
+    `tokenizer.ggml.pre` says."""
+    merges_raw: list[str] = field("tokenizer.ggml.merges") or []
+    if not merges_raw:
+        raise ValueError(f"{source}: tokenizer.ggml.merges is missing")
+    merges: list[tuple[str, str]] = []
+    for i, merge in enumerate(merges_raw):
+        left, sep, right = merge.partition(" ")
+        if not sep or not left or not right or " " in right:
+            raise ValueError(f"{source}: merge #{i} {merge!r} is not 'left right'")
+        merges.append((left, right))
+
+    # Normal tokens are spelled in the GPT-2 byte alphabet; llama.cpp sometimes stores
+    # others as plain text, so re-spell those (a vocabulary key the BPE can produce).
+    # Control/user-defined tokens keep their text: added tokens find their id by it.
+    alphabet = _bytes_to_unicode()
+    spelled = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for i, (token, ttype) in enumerate(zip(tokens, token_types, strict=True)):
+        added = ttype in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
+        if not added and not set(token) <= spelled:
+            token = "".join(alphabet[b] for b in token.encode("utf-8"))
+        # A duplicate keeps its first id; any later copy is unreachable, as in llama.cpp's BPE.
+        vocab.setdefault(token, i)
+
+    tok = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
+    tok.pre_tokenizer = _byte_level_pre_tokenizer(field("tokenizer.ggml.pre") or "default", source)
+    tok.decoder = decoders.ByteLevel()
+    return tok, vocab
+
+
+def _gguf_sentencepiece_bpe(
+    field: Callable[..., Any], tokens: list[str], token_types: list[int], source: str
+) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    """`tokenizer.ggml.model == "llama"`: SentencePiece BPE (Llama 2, Gemma, Phi-3), as
+    llama.cpp runs it: spaces written as U+2581, one prepended to each stretch of text between
+    special tokens where `add_space_prefix` says so, adjacent pieces merged best score first,
+    characters without a piece spelled as <0xXX> byte tokens. The merges are the vocabulary's
+    splits ranked by the merged piece's score, as transformers converts these vocabularies."""
+    scores: list[float] = field("tokenizer.ggml.scores") or []
+    if len(scores) != len(tokens):
+        raise ValueError(f"{source}: {len(scores)} tokenizer.ggml.scores for {len(tokens)} tokens")
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    normal = {t: i for t, i in vocab.items() if token_types[i] == _TOKEN_TYPE_NORMAL}
+    ranked = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], normal[left], normal[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unknown = next((t for t, i in vocab.items() if token_types[i] == _TOKEN_TYPE_UNKNOWN), None)
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unknown,
+                                          fuse_unk=True, byte_fallback=True))
+    prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    spaces = normalizers.Replace(" ", _SPACE)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), spaces]) if prefix else spaces
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return tok, vocab
+
+
+_GGUF_TOKENIZER_MODELS = {"gpt2": _gguf_byte_level_bpe, "llama": _gguf_sentencepiece_bpe}
 
 
 class IncrementalDecoder:

@@ -62,11 +62,11 @@ def make_hf_model(family: str, directory: Path, seed: int = 0, **overrides):
         )
         model = transformers.GPTJForCausalLM(config)
     elif family == "gpt_neox":  # rotary on 4 of 16 dims (rotary_pct 0.25), parallel residual
-        config = transformers.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=128, bos_token_id=0,
-            eos_token_id=VOCAB - 1, **overrides,
-        )
+        config = transformers.GPTNeoXConfig(**{
+            "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "max_position_embeddings": 128, "bos_token_id": 0,
+            "eos_token_id": VOCAB - 1, **overrides,
+        })
         model = transformers.GPTNeoXForCausalLM(config)
     elif family in LLAMA_SHAPED:
         config_name, model_name, fields = LLAMA_SHAPED[family]

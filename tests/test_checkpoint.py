@@ -347,7 +347,10 @@ def write_llama_gguf(path, tokenizer: str | None = None, tensors=(), **metadata)
 
 
 @pytest.mark.parametrize("metadata, tensors, message", [
-    ({"llama.rope.scaling.type": "yarn"}, (), "llama.rope.scaling.type='yarn' is unsupported"),
+    ({"llama.rope.scaling.type": "longrope"}, (), "llama.rope.scaling.type='longrope' is unsupported"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": 16, "llama.rope.scaling.yarn_ext_factor": 0.5},
+     (), "llama.rope.scaling.yarn_ext_factor=0.5 is unsupported"),
     ({"llama.rope.scaling.factor": 4.0}, (), "llama.rope.scaling.factor=4.0 is unsupported"),
     ({}, [("rope_factors_long.weight", (4,))], "rope_factors_long.weight (LongRoPE scaling) is "
                                                 "unsupported"),
@@ -364,9 +367,9 @@ def test_gguf_rotary_and_routing_it_would_not_compute_are_refused(tmp_path, meta
 
 
 def test_gguf_stops_at_end_of_turn_and_loads_without_a_tokenizer_it_cannot_build(tmp_path):
-    path = write_llama_gguf(tmp_path / "m.gguf", tokenizer="llama",
+    path = write_llama_gguf(tmp_path / "m.gguf", tokenizer="t5",
                             **{"tokenizer.ggml.eot_token_id": 5})
-    with pytest.warns(UserWarning, match="tokenizer.ggml.model is 'llama'.*prompts must be token"):
+    with pytest.warns(UserWarning, match="tokenizer.ggml.model is 't5'.*prompts must be token"):
         cfg, params, tokenizer = convert(path)
     assert tokenizer is None and cfg.eos_token_ids == (1, 5)
     assert params.embed.shape == (cfg.vocab_size, cfg.d_model)

@@ -398,8 +398,8 @@ def test_gguf_pre_tokenizers(tmp_path):
 
 
 def test_gguf_unsupported_model_raises(tmp_path):
-    path = _write_gguf(tmp_path / "spm.gguf", model="llama")
-    with pytest.raises(ValueError, match=r"spm\.gguf.*'llama'.*only 'gpt2'"):
+    path = _write_gguf(tmp_path / "ugm.gguf", model="t5")
+    with pytest.raises(ValueError, match=r"ugm\.gguf.*'t5'; supported: 'gpt2'.*'llama'"):
         Tokenizer.from_gguf(path)
 
 

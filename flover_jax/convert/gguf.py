@@ -2,13 +2,14 @@
 dequantized to float32.
 
 A GGUF of the architectures llama.cpp writes for the families we run (`llama`, with or without
-experts, `qwen2`, `qwen3`, `qwen3moe`, `phi3`, `gemma2`, `gemma3`) is read by turning its
+experts, `qwen2`, `qwen3`, `qwen3moe`, `phi3`, `gemma2`, `gemma3`, `gptneox`) is read by turning its
 metadata into the config.json Hugging Face would have and its tensor names into Hugging Face's,
 so each family's own config and weight functions (models/*.py), and their checks, load it.
 What llama.cpp's converter changes on the way is undone here: q and k rows permuted for its
 rotary kernel (`llama` only), Gemma's norm weights stored with their 1 added, experts stacked
 in one tensor per projection, Llama 3's rope scaling stored as per-frequency divisors
-(`rope_freqs`). Where a GGUF omits a field, llama.cpp's own default is used, as noted below.
+(`rope_freqs`), GPT-NeoX's fused q|k|v rows grouped by projection instead of by head. Where
+a GGUF omits a field, llama.cpp's own default is used, as noted below.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM", "gptneox": "GPTNeoXForCausalLM",
 }
 _MISSING = object()
 
@@ -84,8 +85,23 @@ def gguf_hf_config(reader: gguf.GGUFReader, path: Path) -> tuple[str, dict]:
     scaling = meta("rope.scaling.type", "none")
     if scaling == "linear":
         rope |= {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
+    elif scaling == "yarn":  # the fields llama.cpp's converter writes from rope_parameters
+        rope |= {"rope_type": "yarn", "factor": meta("rope.scaling.factor"),
+                 "original_max_position_embeddings": meta("rope.scaling.original_context_length")}
+        for key, hf_key in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                            ("yarn_beta_slow", "beta_slow")):
+            if meta(f"rope.scaling.{key}", None) is not None:
+                rope[hf_key] = meta(f"rope.scaling.{key}")
+        # Extrapolation mixes fully outside the ramp in YaRN as transformers computes it; -1 is
+        # llama.cpp's "unset".
+        if meta("rope.scaling.yarn_ext_factor", 1.0) not in (1.0, -1.0):
+            refuse("rope.scaling.yarn_ext_factor", meta("rope.scaling.yarn_ext_factor"),
+                   "1.0, as transformers' YaRN computes")
+        if meta("rope.scaling.yarn_log_multiplier", 0.0):
+            refuse("rope.scaling.yarn_log_multiplier", meta("rope.scaling.yarn_log_multiplier"),
+                   "0: no mscale_all_dim")
     elif scaling != "none":
-        refuse("rope.scaling.type", scaling, "none or linear")
+        refuse("rope.scaling.type", scaling, "none, linear or yarn")
     elif meta("rope.scaling.factor", 1.0) != 1.0:
         refuse("rope.scaling.factor", meta("rope.scaling.factor"), "1.0 without a scaling type")
     rotary_dims = meta("rope.dimension_count", head_dim)
@@ -104,10 +120,17 @@ def gguf_hf_config(reader: gguf.GGUFReader, path: Path) -> tuple[str, dict]:
         num_key_value_heads=meta("attention.head_count_kv", heads), head_dim=head_dim,
         intermediate_size=meta("feed_forward_length"),
         max_position_embeddings=meta("context_length", 2048),
-        rms_norm_eps=meta("attention.layer_norm_rms_epsilon"), vocab_size=vocab,
+        vocab_size=vocab,
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), rope_parameters=rope,
     )
+    if arch == "gptneox":  # LayerNorm; the activation is not stored: Pythia's, exact GELU
+        hf |= dict(layer_norm_eps=meta("attention.layer_norm_epsilon"), hidden_act="gelu",
+                   use_parallel_residual=meta("use_parallel_residual", True),
+                   attention_bias="blk.0.attn_qkv.bias" in tensors,
+                   rotary_pct=rotary_dims / head_dim if whole_head else None)
+    else:
+        hf["rms_norm_eps"] = meta("attention.layer_norm_rms_epsilon")
     architecture = GGUF_ARCHITECTURES[arch]
     if arch == "llama" and meta("expert_count", 0):
         architecture = "MixtralForCausalLM"
@@ -196,6 +219,15 @@ _GLOBAL_NAMES = {
     "lm_head.weight": "output.weight",
 }
 # One expert's projection -> (its stacked GGUF tensor, after "blk.{i}.").
+# GPT-NeoX's names (after the "gpt_neox." prefix its params leave out), weights and biases.
+_GPTNEOX_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+    "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down",
+}
+_GPTNEOX_GLOBAL_NAMES = {"embed_in.weight": "token_embd.weight", "embed_out.weight": "output.weight",
+                         "final_layer_norm.weight": "output_norm.weight",
+                         "final_layer_norm.bias": "output_norm.bias"}
 _EXPERT = re.compile(r"(?:mlp\.experts\.(\d+)\.(gate|up|down)_proj|"
                      r"block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2))\.weight")
 _MIXTRAL_PROJECTIONS = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -203,6 +235,13 @@ _MIXTRAL_PROJECTIONS = {"w1": "gate", "w3": "up", "w2": "down"}
 
 def gguf_name(hf_name: str, arch: str) -> tuple[str, int | None] | None:
     """(GGUF tensor, index into its leading axis or None) holding a Hugging Face tensor."""
+    if arch == "gptneox":
+        if hf_name in _GPTNEOX_GLOBAL_NAMES:
+            return _GPTNEOX_GLOBAL_NAMES[hf_name], None
+        match = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+        if match is None or match[2] not in _GPTNEOX_LAYER_NAMES:
+            return None
+        return f"blk.{match[1]}.{_GPTNEOX_LAYER_NAMES[match[2]]}.{match[3]}", None
     if hf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[hf_name], None
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
@@ -224,6 +263,13 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation: w [n_heads * head_dim, in]."""
     head_dim = w.shape[0] // n_heads
     return w.reshape(n_heads, head_dim // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def regroup_qkv(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """GPT-NeoX's fused q|k|v rows (or bias) from llama.cpp's order (projection, head, dim) back
+    to Hugging Face's (head, projection, dim)."""
+    rows = w.reshape(3, n_heads, -1, *w.shape[1:])
+    return rows.swapaxes(0, 1).reshape(w.shape)
 
 
 def _numpy_shape(tensor) -> tuple[int, ...]:
@@ -282,6 +328,8 @@ def load_gguf(path: str | Path, reader: gguf.GGUFReader | None = None) -> tuple[
             return w.map(functools.partial(unpermute_rotary, n_heads=cfg.n_heads))
         if arch == "llama" and name.endswith("attn_k.weight"):
             return w.map(functools.partial(unpermute_rotary, n_heads=cfg.n_kv_heads))
+        if arch == "gptneox" and ".attn_qkv." in name:
+            return w.map(functools.partial(regroup_qkv, n_heads=cfg.n_heads))
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             return w + -1.0  # the family adds Gemma's 1 back, as transformers computes it
         return w
