@@ -15,18 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 # Engine options by name: the default CPU kernels, and the engines without them.
-ENGINE_OPS = {"cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
+ENGINE_OPS = {"auto": dict(attention="auto", matmul="auto"),  # the default: timed, then picked
+              "cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
               "xla_matmuls": dict(attention="cpu_kernel", matmul="xla"),
+              "xla_attention": dict(attention="xla", matmul="cpu_kernel"),
               "xla": dict(attention="xla", matmul="xla")}
-
-
-def live_state(executor, live: int, context: int):
-    """The state with `live` active slots at `context` cached tokens, never finishing."""
-    n = executor.num_slots
-    return executor.state.replace(
-        active=jnp.asarray(np.arange(n) < live), pos=jnp.full((n,), context, jnp.int32),
-        remaining=jnp.full((n,), 1 << 30, jnp.int32),
-    )
 
 
 def decode_bytes(cfg, params) -> tuple[int, int]:

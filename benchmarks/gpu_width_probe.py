@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import live_state  # benchmarks/ is on sys.path when run as a script
 
 from flover_jax.buckets import bucket, powers_of_two
 from flover_jax.engine import Engine, TimedRequest
@@ -50,7 +49,7 @@ def main(argv):
     every = dataclasses.replace(engine_buckets, windows=powers_of_two(1, FLAGS.max_slots))
     ex.buckets = every
     kv_len = ex.program_kv_len(bucket(241, ex.buckets.kv_lengths))
-    ex.state = live_state(ex, 1, 240)
+    ex.state = ex.state.busy(1, 240)
     for width in every.windows:
         for _ in range(3):
             ex.read(ex.decode(0, width, kv_len))

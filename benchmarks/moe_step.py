@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
-from common import cpu_description, live_state  # benchmarks/ is on the path
+from common import cpu_description  # benchmarks/ is on the path
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -65,7 +65,7 @@ def configs() -> dict:
 def step_ms(engine: Engine, live: int) -> float:
     ex = engine.executor
     kv_len = bucket(FLAGS.context + FLAGS.repeats + 2, ex.buckets.kv_lengths)
-    ex.state = live_state(ex, live, FLAGS.context)
+    ex.state = ex.state.busy(live, FLAGS.context)
     ex.read(ex.decode(0, live, kv_len))  # compile
     times = []
     for _ in range(FLAGS.repeats):

@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
-from common import live_state  # benchmarks/ is on the path when run as a script
 
 from flover_jax.buckets import bucket
 from flover_jax.engine import Engine
@@ -102,7 +101,7 @@ def main(argv):
         live, context = (int(x) for x in point.split(":"))
         width = bucket(live, ex.buckets.windows)
         kv_len = ex.program_kv_len(bucket(context + 1, ex.buckets.kv_lengths))
-        ex.state = live_state(ex, live, context)
+        ex.state = ex.state.busy(live, context)
         lowered = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
         compiled_text = lowered.compile().as_text()
         scopes, reductions = op_scopes(compiled_text), ynn_reductions(compiled_text)

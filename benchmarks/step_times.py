@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from common import ENGINE_OPS, decode_bytes, live_state, machine_limits, step_roofline  # benchmarks/ on path
+from common import ENGINE_OPS, decode_bytes, machine_limits, step_roofline  # benchmarks/ on path
 
 from flover_jax.buckets import bucket
 from flover_jax.chunks import PromptPiece
@@ -35,9 +35,11 @@ flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot w
 flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
 flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
                     "Where the machine's measured limits go (roofline.py bounds with them too).")
-flags.DEFINE_list("ops", ["cpu_kernels", "xla_matmuls", "xla"],
-                  "Engines to time, a table each: cpu_kernels (the CPU attention and matmul "
-                  "kernels), xla_matmuls (the attention kernel, XLA's matmuls), xla (XLA's ops).")
+flags.DEFINE_list("ops", ["auto", "cpu_kernels", "xla_matmuls", "xla_attention", "xla"],
+                  "Engines to time, a table each: auto (the default: what timing the others at "
+                  "start-up picked), cpu_kernels (the CPU attention and matmul kernels), "
+                  "xla_matmuls (the attention kernel, XLA's matmuls), xla_attention (XLA's "
+                  "attention, the matmul kernel), xla (XLA's ops).")
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -50,7 +52,8 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def decode_table(engine: Engine, limits: dict) -> None:
+def decode_table(engine: Engine, limits: dict) -> dict[tuple[int, int], float]:
+    """Prints the table; returns its step times, (live slots, context) -> ms."""
     ex, cfg = engine.executor, engine.cfg
     slots = ex.num_slots
     weight_bytes, kv_token = decode_bytes(cfg, ex.params)
@@ -64,19 +67,34 @@ def decode_table(engine: Engine, limits: dict) -> None:
     header = " | ".join(f"ctx {c}: ms | tok/s | GB/s | roofline" for c in contexts)
     print(f"| live slots | {header} |")
     print("|---:|" + "---:|---:|---:|---:|" * len(contexts))
-    n = 1
+    n, step_ms = 1, {}
     while n <= slots:
         cells = []
         for context in contexts:
             kv_len = bucket(context + FLAGS.repeats + 2, ex.buckets.kv_lengths)
-            ex.state = live_state(ex, n, context)
-            ms = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
+            ex.state = ex.state.busy(n, context)
+            ms = step_ms[n, context] = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
             rate = (weight_bytes + n * context * kv_token) / (ms / 1e3) / 1e9
             best = roofline(np.full(n, context), bandwidth, flop_rate)
             cells.append(f"{ms:.1f} | {n / ms * 1e3:.0f} | {rate:.1f} | {best / (ms / 1e3):.0%}")
         print(f"| {n} | " + " | ".join(cells) + " |")
         n *= 2
     ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
+    return step_ms
+
+
+def default_against_best_table(step_ms: dict[str, dict[tuple[int, int], float]]) -> None:
+    """The default engine's step time against the fastest of the paths it chose among, at
+    every width and context timed."""
+    others = {name: times for name, times in step_ms.items() if name != "auto"}
+    print("The default (`auto`) against the fastest of its paths, same run:\n")
+    print("| live slots | context | default ms | fastest path | its ms | default / fastest |")
+    print("|---:|---:|---:|---|---:|---:|")
+    for n, context in step_ms["auto"]:
+        best = min(others, key=lambda name: others[name][n, context])
+        ms, fastest = step_ms["auto"][n, context], others[best][n, context]
+        print(f"| {n} | {context} | {ms:.1f} | {best} | {fastest:.1f} | {ms / fastest:.2f}x |")
+    print()
 
 
 def kernel_table(engine: Engine) -> None:
@@ -148,11 +166,15 @@ def main(argv):
           "`.venv/bin/python benchmarks/step_times.py`\n")
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
+    step_ms = {}
     for i, name in enumerate(FLAGS.ops):
         engine = Engine.from_pretrained(
             FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, **ENGINE_OPS[name])
-        print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in ENGINE_OPS[name].items())}:\n")
-        decode_table(engine, limits)
+        picked = engine.executor.op_choice
+        print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in ENGINE_OPS[name].items())}"
+              + (f" (picked: attention={picked.attention}, matmul={picked.matmul}, "
+                 f"{picked.how})" if name == "auto" else "") + ":\n")
+        step_ms[name] = decode_table(engine, limits)
         if i == 0:  # the first (default) engine's attention kernel and prefill
             if engine.executor.attention_kernel:
                 kernel_table(engine)
@@ -160,6 +182,8 @@ def main(argv):
         print()
         del engine
         gc.collect()
+    if "auto" in step_ms and len(step_ms) > 1:
+        default_against_best_table(step_ms)
     # Twice the slots, so that up to max_slots of them can move into the other half.
     compaction_table(Engine.from_pretrained(
         FLAGS.model, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))

@@ -60,8 +60,7 @@ def run(
     compile_s = time.perf_counter() - start
     result = engine.run(requests, policy)
     summary = metrics.summarize(result) | {"compile_s": compile_s} | metrics.memory(engine)
-    summary["attention"] = "cpu_kernel" if engine.executor.attention_kernel else "xla"
-    summary["matmul"] = "cpu_kernel" if engine.executor.matmul_kernel else "xla"
+    summary["ops"] = engine.executor.op_choice.summary()
     summary["batch_invariant"] = engine.executor.batch_invariant
     summary["prefill_chunk"] = engine.executor.buckets.prefill_chunk
     summary["prefix_cache_rows"] = len(engine.executor.prefix_rows)

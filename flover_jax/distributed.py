@@ -61,6 +61,7 @@ class BroadcastExecutor:
         self.prefix_rows = executor.prefix_rows
         self.vocab_size, self.buckets = executor.vocab_size, executor.buckets
         self.attention_kernel, self.matmul_kernel = executor.attention_kernel, executor.matmul_kernel
+        self.op_choice = executor.op_choice
         self.batch_invariant = executor.batch_invariant
 
     def _call(self, name: str, *args) -> Any:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from flover_jax import sharding, step
+from flover_jax import op_choice, sharding, step
 from flover_jax.buckets import DEFAULT_PREFILL_BATCH, Buckets, bucket
 from flover_jax.chunks import PromptPiece
 from flover_jax.sampling import Sampled, SlotSampling
@@ -94,11 +94,11 @@ def _check_finite(params: Params) -> None:
                              "the weights are damaged")
 
 
-def _use_cpu_kernel(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
-    """Resolve the `attention` or `matmul` option. "auto" takes the CPU kernel where it applies:
-    one CPU device (the kernels are not partitioned across a mesh), float32, a C++
-    compiler found, and for attention a model whose attention the kernel computes (no
-    soft-capping: `ModelConfig.attention_kernel_misfit`)."""
+def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
+    """Whether our CPU kernel can compute the `attention` or `matmul` option: one CPU device
+    (the kernels are not partitioned across a mesh), float32, a C++ compiler found, and for
+    attention a model whose attention the kernel computes (no soft-capping:
+    `ModelConfig.attention_kernel_misfit`). Asked for by name where it cannot: an error."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
     if choice == "xla":
@@ -134,7 +134,8 @@ class DeviceExecutor:
     ) -> None:
         """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
         which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
-        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls.
+        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls ("auto":
+        the faster where the kernel applies, as `op_choice` measures).
         prefill_chunk: the longest piece of a prompt one prefill computes (0: whole prompts).
         prefix_rows: rows of the decode state beyond the slots, which hold cached prefixes."""
         _check_count("max_slots", num_slots)
@@ -164,8 +165,21 @@ class DeviceExecutor:
         self.prefix_rows = range(num_slots, self.num_rows)
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
-        self.attention_kernel = _use_cpu_kernel("attention", attention, cfg, self.mesh, on_cpu)
-        self.matmul_kernel = _use_cpu_kernel("matmul", matmul, cfg, self.mesh, on_cpu)
+        # Before this engine's own state exists: "auto" may build (and drop) one engine per
+        # pair of paths to time them.
+        matmuls = op_choice.candidates(matmul, _kernel_applies("matmul", matmul, cfg, self.mesh, on_cpu))
+        if transformer.is_packed(params):  # packed by a kernel engine: only the kernel reads them
+            matmuls = matmuls[:1]
+        self.op_choice = op_choice.choose(
+            op_choice.candidates(attention, _kernel_applies("attention", attention, cfg, self.mesh, on_cpu)),
+            matmuls,
+            lambda a, m: DeviceExecutor(params, cfg, num_slots, max_len, eos_ids, max_prefill_batch,
+                                        mesh, a, batch_invariant, m, prefill_chunk),
+            {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
+             "batch_invariant": batch_invariant},
+        )
+        self.attention_kernel = self.op_choice.attention_kernel
+        self.matmul_kernel = self.op_choice.matmul_kernel
         self.batch_invariant = batch_invariant
         # A CPU step costs by the rows it computes, so windows start at one row, and the kernel
         # (one program per width) affords finer ones. An accelerator's step costs about the same

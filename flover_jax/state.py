@@ -54,6 +54,15 @@ class DecodeState:
     def replace(self, **changes) -> DecodeState:
         return dataclasses.replace(self, **changes)
 
+    def busy(self, live: int, context: int) -> DecodeState:
+        """This state with its first `live` rows decoding at `context` cached tokens, never
+        finishing: what timing a decode step needs (the cache's contents do not matter)."""
+        n = self.num_slots
+        return self.replace(
+            active=jnp.asarray(np.arange(n) < live), pos=jnp.full((n,), context, jnp.int32),
+            remaining=jnp.full((n,), 1 << 30, jnp.int32), ignore_eos=jnp.ones((n,), bool),
+        )
+
     def deactivate(self, slots: jax.Array) -> DecodeState:
         """Mark slots inactive; out-of-range entries (padding) are dropped."""
         return self.replace(active=self.active.at[slots].set(False, mode="drop"))

@@ -118,6 +118,8 @@ def summary_table(summary: dict, title: str = "summary") -> Table:
         ("iterations", lambda: f"{summary['iterations']}"),
         ("mean in flight", lambda: f"{summary['mean_inflight']:.2f}"),
         ("compactions (moves)", lambda: f"{summary['compactions']} ({summary['moves']})"),
+        ("attention / matmul ops", lambda: f"{summary['ops']['attention']} / "
+                                           f"{summary['ops']['matmul']} ({summary['ops']['chosen_by']})"),
     ]
     for name, value in rows:
         with contextlib.suppress(KeyError):  # a server's bench has no engine counters

@@ -9,6 +9,10 @@ os.environ.setdefault(
     "FLOVER_KERNEL_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "kernels")
 )
 
+# `auto` ops by the rule (kernels where they apply), not timed for every engine shape the tests
+# build; tests/test_op_choice.py times them.
+os.environ.setdefault("FLOVER_AUTO_OPS", "rule")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)

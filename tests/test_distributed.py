@@ -66,7 +66,7 @@ def test_two_processes_bench_reports_on_process_0(tmp_path):
     ], "--output_json", [f"--output_json={tmp_path / 'absent' / 'out1'}"])
     summary = json.loads((tmp_path / "out0").read_text())
     assert summary["errors"] == 0 and summary["output_tokens"] == 3 * 5
-    assert summary["attention"] == "xla" and summary["batch_invariant"] is False
+    assert summary["ops"]["attention"] == "xla" and summary["batch_invariant"] is False
 
 
 def test_broadcast_executor_takes_every_device_call_as_the_executor_does():

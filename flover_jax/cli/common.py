@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from flover_jax.cli.flags import FLAGS
 from flover_jax.files import Line
 
@@ -30,6 +32,10 @@ def engine():
     if jax.process_index() > 0:
         built.follow()
         raise Follower
+    choice = built.executor.op_choice
+    if choice.how in ("measured", "cached"):
+        print(f"ops: attention={choice.attention}, matmul={choice.matmul} (timed on this machine"
+              f"{', earlier' if choice.how == 'cached' else ''})", file=sys.stderr, flush=True)
     ENGINES.append(built)
     return built
 

@@ -29,7 +29,7 @@ def run_mode(interrupts: Interrupts) -> int:
     view = viz.LiveView(len(requests), FLAGS.max_slots, title, console)
     with interrupts.while_running() as stop, view:
         result = engine.run(requests, on_event=view.event, on_iteration=view.iteration, stop=stop)
-    console.print(viz.summary_table(metrics.summarize(result)))
+    console.print(viz.summary_table(metrics.summarize(result) | {"ops": engine.executor.op_choice.summary()}))
     for output in result.outputs:
         if output.error:
             print(f"request {output.request_id}: {output.error}", file=sys.stderr)

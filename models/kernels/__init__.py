@@ -38,12 +38,13 @@ _MATMUL_TARGET = "flover_packed_matmul"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the compiled kernels (and what `auto` measured of them) are kept."""
     root = os.environ.get("FLOVER_KERNEL_CACHE") or Path.home() / ".cache" / "flover_jax" / "kernels"
     return Path(root)
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """What -march=native compiles for: the architecture and the CPU's model and features
     (x86 names them `model name` and `flags`, ARM `CPU implementer`, `CPU part`, `Features`)."""
     try:
@@ -59,6 +60,11 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def source_digest() -> str:
+    """The kernels' sources, as one digest."""
+    return hashlib.sha256(b"".join(source.read_bytes() for source in (*_SOURCES, *_HEADERS))).hexdigest()
+
+
 def _compile() -> Path:
     """The shared library, compiled unless this source, compiler command, jaxlib and CPU
     already have one whose bytes match the digest written beside it."""
@@ -71,10 +77,9 @@ def _compile() -> Path:
     # The key leaves out paths (the checkout's, jaxlib's headers'), so checkouts share a build.
     options = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes"]
     key = hashlib.sha256(
-        b"".join(source.read_bytes() for source in (*_SOURCES, *_HEADERS))
-        + " ".join(options).encode() + jaxlib.__version__.encode() + _cpu_signature().encode()
+        (source_digest() + " ".join(options) + jaxlib.__version__ + cpu_signature()).encode()
     ).hexdigest()[:16]
-    library = _cache_dir() / f"flover_kernels-{key}.so"
+    library = cache_dir() / f"flover_kernels-{key}.so"
     digest = library.with_suffix(".sha256")
     # A library cut short (a crash mid-copy) can pass dlopen's checks and then kill the process
     # on first use, so only a library whose bytes match its digest is loaded; others are rebuilt.

@@ -1,0 +1,146 @@
+"""`auto` for the `attention` and `matmul` options: which op computes decode attention and the
+weight matmuls (our CPU kernels or XLA's), chosen by timing the candidates on the machine at
+hand, at the engine's own shapes, once per machine and shape (the choice is cached beside the
+compiled kernels).
+
+One path per op for every width: a request's rows then come out the same whatever runs beside
+it, so fused stays equal to solo. The pick is the pair of paths whose worst width, against the
+fastest pair at that width, is least slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flover_jax.buckets import bucket
+from models import kernels
+
+# "measure" (the default) times the candidates; "rule" takes the CPU kernels wherever they
+# apply, without timing: for test suites and throwaway engines, which would spend more on
+# timing every new shape than they save.
+MODE_ENV = "FLOVER_AUTO_OPS"
+MODES = ("measure", "rule")
+REPEATS = 5  # timed decode steps per candidate and width (the median counts)
+RECIPE = 2  # part of the cache key: a change to how the candidates are timed times them again
+
+
+@dataclasses.dataclass(frozen=True)
+class OpChoice:
+    attention: str  # "cpu_kernel" or "xla"
+    matmul: str
+    # "measured", "cached" (measured by an earlier run on this machine), "rule" (MODE_ENV) or
+    # "asked" (one candidate: an explicit option, or a kernel that does not apply).
+    how: str
+    # "attention/matmul" -> decode width -> median step time in ms, when timed.
+    step_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def attention_kernel(self) -> bool:
+        return self.attention == "cpu_kernel"
+
+    @property
+    def matmul_kernel(self) -> bool:
+        return self.matmul == "cpu_kernel"
+
+    def summary(self) -> dict:
+        """What the bench JSON and the run summary say of the choice."""
+        return {"attention": self.attention, "matmul": self.matmul, "chosen_by": self.how,
+                "step_ms": {pair: {str(w): round(ms, 3) for w, ms in by_width.items()}
+                            for pair, by_width in self.step_ms.items()}}
+
+
+def candidates(asked: str, applies: bool) -> list[str]:
+    """The paths `asked` ("auto", "xla" or "cpu_kernel") leaves, the kernel first."""
+    if asked == "auto":
+        return ["cpu_kernel", "xla"] if applies else ["xla"]
+    return [asked]
+
+
+def pick(step_ms: dict[str, dict[int, float]]) -> str:
+    """The pair whose slowest width, relative to the fastest pair at that width, is least
+    slow (the first listed on a tie)."""
+    widths = next(iter(step_ms.values())).keys()
+    best = {w: min(by_width[w] for by_width in step_ms.values()) for w in widths}
+    return min(step_ms, key=lambda pair: max(step_ms[pair][w] / best[w] for w in widths))
+
+
+def cache_path(identity: dict) -> Path:
+    """Where the choice for `identity` (machine, software, model and shapes) is kept."""
+    key = hashlib.sha256(json.dumps({**identity, "recipe": RECIPE, "cpu": kernels.cpu_signature(),
+                                     "jax": jax.__version__, "kernels": kernels.source_digest()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    return kernels.cache_dir() / "op_choice" / f"{key}.json"
+
+
+def choose(
+    attention: Sequence[str],
+    matmul: Sequence[str],
+    build: Callable[[str, str], object],
+    identity: dict,
+) -> OpChoice:
+    """One attention and one matmul path from the candidates. `build(attention, matmul)` makes
+    a DeviceExecutor with those paths, to time; `identity` names the model and shapes."""
+    if len(attention) * len(matmul) == 1:
+        return OpChoice(attention[0], matmul[0], "asked")
+    mode = os.environ.get(MODE_ENV, "measure")
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: must be one of {MODES}")
+    if mode == "rule":
+        return OpChoice(attention[0], matmul[0], "rule")
+    path = cache_path(identity)
+    try:
+        cached = json.loads(path.read_text())
+        return OpChoice(cached["attention"], cached["matmul"], "cached",
+                        {pair: {int(w): ms for w, ms in by_width.items()}
+                         for pair, by_width in cached["step_ms"].items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet, or unreadable: measure (again)
+    step_ms = {}
+    for a in attention:
+        for m in matmul:
+            executor = build(a, m)
+            step_ms[f"{a}/{m}"] = decode_step_ms(executor)
+            del executor
+            gc.collect()  # one candidate's state and packed weights at a time
+    a, m = pick(step_ms).split("/")
+    choice = OpChoice(a, m, "measured", step_ms)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent starts never read half a file
+    scratch.write_text(json.dumps({"attention": a, "matmul": m, "step_ms": step_ms,
+                                   "identity": identity}, indent=1))
+    os.replace(scratch, path)
+    return choice
+
+
+def timing_widths(num_slots: int, windows: Sequence[int]) -> list[int]:
+    """The decode programs of one request alone and of every slot full: the widths where the
+    candidates part most (each width timed costs a compile per candidate)."""
+    return sorted({bucket(w, windows) for w in (1, num_slots)})
+
+
+def decode_step_ms(executor) -> dict[int, float]:
+    """Median decode-step time per timing width, every row of the window live at a context of
+    a quarter of max_len (at most 256 tokens), as a busy engine's would be."""
+    max_len = executor.max_len
+    context = max(1, min(256, max_len // 4, max_len - REPEATS - 3))
+    kv_len = bucket(context + REPEATS + 2, executor.buckets.kv_lengths)
+    times = {}
+    for width in timing_widths(executor.num_slots, executor.buckets.windows):
+        executor.state = executor.state.busy(width, context)
+        runs = []
+        for _ in range(REPEATS + 1):  # the first compiles
+            start = time.perf_counter()
+            jax.block_until_ready(executor.decode(0, width, kv_len))
+            runs.append(time.perf_counter() - start)
+        times[width] = float(np.median(runs[1:])) * 1e3
+    return times
