@@ -205,11 +205,12 @@ def _measured_on(workload: dict) -> str:
     return f" (measured {workload['date']})" if "date" in workload else ""
 
 
-def peers_section(peers: dict) -> str:
+def peers_section(peers: dict, machine: str = "") -> str:
+    """compare_peers.py's tables; `machine` names an earlier run's machine (its own section)."""
     systems = [s for s in SYSTEMS if s in peers["systems"]]
     runs = peers["systems"]
     ours = runs.get("flover", {}).get("headline")
-    parts = ["## Side by side with the peers (`benchmarks/compare_peers.py`)\n\n"
+    parts = [f"## Side by side with the peers (`benchmarks/compare_peers.py`){machine}\n\n"
              "Same model (SmolLM2-135M-Instruct), same requests (8-token random prompts, EOS ignored, "
              "greedy), same machine; each table's systems ran back to back in one run; each peer in its "
              "own environment under `.peers/` "
@@ -236,6 +237,7 @@ def peers_section(peers: dict) -> str:
     sizes = sorted(int(name.split("/")[1]) for name in peers["workloads"] if name.startswith("concurrency/"))
     if sizes:
         rate = {s: [runs[s][f"concurrency/{n}"]["output_tokens_per_s"] for n in sizes] for s in systems}
+        vllm = [v for v in ("vllm_fp32",) if v in systems and "flover" in systems]  # same dtype as ours
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in systems:
             ax.plot(sizes, rate[s], "o-", label=SYSTEMS[s])
@@ -243,14 +245,16 @@ def peers_section(peers: dict) -> str:
                title="Throughput against concurrency")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.legend(fontsize=8)
-        image = _save(fig, "peers_concurrency")
+        image = _save(fig, "peers_concurrency" + ("_earlier" if machine else ""))
         length = peers["workloads"][f"concurrency/{sizes[0]}"]["output_len"]
         parts.append(
             f"### Throughput against concurrency: n requests at once, {length} tokens each"
             f"{_measured_on(peers['workloads'][f'concurrency/{sizes[0]}'])}\n\n"
             "Output tokens/s (makespan from the first arrival to the last token).\n\n"
-            + _table(["requests", *systems], [[n, *(f"{rate[s][i]:.0f}" for s in systems)]
-                                               for i, n in enumerate(sizes)])
+            + _table(["requests", *systems, *(f"flover / {v}" for v in vllm)],
+                     [[n, *(f"{rate[s][i]:.0f}" for s in systems),
+                       *(f"{rate['flover'][i] / rate[v][i]:.2f}x" for v in vllm)]
+                      for i, n in enumerate(sizes)])
             + f"\n\n{image}\n")
     return "\n".join(parts)
 
@@ -663,6 +667,9 @@ def main() -> None:
             parts.append(section(paper))
     if (RESULTS / "peers.json").exists():
         parts.append(peers_section(json.loads((RESULTS / "peers.json").read_text())))
+    if (RESULTS / "peers_amd.json").exists():  # an earlier run on the other machine kind
+        parts.append(peers_section(json.loads((RESULTS / "peers_amd.json").read_text()),
+                                   " on the AMD EPYC machine, an earlier run"))
     if (RESULTS / "gpu_h200.json").exists():
         parts.append(gpu_section(json.loads((RESULTS / "gpu_h200.json").read_text())))
     if (RESULTS / "gpu_h200_headline.json").exists():

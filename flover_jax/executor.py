@@ -166,18 +166,23 @@ class DeviceExecutor:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         # Before this engine's own state exists: "auto" may build (and drop) one engine per
-        # pair of paths to time them.
+        # pair of paths to time them, the kernel's ones sharing one packed copy of the weights.
         matmuls = op_choice.candidates(matmul, _kernel_applies("matmul", matmul, cfg, self.mesh, on_cpu))
         if transformer.is_packed(params):  # packed by a kernel engine: only the kernel reads them
             matmuls = matmuls[:1]
+        weights = {"xla": params, "cpu_kernel": params}
+
+        def candidate(a: str, m: str) -> DeviceExecutor:
+            built = DeviceExecutor(weights[m], cfg, num_slots, max_len, eos_ids, max_prefill_batch,
+                                   mesh, a, batch_invariant, m, prefill_chunk)
+            weights[m] = built.params
+            return built
+
         self.op_choice = op_choice.choose(
             op_choice.candidates(attention, _kernel_applies("attention", attention, cfg, self.mesh, on_cpu)),
-            matmuls,
-            lambda a, m: DeviceExecutor(params, cfg, num_slots, max_len, eos_ids, max_prefill_batch,
-                                        mesh, a, batch_invariant, m, prefill_chunk),
-            {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
-             "batch_invariant": batch_invariant},
-        )
+            matmuls, candidate, {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
+                                 "batch_invariant": batch_invariant})
+        del weights, candidate
         self.attention_kernel = self.op_choice.attention_kernel
         self.matmul_kernel = self.op_choice.matmul_kernel
         self.batch_invariant = batch_invariant

@@ -47,7 +47,7 @@ def test_auto_times_every_pair_once_per_machine_and_shape(tiny, measuring, monke
     [cached] = (measuring / "op_choice").glob("*.json")
     assert json.loads(cached.read_text())["attention"] == first.attention
 
-    def no_timing(_executor):
+    def no_timing(_executors):
         raise AssertionError("timed again")
 
     monkeypatch.setattr(op_choice, "decode_step_ms", no_timing)
@@ -70,9 +70,11 @@ def test_the_fastest_pair_runs_fused_equal_to_solo_and_the_bench_says_so(tiny, m
     slots: 1 and 4): those run, and each request gets its solo tokens."""
     cfg, params = tiny
 
-    def fake_times(executor):
-        ms = 1.0 if (executor.attention_kernel, executor.matmul_kernel) == (False, True) else 2.0
-        return {w: ms * w for w in op_choice.timing_widths(executor.num_slots, executor.buckets.windows)}
+    def fake_times(executors):
+        assert set(executors) == PAIRS
+        return {pair: {w: (1.0 if pair == "xla/cpu_kernel" else 2.0) * w
+                       for w in op_choice.timing_widths(ex.num_slots, ex.buckets.windows)}
+                for pair, ex in executors.items()}
 
     monkeypatch.setattr(op_choice, "decode_step_ms", fake_times)
     engine = Engine(cfg, params, max_slots=4, max_len=64)

@@ -106,7 +106,7 @@ def test_smollm2_tp3_equals_tp1():
     assert three.executor.params.layers[0].attn.wk.addressable_shards[0].data.shape[1] == 1
     questions = ["What is the capital of France?", "Name three colours.", "What is 12 times 7?",
                  "Say hello in French.", "Why is the sky blue?"]
-    work = [TimedRequest(one.chat_prompt(q), SamplingParams(max_new_tokens=8 + 5 * i, ignore_eos=True),
+    work = [TimedRequest(one.chat_prompt(q), SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True),
                          float(i)) for i, q in enumerate(questions)]
     a = run_with_fake_clock(one, work)
     b = run_with_fake_clock(three, work)

@@ -76,10 +76,10 @@ def test_fused_equals_solo(engine):
     workload = [
         TimedRequest(
             engine.chat_prompt(questions[i % len(questions)]),
-            SamplingParams(max_new_tokens=int(rng.integers(4, 40)), ignore_eos=bool(i % 2)),
+            SamplingParams(max_new_tokens=int(rng.integers(4, 24)), ignore_eos=bool(i % 2)),
             arrival_s=float(i),
         )
-        for i in range(16)
+        for i in range(10)
     ]
     result = run_with_fake_clock(engine, workload)
     stats = result.stats
