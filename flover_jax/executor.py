@@ -182,7 +182,7 @@ class DeviceExecutor:
             op_choice.candidates(attention, _kernel_applies("attention", attention, cfg, self.mesh, on_cpu)),
             matmuls, candidate, {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
                                  "batch_invariant": batch_invariant})
-        del weights, candidate
+        weights.clear()  # the candidates' packed copy goes before this engine packs its own
         self.attention_kernel = self.op_choice.attention_kernel
         self.matmul_kernel = self.op_choice.matmul_kernel
         self.batch_invariant = batch_invariant
