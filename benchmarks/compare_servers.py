@@ -86,7 +86,7 @@ def workload_description(workload: str) -> str:
 
 def chat_prompt_sizes() -> list[int]:
     return prompt_sizes(FLAGS.requests, CHAT["prompt_len"], CHAT["output_len"],
-                                 shared_prefix=CHAT["shared_prefix"], turns=CHAT["turns"])
+                        shared_prefix=CHAT["shared_prefix"], turns=CHAT["turns"])
 
 
 def max_len() -> int:
