@@ -24,18 +24,21 @@ ENGINE_OPS = {"auto": dict(attention="auto", matmul="auto"),  # the default: tim
 
 def decode_bytes(cfg, params) -> tuple[int, int]:
     """(weight bytes, KV bytes per cached token) a decode step reads: every weight but the
-    embedding table (one row per token), in the config's dtype; params may be abstract."""
+    embedding table (one row per token), as stored (bfloat16, int8 with its scales, a packed
+    weight's padding); params may be abstract."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     itemsize = np.dtype(cfg.dtype).itemsize
-    weights = sum(x.size for x in jax.tree.leaves(params)) - params.embed.size
-    return weights * itemsize, 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    return weights - params.embed.size * params.embed.dtype.itemsize, kv
 
 
-def step_roofline(cfg, weight_bytes: int, kv_bytes: int):
+def step_roofline(cfg, params):
     """A function (contexts of the live slots [n], bandwidth B/s, FLOP rate) -> the roofline
     seconds of one decode step: the larger of its reads (every weight once, every live slot's
     KV) over the bandwidth and its FLOPs over the rate, as if perfectly overlapped."""
+    weight_bytes, kv_bytes = decode_bytes(cfg, params)
     # Per slot: every weight once, a multiply and an add.
-    matmul_flops = 2 * weight_bytes // np.dtype(cfg.dtype).itemsize
+    matmul_flops = 2 * (sum(x.size for x in jax.tree.leaves(params)) - params.embed.size)
     attention_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # per slot, per cached token
 
     def cost(contexts: np.ndarray, bandwidth: float, flop_rate: float) -> float:

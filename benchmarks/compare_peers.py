@@ -6,6 +6,8 @@ workloads and this machine, in one run. Writes benchmarks/results/peers.json; re
 
 Systems (each peer in its own environment under .peers/, never a dependency of flover_jax):
 - flover:        this engine, `flover` policy, fp32 weights and KV cache, 32 slots.
+- flover_bf16:   the same with `--dtype=bfloat16` (weights, activations and KV cache).
+- flover_int8:   the same with `--quantize=int8` (int8 weights, fp32 activations and KV).
 - llama_q4_1:    llama.cpp `llama-server -np 32` on the shipped Q4_1 GGUF (f16 KV cache, its default).
 - llama_f32:     the same server on an F32 GGUF dequantized from it, f32 KV cache: our precision.
 - hf_continuous: transformers' continuous batching manager (what `generate_batch` runs), fp32.
@@ -45,8 +47,8 @@ from flover_jax.engine import Engine, TimedRequest  # noqa: E402
 from models.presets import smollm2_gguf_path  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("systems", ["flover", "vllm_fp32", "vllm_bf16", "llama_q4_1", "llama_f32",
-                                "hf_continuous", "hf_static"],
+flags.DEFINE_list("systems", ["flover", "flover_bf16", "flover_int8", "vllm_fp32", "vllm_bf16",
+                              "llama_q4_1", "llama_f32", "hf_continuous", "hf_static"],
                   "Which systems to run.")
 flags.DEFINE_list("experiments", ["headline", "concurrency"], "Which workloads to run.")
 flags.DEFINE_list("sizes", ["1", "2", "4", "8", "16", "32"], "Concurrent requests (concurrency).")
@@ -95,17 +97,20 @@ def plain(work: dict[str, list[TimedRequest]]) -> dict[str, list[dict]]:
             for name, requests in work.items()}
 
 
-def run_flover(work: dict[str, list[TimedRequest]]) -> tuple[dict, dict]:
+def run_flover(work: dict[str, list[TimedRequest]], system: str, **weights) -> tuple[dict, dict]:
     engine = Engine.from_pretrained("smollm2-135m", max_slots=slots(),
-                                    max_len=PROMPT_LEN + FLAGS.headline_output_len)
+                                    max_len=PROMPT_LEN + FLAGS.headline_output_len, **weights)
     engine.executor.warmup(prompt_lengths=[PROMPT_LEN])
     results = {}
     for name, requests in work.items():
         summary = bench.run(engine, requests, policy="flover", warmup=False, solo_samples=0)
         summary.pop("requests")
         results[name] = summary
-        report("flover", name, summary)
-    return results, {"jax": jax.__version__, "dtype": engine.cfg.dtype}
+        report(system, name, summary)
+    choice = engine.executor.op_choice
+    return results, {"jax": jax.__version__, "dtype": engine.cfg.dtype,
+                     **({"quantize": engine.cfg.quantize} if engine.cfg.quantize else {}),
+                     "ops": f"attention={choice.attention}, matmul={choice.matmul}"}
 
 
 def run_llama(work: dict[str, list[dict]], quantized: bool) -> tuple[dict, dict]:
@@ -167,7 +172,9 @@ def main(argv):
     work = workloads()
     peer_work = plain(work)
     runners = {
-        "flover": lambda: run_flover(work),
+        "flover": lambda: run_flover(work, "flover"),
+        "flover_bf16": lambda: run_flover(work, "flover_bf16", dtype="bfloat16"),
+        "flover_int8": lambda: run_flover(work, "flover_int8", quantize="int8"),
         "llama_q4_1": lambda: run_llama(peer_work, quantized=True),
         "llama_f32": lambda: run_llama(peer_work, quantized=False),
         "hf_continuous": lambda: run_hf(peer_work, "continuous"),

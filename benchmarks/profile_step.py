@@ -24,6 +24,9 @@ from flover_jax.engine import Engine
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to profile.")
 flags.DEFINE_list("points", ["1:240", "32:240", "64:48", "64:240"], "live_slots:context pairs.")
+flags.DEFINE_string("dtype", "float32", "Weights' and activations' dtype.")
+flags.DEFINE_enum("quantize", None, ["int8"], "Weight-only quantization of the matmul weights.")
+flags.DEFINE_integer("top_ops", 0, "Also list this many of the costliest ops by name.")
 flags.DEFINE_integer("max_slots", 64, "Slot capacity.")
 flags.DEFINE_integer("max_len", 512, "Tokens per slot.")
 flags.DEFINE_integer("steps", 5, "Traced decode steps per point.")
@@ -92,11 +95,13 @@ def profile(executor, width: int, kv_len: int, steps: int) -> dict[str, float]:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    engine = Engine.from_pretrained(FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
+    engine = Engine.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize,
+                                    max_slots=FLAGS.max_slots, max_len=FLAGS.max_len)
     ex = engine.executor
-    print(f"{FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}; command: "
-          "`.venv/bin/python benchmarks/profile_step.py`. Op times are summed over XLA's threads, "
-          "so they can exceed the step's wall time.\n")
+    weights = FLAGS.dtype + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
+    print(f"{FLAGS.model}, {weights}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+          "command: `.venv/bin/python benchmarks/profile_step.py`. Op times are summed over "
+          "XLA's threads, so they can exceed the step's wall time.\n")
     for point in FLAGS.points:
         live, context = (int(x) for x in point.split(":"))
         width = bucket(live, ex.buckets.windows)
@@ -119,6 +124,11 @@ def main(argv):
             if ms >= 0.005 * total:
                 print(f"| {scope} | {kind} | {ms:.1f} | {100 * ms / total:.0f}% |")
         print(f"| all ops | | {total:.1f} | 100% |\n")
+        if FLAGS.top_ops:
+            print("| op | part of the model | ms per step |\n|---|---|---:|")
+            for op, ms in per_op.most_common(FLAGS.top_ops):
+                print(f"| {op} | {scopes.get(op, '?')} | {ms:.2f} |")
+            print()
     ex.state = ex.state.replace(active=jnp.zeros((ex.num_slots,), bool))
 
 

@@ -184,6 +184,8 @@ def ablation_section(paper: dict) -> str:
 
 SYSTEMS = {  # name -> what it is, as the tables say it
     "flover": "flover_jax (fp32 weights, fp32 KV)",
+    "flover_bf16": "flover_jax (bf16 weights and KV)",
+    "flover_int8": "flover_jax (int8 weights, fp32 KV)",
     "vllm_fp32": "vLLM CPU offline engine (fp32)",
     "vllm_bf16": "vLLM CPU offline engine (bf16 weights and KV)",
     "llama_q4_1": "llama-server (Q4_1 weights, f16 KV)",
@@ -191,6 +193,8 @@ SYSTEMS = {  # name -> what it is, as the tables say it
     "hf_continuous": "HF continuous batching (fp32)",
     "hf_static": "HF static batched generate (fp32)",
 }
+# Our engine against the peer of the same precision (int8: against llama.cpp's 4-bit weights).
+PEER_RATIOS = (("flover", "vllm_fp32"), ("flover_bf16", "vllm_bf16"), ("flover_int8", "llama_q4_1"))
 SERVERS = {  # compare_servers.py's systems, as its table says them
     "flover": "flover_jax server (`main.py --mode=serve`, defaults, fp32)",
     "flover_xla": "flover_jax server, `--matmul=xla --attention=xla`",
@@ -237,7 +241,7 @@ def peers_section(peers: dict, machine: str = "") -> str:
     sizes = sorted(int(name.split("/")[1]) for name in peers["workloads"] if name.startswith("concurrency/"))
     if sizes:
         rate = {s: [runs[s][f"concurrency/{n}"]["output_tokens_per_s"] for n in sizes] for s in systems}
-        vllm = [v for v in ("vllm_fp32",) if v in systems and "flover" in systems]  # same dtype as ours
+        pairs = [(ours_, peer) for ours_, peer in PEER_RATIOS if ours_ in systems and peer in systems]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in systems:
             ax.plot(sizes, rate[s], "o-", label=SYSTEMS[s])
@@ -251,9 +255,9 @@ def peers_section(peers: dict, machine: str = "") -> str:
             f"### Throughput against concurrency: n requests at once, {length} tokens each"
             f"{_measured_on(peers['workloads'][f'concurrency/{sizes[0]}'])}\n\n"
             "Output tokens/s (makespan from the first arrival to the last token).\n\n"
-            + _table(["requests", *systems, *(f"flover / {v}" for v in vllm)],
+            + _table(["requests", *systems, *(f"{a} / {b}" for a, b in pairs)],
                      [[n, *(f"{rate[s][i]:.0f}" for s in systems),
-                       *(f"{rate['flover'][i] / rate[v][i]:.2f}x" for v in vllm)]
+                       *(f"{rate[a][i] / rate[b][i]:.2f}x" for a, b in pairs)]
                       for i, n in enumerate(sizes)])
             + f"\n\n{image}\n")
     return "\n".join(parts)

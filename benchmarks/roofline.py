@@ -69,8 +69,7 @@ def main(argv):
         params = checkpoint.abstract_params(cfg)
     else:
         cfg, params, _ = load_model(FLAGS.model)
-    weight_bytes, kv_bytes = decode_bytes(cfg, params)
-    cost = step_roofline(cfg, weight_bytes, kv_bytes)
+    cost = step_roofline(cfg, params)
     arrivals = np.arange(FLAGS.requests) * FLAGS.interval_s
     recorded = Path(FLAGS.limits_json)
     limits = json.loads(recorded.read_text()) if recorded.exists() else machine_limits()

@@ -1,5 +1,6 @@
 """Decode-step time against live slots, compaction time against moved slots, and prefill time
-per prompt bucket, on the default model (SmolLM2-135M, fp32). One command:
+per prompt bucket, on the default model (SmolLM2-135M, float32 unless --dtype or --quantize
+say otherwise). One command:
 
     .venv/bin/python benchmarks/step_times.py
 
@@ -29,6 +30,8 @@ from models import kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to time.")
+flags.DEFINE_string("dtype", "float32", "Weights' and activations' dtype.")
+flags.DEFINE_enum("quantize", None, ["int8"], "Weight-only quantization of the matmul weights.")
 flags.DEFINE_integer("max_slots", 64, "Slot capacity (live slots go 1, 2, 4, ... up to it).")
 flags.DEFINE_integer("max_len", 1024, "Tokens per slot.")
 flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot while timing.")
@@ -57,7 +60,7 @@ def decode_table(engine: Engine, limits: dict) -> dict[tuple[int, int], float]:
     ex, cfg = engine.executor, engine.cfg
     slots = ex.num_slots
     weight_bytes, kv_token = decode_bytes(cfg, ex.params)
-    roofline = step_roofline(cfg, weight_bytes, kv_token)
+    roofline = step_roofline(cfg, ex.params)
     bandwidth, flop_rate = limits["read_gbs"] * 1e9, limits["matmul_gflops"] * 1e9
     contexts = [int(c) for c in FLAGS.contexts]
     print(f"{weight_bytes / 1e6:.0f} MB of weights read per step (embedding table excluded), "
@@ -162,14 +165,17 @@ def prefill_table(engine: Engine) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax narrates every file at INFO
-    print(f"{FLAGS.model}, fp32, {jax.devices()[0].device_kind}, jax {jax.__version__}; command: "
-          "`.venv/bin/python benchmarks/step_times.py`\n")
+    weights = FLAGS.dtype + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
+    print(f"{FLAGS.model}, {weights}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+          f"command: `.venv/bin/python benchmarks/step_times.py --dtype={FLAGS.dtype}"
+          f"{f' --quantize={FLAGS.quantize}' if FLAGS.quantize else ''}`\n")
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
     step_ms = {}
     for i, name in enumerate(FLAGS.ops):
         engine = Engine.from_pretrained(
-            FLAGS.model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len, **ENGINE_OPS[name])
+            FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
+            max_len=FLAGS.max_len, **ENGINE_OPS[name])
         picked = engine.executor.op_choice
         print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in ENGINE_OPS[name].items())}"
               + (f" (picked: attention={picked.attention}, matmul={picked.matmul}, "
@@ -186,7 +192,7 @@ def main(argv):
         default_against_best_table(step_ms)
     # Twice the slots, so that up to max_slots of them can move into the other half.
     compaction_table(Engine.from_pretrained(
-        FLAGS.model, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))
+        FLAGS.model, dtype=FLAGS.dtype, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))
 
 
 if __name__ == "__main__":

@@ -107,9 +107,14 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _head_derived(cfg: ModelConfig) -> bool:
+    """Whether the LM head is the embedding transposed, so not stored (a quantized one is)."""
+    return cfg.tie_embeddings and cfg.quantize is None
+
+
 def _stored(cfg: ModelConfig, params: Params) -> Params:
-    """What goes to disk: a tied LM head is the embedding transposed, so it is not stored."""
-    return dataclasses.replace(params, lm_head=None) if cfg.tie_embeddings else params
+    """What goes to disk: all but a derived LM head."""
+    return dataclasses.replace(params, lm_head=None) if _head_derived(cfg) else params
 
 
 def abstract_params(cfg: ModelConfig, shardings=None) -> Params:
@@ -137,7 +142,7 @@ def restore(directory: str | Path, shardings=None) -> tuple[ModelConfig, Params,
         gist = gist.split(" See full TensorStore details")[0]
         raise CheckpointError(f"{directory / 'params'}: cannot restore ({gist}); the "
                               "checkpoint is damaged") from None
-    if cfg.tie_embeddings:
+    if _head_derived(cfg):
         params = dataclasses.replace(params, lm_head=params.embed.T)
     tokenizer = Tokenizer.from_file(directory) if (directory / "tokenizer.json").exists() else None
     return cfg, params, tokenizer

@@ -105,13 +105,15 @@ class Engine:
         source: str | Path = DEFAULT_MODEL,
         *,
         dtype: str | None = None,
+        quantize: str | None = None,
         tp: int = 1,
         **engine_options,
     ) -> Engine:
         """A preset name, Hugging Face directory, .gguf file or orbax checkpoint directory,
-        served with tensor parallelism over `tp` devices (of every process)."""
+        served with tensor parallelism over `tp` devices (of every process); dtype and
+        quantize as `load_model` takes them."""
         mesh = make_mesh(tp)
-        cfg, params, tokenizer = load_model(source, dtype=dtype, mesh=mesh)
+        cfg, params, tokenizer = load_model(source, dtype=dtype, mesh=mesh, quantize=quantize)
         return cls(cfg, params, tokenizer, mesh=mesh, **engine_options)
 
     def follow(self) -> None:

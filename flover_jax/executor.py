@@ -94,11 +94,23 @@ def _check_finite(params: Params) -> None:
                              "the weights are damaged")
 
 
+def compute_config(cfg: ModelConfig, on_cpu: bool) -> ModelConfig:
+    """cfg as an engine computes it: on CPU, bfloat16 weights and KV cache with float32
+    activations (unless cfg names its activations). The CPU kernels widen bfloat16 to float32
+    and sum in float32 anyway, XLA:CPU computes bfloat16 elementwise ops by converting them, and
+    rounding every activation to bfloat16 cost a point of next-token agreement with float32
+    (benchmarks/quality.py)."""
+    if on_cpu and cfg.dtype == "bfloat16" and cfg.activations is None:
+        return cfg.replace(activations="float32")
+    return cfg
+
+
 def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Whether our CPU kernel can compute the `attention` or `matmul` option: one CPU device
-    (the kernels are not partitioned across a mesh), float32, a C++ compiler found, and for
-    attention a model whose attention the kernel computes (no soft-capping:
-    `ModelConfig.attention_kernel_misfit`). Asked for by name where it cannot: an error."""
+    (the kernels are not partitioned across a mesh), a C++ compiler found, float32 or bfloat16
+    activations, weights (or int8 ones) and KV cache, and for attention a model whose attention
+    the kernel computes (no soft-capping: `ModelConfig.attention_kernel_misfit`). Asked for by
+    name where it cannot: an error."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
     if choice == "xla":
@@ -106,7 +118,8 @@ def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_c
     reasons = [why for bad, why in (
         (mesh.size != 1, f"it runs on one device, the mesh has {mesh.size}"),
         (not on_cpu, "it runs on CPU only"),
-        (cfg.dtype != "float32", f"it computes in float32, the model is {cfg.dtype}"),
+        (cfg.dtype not in ("float32", "bfloat16"),
+         f"it computes float32 or bfloat16 models, this one is {cfg.dtype}"),
         (option == "attention" and bool(cfg.attention_kernel_misfit), cfg.attention_kernel_misfit),
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
@@ -152,7 +165,9 @@ class DeviceExecutor:
             raise ValueError(
                 f"max_len={max_len}: must be in [2, {cfg.max_positions}] (the model's positions)"
             )
-        self.cfg, self.mesh = cfg, mesh if mesh is not None else sharding.make_mesh(1)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
+        on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+        self.cfg = cfg = compute_config(cfg, on_cpu)
         # The capacity check comes first, on shapes alone: nothing proportional to max_slots or
         # max_len is allocated before it (a billion slots once grew to 23 GB before any word).
         self.num_rows = num_slots + prefix_rows  # the slots, then the prefix cache's rows
@@ -164,7 +179,6 @@ class DeviceExecutor:
         self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, cfg.vocab_size
         self.prefix_rows = range(num_slots, self.num_rows)
         self.eos_ids = tuple(int(e) for e in eos_ids)
-        on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         # Before this engine's own state exists: "auto" may build (and drop) one engine per
         # pair of paths to time them, the kernel's ones sharing one packed copy of the weights.
         matmuls = op_choice.candidates(matmul, _kernel_applies("matmul", matmul, cfg, self.mesh, on_cpu))

@@ -21,8 +21,9 @@ from flover_jax.convert.huggingface import load_hf
 from flover_jax.convert.tensors import CheckpointError
 from flover_jax.tokenizer import Tokenizer, UnsupportedTokenizer
 from models.config import DTYPES, ModelConfig
+from models.layers import QUANTIZATIONS
 from models.presets import PRESETS, smollm2_gguf_path, tiny_config
-from models.transformer import Params, init_params
+from models.transformer import Params, init_params, quantize_weights, with_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 CHECKPOINT_DIR = Path(
@@ -56,12 +57,30 @@ def place_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> 
     return jax.tree.unflatten(tree, placed)
 
 
+def _check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: must be one of {list(QUANTIZATIONS)} or None")
+
+
+def _quantized(source, cfg: ModelConfig, params: Params, quantize: str | None):
+    """(cfg, params) with the matmul weights quantized as asked (None: as they are)."""
+    if quantize is None or cfg.quantize == quantize:
+        return cfg, params
+    if cfg.quantize is not None:
+        raise ValueError(f"quantize={quantize!r}: {source} is stored quantized as "
+                         f"{cfg.quantize!r}; load it without quantize")
+    return cfg.replace(quantize=quantize), quantize_weights(params)
+
+
 def convert(
-    source: str | Path, dtype: str | None = None, mesh: Mesh | None = None
+    source: str | Path, dtype: str | None = None, mesh: Mesh | None = None,
+    quantize: str | None = None,
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """Read a Hugging Face directory or a GGUF file (or the default model's): params in the
-    checkpoint's own dtype (`dtype` overrides it), each placed as it is read (`place_params`)."""
+    checkpoint's own dtype (`dtype` overrides it), each placed as it is read (`place_params`),
+    quantized when asked (see load_model)."""
     _check_source(source)
+    _check_quantize(quantize)
     if PRESETS.get(str(source)) == "tiny":
         raise CheckpointError(f"{source}: a preset of random weights, made in memory; there "
                               "is no file to convert")
@@ -89,7 +108,7 @@ def convert(
         raise CheckpointError(f"{source}: expected a .gguf file or a Hugging Face model directory")
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    return cfg, place_params(params, cfg, mesh), tokenizer
+    return _quantized(source, cfg, place_params(params, cfg, mesh), quantize) + (tokenizer,)
 
 
 def _restore(directory: Path, mesh: Mesh | None):
@@ -102,17 +121,21 @@ def _restore(directory: Path, mesh: Mesh | None):
 
 
 def load_model(
-    source: str | Path = DEFAULT_MODEL, dtype: str | None = None, mesh: Mesh | None = None
+    source: str | Path = DEFAULT_MODEL, dtype: str | None = None, mesh: Mesh | None = None,
+    quantize: str | None = None,
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """(config, params, tokenizer or None) for a preset, directory or file.
 
     The weights and activations run in the checkpoint's own dtype, or `dtype` ("float32" on
-    CPU, "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. With a mesh, every
-    array goes straight to its shards: orbax checkpoints (the default model included) restore
-    into them, imported files are placed tensor by tensor as they are read.
+    CPU, "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. `quantize="int8"`
+    stores every matmul weight as int8 with a scale per output channel (a checkpoint saved
+    quantized stays so). With a mesh, every array goes straight to its shards: orbax
+    checkpoints (the default model included) restore into them, imported files are placed
+    tensor by tensor as they are read.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    _check_quantize(quantize)
     _check_source(source)
     name = str(source)
     if PRESETS.get(name) == "tiny":
@@ -127,11 +150,7 @@ def load_model(
         if checkpoint.is_checkpoint(source):
             cfg, params, tokenizer = _restore(Path(source), mesh)
         else:
-            cfg, params, tokenizer = convert(source, dtype, mesh)
+            cfg, params, tokenizer = convert(source, dtype, mesh, quantize)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    # Cast only what differs: an fp32 -> fp32 astype would copy every weight once more.
-    params = jax.tree.map(
-        lambda x: x if x.dtype == cfg.jnp_dtype else x.astype(cfg.jnp_dtype), params
-    )
-    return cfg, params, tokenizer
+    return _quantized(source, cfg, with_dtype(params, cfg.jnp_dtype), quantize) + (tokenizer,)

@@ -111,11 +111,22 @@ def _leaf_name(path) -> str:
     return str(next(n for n in reversed(names) if n is not None))
 
 
+def _param_axes(path, leaf) -> tuple[str | None, ...]:
+    """A param's logical axes. A quantized weight's (layers.QuantizedWeight) int8 values split
+    as the weight would; its scales [groups, *outputs] as the weight's outputs, every device
+    holding every group."""
+    name = _leaf_name(path)
+    if name not in ("values", "scales"):
+        return PARAM_AXES[name]
+    axes = PARAM_AXES[_leaf_name(path[:-1])]
+    return axes if name == "values" else (None, *axes[len(axes) - len(leaf.shape) + 1:])
+
+
 def param_shardings(params, cfg: ModelConfig, mesh: Mesh):
     """A Params-shaped pytree of NamedShardings (params may be abstract)."""
     rules = ShardingRules.for_model(cfg, mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, rules.spec(PARAM_AXES[_leaf_name(path)])), params
+        lambda path, leaf: NamedSharding(mesh, rules.spec(_param_axes(path, leaf))), params
     )
 
 

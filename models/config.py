@@ -146,8 +146,14 @@ class ModelConfig:
     final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Weights and activations; softmax, norms and logits always run in float32.
+    # Weights, KV cache and activations; softmax, norms and logits always run in float32.
     dtype: str = "float32"
+    # The activations' dtype where it differs from `dtype` (None: dtype). A CPU engine computes
+    # bfloat16 weights in float32 (the executor says so here): its kernels sum in float32 anyway.
+    activations: Literal["float32", "bfloat16", "float16"] | None = None
+    # "int8": every matmul weight is int8 with a float32 scale per output channel
+    # (layers.QuantizedWeight), the embedding and norms stay in dtype; None: all in dtype.
+    quantize: Literal["int8"] | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -197,6 +203,10 @@ class ModelConfig:
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return DTYPES[self.activations or self.dtype]
 
     @property
     def q_per_kv(self) -> int:

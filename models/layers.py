@@ -69,20 +69,64 @@ class ExpertWeights:
     expert_out: tuple[jax.Array, ...]  # experts x [f, d]  ("down")
 
 
+QUANTIZATIONS = ("int8",)
+
+
+@pytree_dataclass
+class QuantizedWeight:
+    """A weight [*inputs, *outputs] stored as int8 `values`, each times the float32 scale of its
+    output channel and group of `kernels.GROUP` (64) inputs, the inputs counted flattened:
+    weight-only quantization (activations stay in the model's dtype). A scale per group rather
+    than per channel alone keeps SmolLM2's next-token agreement with float32 above 97%
+    (docs/benchmarks.md)."""
+
+    values: jax.Array  # int8 [*inputs, *outputs]
+    scales: jax.Array  # float32 [ceil(inputs / 64), *outputs]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def dequantized(self, in_dims: int, dtype) -> jax.Array:
+        """The weight [k, n] (inputs and outputs flattened) in `dtype`."""
+        k = math.prod(self.values.shape[:in_dims])
+        scales = self.scales.reshape(self.scales.shape[0], -1)
+        per_input = jnp.repeat(scales, kernels.GROUP, axis=0)[:k]
+        return (self.values.reshape(k, -1).astype(jnp.float32) * per_input).astype(dtype)
+
+
+def quantize(w: jax.Array, in_dims: int = 1) -> QuantizedWeight:
+    """Symmetric int8: in each output channel and group of 64 inputs, the largest |w| maps to
+    127 and every weight to its nearest step."""
+    k, n = math.prod(w.shape[:in_dims]), math.prod(w.shape[in_dims:])
+    groups = -(-k // kernels.GROUP)
+    wf = jnp.pad(w.astype(jnp.float32).reshape(k, n), ((0, groups * kernels.GROUP - k), (0, 0)))
+    largest = jnp.max(jnp.abs(wf.reshape(groups, kernels.GROUP, n)), axis=1)
+    scales = jnp.where(largest > 0, largest / 127.0, 1.0).astype(jnp.float32)
+    per_input = jnp.repeat(scales, kernels.GROUP, axis=0)[:k]
+    values = jnp.clip(jnp.round(wf[:k] / per_input), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(values.reshape(w.shape), scales.reshape(groups, *w.shape[in_dims:]))
+
+
 def dense(
-    x: jax.Array, w: jax.Array | kernels.PackedWeight, in_dims: int = 1, preferred_element_type=None
+    x: jax.Array, w: jax.Array | QuantizedWeight | kernels.PackedWeight, in_dims: int = 1,
+    preferred_element_type=None,
 ) -> jax.Array:
-    """x [..., *inputs] @ w [*inputs, *outputs] -> [..., *outputs]: every weight matmul.
+    """x [..., *inputs] @ w [*inputs, *outputs] -> [..., *outputs]: every weight matmul, in
+    x's dtype (or `preferred_element_type`).
 
     A weight packed for the CPU kernel (`kernels.pack`) goes to `kernels.packed_matmul`; an
     array to one XLA dot over the flattened inputs and outputs (contracting two input dims
-    separately made XLA:CPU copy the weight every step).
+    separately made XLA:CPU copy the weight every step). A quantized weight is dequantized
+    into x's dtype as the dot's operand (XLA fuses that into the dot on GPU and TPU): in float32
+    the reference the kernel's int8 panels are held to.
     """
     if isinstance(w, kernels.PackedWeight):
-        return kernels.packed_matmul(x, w)
+        return kernels.packed_matmul(x, w).astype(preferred_element_type or x.dtype)
     lead, inputs, outputs = x.shape[: x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
     k, n = math.prod(inputs), math.prod(outputs)
-    y = jnp.matmul(x.reshape(*lead, k), w.reshape(k, n), preferred_element_type=preferred_element_type)
+    weight = w.dequantized(in_dims, x.dtype) if isinstance(w, QuantizedWeight) else w.reshape(k, n)
+    y = jnp.matmul(x.reshape(*lead, k), weight, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *outputs)
 
 
@@ -206,7 +250,7 @@ def attend(
     s = k.shape[2]
     row_mask = jnp.broadcast_to(jnp.swapaxes(mask, 1, 2)[..., None], (b, s, t, group))
     scores = jnp.where(row_mask.reshape(b, 1, s, t * group), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=2).astype(q.dtype)  # the activations' dtype
     out = jnp.einsum("bksr,bkse->bkre", probs, v)
     return out.reshape(b, kv_heads, t, group, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 

@@ -32,6 +32,7 @@ from models.layers import (
     ExpertWeights,
     MlpWeights,
     NormWeights,
+    QuantizedWeight,
     attend,
     attention_output,
     dense,
@@ -39,6 +40,7 @@ from models.layers import (
     norm,
     project_qkv,
     pytree_dataclass,
+    quantize,
 )
 
 
@@ -57,14 +59,16 @@ class Params:
     embed: jax.Array  # [vocab, d]
     layers: list[LayerWeights]
     final_norm: NormWeights
-    lm_head: jax.Array | kernels.PackedWeight  # [d, vocab]; a copy even when tied: x @ W streams fast
+    # [d, vocab]; a copy even when tied: x @ W streams fast (and quantizes per vocab entry).
+    lm_head: jax.Array | QuantizedWeight | kernels.PackedWeight
     lm_head_bias: jax.Array | None = None  # [vocab]
     pos_embed: jax.Array | None = None  # [max_positions, d]; learned positions only
 
 
 @pytree_dataclass
 class KVCache:
-    """One K and one V array per layer, each [slots, kv_heads, max_len, head_dim].
+    """One K and one V array per layer, each [slots, kv_heads, max_len, head_dim], in
+    `cache_dtype`.
 
     Separate per-layer buffers (not one stacked array) let a decode step hand a
     layer's whole cache to the attention dots with no copy: on XLA:CPU, any slice
@@ -79,7 +83,7 @@ class KVCache:
     def zeros(cls, cfg: ModelConfig, slots: int, max_len: int) -> KVCache:
         shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         # Distinct buffers: the verbs donate and update every layer in place.
-        return cls(*(tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.n_layers))
+        return cls(*(tuple(jnp.zeros(shape, cache_dtype(cfg)) for _ in range(cfg.n_layers))
                      for _ in range(2)))
 
     @property
@@ -93,6 +97,26 @@ class KVCache:
     def stacked(self) -> tuple[jax.Array, jax.Array]:
         """k, v as [layers, slots, kv_heads, max_len, head_dim] (a copy; for tests)."""
         return jnp.stack(self.k), jnp.stack(self.v)
+
+
+def cache_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """What the KV cache holds: cfg's dtype, or for a 16-bit float its bits as uint16. XLA:CPU
+    scatters a float array narrower than 32 bits by converting all of it to float32 and back,
+    so each layer's one-position write cost a conversion of its whole cache (a bfloat16 decode
+    step took over a second); bit casts in and out of the cache cost nothing."""
+    dtype = jnp.dtype(cfg.jnp_dtype)
+    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 else dtype
+
+
+def to_cache(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """K or V in the cache's dtype (`cache_dtype`)."""
+    x = x.astype(cfg.jnp_dtype)
+    return x if cache_dtype(cfg) == x.dtype else jax.lax.bitcast_convert_type(x, cache_dtype(cfg))
+
+
+def from_cache(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Cached K or V back in cfg's dtype."""
+    return x if x.dtype == cfg.jnp_dtype else jax.lax.bitcast_convert_type(x, cfg.jnp_dtype)
 
 
 def reads_whole_cache(num_slots: int, max_len: int, width: int, kv_len: int) -> bool:
@@ -142,8 +166,8 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
     if params.pos_embed is not None:
         x = x + params.pos_embed[positions]
     # Gemma scales the embedding by sqrt(d) in the activations' dtype.
-    x = x.astype(cfg.jnp_dtype)
-    return x if cfg.embed_scale == 1.0 else x * jnp.asarray(cfg.embed_scale, cfg.jnp_dtype)
+    x = x.astype(cfg.activation_dtype)
+    return x if cfg.embed_scale == 1.0 else x * jnp.asarray(cfg.embed_scale, cfg.activation_dtype)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -189,10 +213,11 @@ def extend(
     for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
         def cached_attend(q, k, v, window, i=layer_index):
-            k_cache[i] = k_cache[i].at[slots[:, None], :, write_pos].set(k, mode="drop")
-            v_cache[i] = v_cache[i].at[slots[:, None], :, write_pos].set(v, mode="drop")
-            k_rows = k_cache[i][read_slots, :, :kv_len]  # [b, kv_heads, kv_len, head_dim]
-            v_rows = v_cache[i][read_slots, :, :kv_len]
+            k_cache[i] = k_cache[i].at[slots[:, None], :, write_pos].set(to_cache(k, cfg), mode="drop")
+            v_cache[i] = v_cache[i].at[slots[:, None], :, write_pos].set(to_cache(v, cfg), mode="drop")
+            # [b, kv_heads, kv_len, head_dim]
+            k_rows = from_cache(k_cache[i][read_slots, :, :kv_len], cfg)
+            v_rows = from_cache(v_cache[i][read_slots, :, :kv_len], cfg)
             mask = visible(positions[:, :, None], jnp.arange(kv_len)[None, None, :], window)
             return attend(q, k_rows, v_rows, mask, cfg)
 
@@ -235,7 +260,7 @@ def decode(
     block) or, when the window covers enough of the cache, every slot's whole
     cache in place, masked by position (no copy; the extra rows and positions
     are cheaper than copying). Both are exact; the choice is static.
-    attention_kernel (static; XLA:CPU, float32): attend with the hand-written
+    attention_kernel (static; XLA:CPU, float32 or bfloat16): attend with the hand-written
     kernel instead (models/kernels), which reads each written row's live
     positions (within its layer's sliding window) in place and nothing else;
     kv_len then plays no part.
@@ -261,24 +286,24 @@ def decode(
     for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
         def cached_attend(q, k, v, window, i=layer_index):
-            k_cache[i] = k_cache[i].at[slots, :, write_pos].set(k[:, 0], mode="drop")
-            v_cache[i] = v_cache[i].at[slots, :, write_pos].set(v[:, 0], mode="drop")
+            k_cache[i] = k_cache[i].at[slots, :, write_pos].set(to_cache(k[:, 0], cfg), mode="drop")
+            v_cache[i] = v_cache[i].at[slots, :, write_pos].set(to_cache(v[:, 0], cfg), mode="drop")
             if attention_kernel:
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
                 # A sliding window reads only its last `window` live positions.
                 firsts = None if window is None else jnp.maximum(lengths - window, 0)
                 out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths,
                                                firsts, cfg.attention_scale)
-                return out.reshape(q.shape)
+                return out.reshape(q.shape).astype(q.dtype)
             mask = visible(query_positions[:, None], key_positions[None, :], window)[:, None, :]
             if whole:
                 q_all = jnp.zeros((num_slots, *q.shape[1:]), q.dtype)
                 q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q, start, axis=0)
-                out = attend(q_all, k_cache[i], v_cache[i], mask, cfg)
+                out = attend(q_all, from_cache(k_cache[i], cfg), from_cache(v_cache[i], cfg), mask, cfg)
                 return jax.lax.dynamic_slice_in_dim(out, start, w, axis=0)
             block = (w, cfg.n_kv_heads, kv_len, cfg.head_dim)
-            k_all = jax.lax.dynamic_slice(k_cache[i], (start, 0, 0, 0), block)
-            v_all = jax.lax.dynamic_slice(v_cache[i], (start, 0, 0, 0), block)
+            k_all = from_cache(jax.lax.dynamic_slice(k_cache[i], (start, 0, 0, 0), block), cfg)
+            v_all = from_cache(jax.lax.dynamic_slice(v_cache[i], (start, 0, 0, 0), block), cfg)
             return attend(q, k_all, v_all, mask, cfg)
 
         x = _block(x, layer, spec, positions[:, None], cfg, cached_attend)
@@ -335,7 +360,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         for spec in cfg.layers
     ]
     embed = rand(vocab, d)
-    return Params(
+    params = Params(
         embed=embed,
         layers=layers,
         final_norm=norm_weights(),
@@ -343,35 +368,74 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params
         lm_head_bias=maybe(cfg.lm_head_bias, vocab),
         pos_embed=maybe(cfg.learned_positions, cfg.max_positions, d),
     )
+    return quantize_weights(params) if cfg.quantize else params
+
+
+def map_matmul_weights(params: Params, fn, experts: bool = True) -> Params:
+    """The same params with fn(w, in_dims) in place of every matmul weight (the attention's and
+    the MLPs' projections and the LM head; the experts' too unless `experts` is False)."""
+
+    def layer(w: LayerWeights) -> LayerWeights:
+        attn, mlp_ = w.attn, w.mlp
+        if isinstance(mlp_, MlpWeights):
+            mlp_ = dataclasses.replace(
+                mlp_, w_in=fn(mlp_.w_in, 1), w_out=fn(mlp_.w_out, 1),
+                w_gate=None if mlp_.w_gate is None else fn(mlp_.w_gate, 1),
+            )
+        elif experts:
+            mlp_ = dataclasses.replace(mlp_, **{
+                name: tuple(fn(e, 1) for e in getattr(mlp_, name))
+                for name in ("expert_gate", "expert_in", "expert_out")})
+        return dataclasses.replace(
+            w,
+            attn=dataclasses.replace(
+                attn, wq=fn(attn.wq, 1), wk=fn(attn.wk, 1), wv=fn(attn.wv, 1), wo=fn(attn.wo, 2)
+            ),
+            mlp=mlp_,
+        )
+
+    return dataclasses.replace(
+        params, layers=[layer(w) for w in params.layers], lm_head=fn(params.lm_head, 1)
+    )
 
 
 def is_packed(params: Params) -> bool:
     return isinstance(params.lm_head, kernels.PackedWeight)
 
 
+def is_quantized(params: Params) -> bool:
+    return isinstance(params.lm_head, QuantizedWeight)
+
+
+def with_dtype(params: Params, dtype) -> Params:
+    """The params cast to `dtype`, but for quantized weights (int8 values, float32 scales);
+    leaves already in it are not copied."""
+    return jax.tree.map(
+        lambda x: x if isinstance(x, QuantizedWeight) or x.dtype == dtype else x.astype(dtype),
+        params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def quantize_weights(params: Params) -> Params:
+    """Every matmul weight as int8 with a scale per output channel (ModelConfig.quantize);
+    quantized params come back as they are."""
+    if is_packed(params):
+        raise ValueError("params: packed for the CPU matmul kernel; quantize the params as loaded")
+    if is_quantized(params):
+        return params
+    return map_matmul_weights(params, lambda w, in_dims: quantize(w, in_dims))
+
+
 def pack_weights(params: Params) -> Params:
     """The same params with every matmul weight packed for the CPU matmul kernel
-    (`kernels.pack`; XLA:CPU, float32, one device); packed params come back as they are.
-    `dense` then sends each weight to the kernel."""
+    (`kernels.pack`; XLA:CPU, one device): float32 and bfloat16 weights as they are, int8 ones
+    with their scales; packed params come back as they are. `dense` then sends each weight to
+    the kernel; the experts stay arrays, which XLA's dots run."""
     if is_packed(params):
         return params
-    pack = kernels.pack
 
-    def layer(w: LayerWeights) -> LayerWeights:
-        attn, mlp_ = w.attn, w.mlp
-        if isinstance(mlp_, MlpWeights):  # experts stay arrays: XLA's dots run them
-            mlp_ = dataclasses.replace(
-                mlp_, w_in=pack(mlp_.w_in), w_out=pack(mlp_.w_out),
-                w_gate=None if mlp_.w_gate is None else pack(mlp_.w_gate),
-            )
-        return dataclasses.replace(
-            w,
-            attn=dataclasses.replace(
-                attn, wq=pack(attn.wq), wk=pack(attn.wk), wv=pack(attn.wv), wo=pack(attn.wo, 2)
-            ),
-            mlp=mlp_,
-        )
+    def pack(w, in_dims: int) -> kernels.PackedWeight:
+        if isinstance(w, QuantizedWeight):
+            return kernels.pack(w.values, in_dims, w.scales)
+        return kernels.pack(w, in_dims)
 
-    return dataclasses.replace(
-        params, layers=[layer(w) for w in params.layers], lm_head=pack(params.lm_head)
-    )
+    return map_matmul_weights(params, pack, experts=False)

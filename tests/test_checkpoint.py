@@ -32,12 +32,15 @@ def assert_bitwise_equal(a, b):
 
 
 # Gemma 3's per-layer windows and ropes and Qwen3-MoE's experts round-trip through config.json.
-@pytest.mark.parametrize("family, dtype", [
-    *((family, dtype) for family in ("llama", "gpt2", "gptj") for dtype in ("float32", "bfloat16")),
-    ("gemma3", "float32"), ("qwen3_moe", "float32"),
+# int8: the quantized weights (a tied head's too, stored) and the experts' round-trip as int8.
+@pytest.mark.parametrize("family, dtype, quantize", [
+    *((family, dtype, None) for family in ("llama", "gpt2", "gptj")
+      for dtype in ("float32", "bfloat16")),
+    ("gemma3", "float32", None), ("qwen3_moe", "float32", None),
+    ("llama", "float32", "int8"), ("qwen3_moe", "bfloat16", "int8"),
 ])
-def test_orbax_round_trip_is_bitwise(tmp_path, family, dtype):
-    cfg = tiny_config(family, dtype=dtype)
+def test_orbax_round_trip_is_bitwise(tmp_path, family, dtype, quantize):
+    cfg = tiny_config(family, dtype=dtype, quantize=quantize)
     params = init_params(cfg, jax.random.key(3))
     checkpoint.save(tmp_path / "ck", cfg, params)
     cfg2, params2, tokenizer = checkpoint.restore(tmp_path / "ck")
@@ -182,17 +185,25 @@ def test_corrupt_checkpoint_config(tmp_path):
         checkpoint.restore(tmp_path / "ck")
 
 
-def test_convert_cli_mode(hf_llama_dir, tmp_path):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_convert_cli_mode(hf_llama_dir, tmp_path, quantize):
+    """--mode=convert writes the weights as read, or quantized (and they stay quantized)."""
     dst = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, "main.py", "--mode=convert", f"--src={hf_llama_dir}", f"--dst={dst}"],
+        [sys.executable, "main.py", "--mode=convert", f"--src={hf_llama_dir}", f"--dst={dst}",
+         *([f"--quantize={quantize}"] if quantize else [])],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert checkpoint.is_checkpoint(dst)
-    _, params, _ = checkpoint.restore(dst)
+    cfg, params, _ = load_model(dst)
     _, reference = load_hf(hf_llama_dir)
-    assert_bitwise_equal(jax.tree.map(jnp.asarray, reference), params)
+    reference = jax.tree.map(jnp.asarray, reference)
+    assert cfg.quantize == quantize
+    if quantize:
+        reference = transformer.quantize_weights(reference)
+        assert params.layers[0].mlp.w_in.values.dtype == jnp.int8
+    assert_bitwise_equal(reference, params)
 
 
 def test_a_save_writes_over_nothing_but_a_checkpoint(hf_llama_dir, tmp_path):

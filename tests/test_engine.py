@@ -207,6 +207,41 @@ def test_cpu_kernels_and_xla_ops_agree(engine, xla_engine):
     assert [o.token_ids for o in kernel] == [o.token_ids for o in xla]
 
 
+@pytest.fixture(scope="module")
+def int8_engines(tiny):
+    """The tiny model with int8 weights: with the CPU kernels (int8 panels) and with XLA's ops."""
+    cfg, params = tiny
+    cfg, params = cfg.replace(quantize="int8"), transformer.quantize_weights(params)
+    return (Engine(cfg, params, max_slots=8, max_len=128),
+            Engine(cfg, params, max_slots=8, max_len=128, attention="xla", matmul="xla"))
+
+
+def test_int8_weights_keep_fused_equal_to_solo_and_match_their_xla_reference(int8_engines):
+    kernel_engine, xla_engine = int8_engines
+    assert kernel_engine.executor.matmul_kernel and not xla_engine.executor.matmul_kernel
+    workload = mixed_workload(n=12, seed=5)
+    kernel = run_with_fake_clock(kernel_engine, workload).outputs
+    for request, output in zip(workload, kernel):
+        assert output.token_ids == solo_tokens(kernel_engine, request)
+    assert [o.token_ids for o in kernel] == [
+        o.token_ids for o in run_with_fake_clock(xla_engine, workload).outputs]
+
+
+def test_bfloat16_kernels_keep_fused_equal_to_solo(tiny):
+    """bfloat16 weights and KV cache through both kernels (float32 activations, as a CPU engine
+    computes them): each row is computed alone, so a request's tokens do not depend on its
+    neighbours (the kernels' sums are held to XLA's in test_kernels)."""
+    cfg, params = tiny
+    cfg, params = cfg.replace(dtype="bfloat16"), transformer.with_dtype(params, jnp.bfloat16)
+    engine = Engine(cfg, params, max_slots=8, max_len=128, attention="cpu_kernel",
+                    matmul="cpu_kernel")
+    assert engine.executor.state.cache.k[0].dtype == jnp.uint16  # bfloat16's bits
+    assert engine.executor.cfg.activation_dtype == jnp.float32
+    workload = mixed_workload(n=12, seed=6)
+    for request, output in zip(workload, run_with_fake_clock(engine, workload).outputs):
+        assert output.token_ids == solo_tokens(engine, request)
+
+
 def test_engine_sizes_are_checked(tiny):
     cfg, params = tiny
     for options, message in [
@@ -231,12 +266,12 @@ def test_kernel_choices_are_checked(tiny, option):
     cfg, params = tiny
     with pytest.raises(ValueError, match=rf"{option}='flash': must be one of"):
         Engine(cfg, params, max_slots=2, max_len=32, **{option: "flash"})
-    with pytest.raises(ValueError, match=rf"{option}='cpu_kernel' cannot be used: .*float32"):
-        Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32,
+    with pytest.raises(ValueError, match=rf"{option}='cpu_kernel' cannot be used: .*this one is float16"):
+        Engine(cfg.replace(dtype="float16"), params, max_slots=2, max_len=32,
                **{option: "cpu_kernel"})
-    bf16 = Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2, max_len=32)
-    assert not bf16.executor.attention_kernel  # "auto" falls back to XLA's ops
-    assert not bf16.executor.matmul_kernel
+    fp16 = Engine(cfg.replace(dtype="float16"), params, max_slots=2, max_len=32)
+    assert not fp16.executor.attention_kernel  # "auto" falls back to XLA's ops
+    assert not fp16.executor.matmul_kernel
 
 
 def test_packed_params_are_reused_or_refused(engine, tiny):

@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from models import kernels
-from models.layers import attend
+from models.layers import QuantizedWeight, attend, dense, quantize
 from models.presets import tiny_config
 
 
@@ -135,9 +138,90 @@ def test_packed_matmul_rows_do_not_depend_on_their_neighbours():
         together[:72])
 
 
+def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
+    """A bfloat16 cache is widened as it is read: the same result as attending over its values
+    in float32."""
+    slots, kv_heads, group, head_dim, max_len = 3, 2, 3, 64, 40
+    cfg = tiny_config("llama", n_heads=kv_heads * group, n_kv_heads=kv_heads, head_dim=head_dim)
+    rng = np.random.default_rng(5)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((slots, kv_heads, max_len, head_dim)),
+                                    jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((slots, kv_heads, group, head_dim)), jnp.float32)
+    lengths = jnp.asarray([1, 23, 40], jnp.int32)
+    out = np.asarray(kernels.decode_attention(q, k_cache, v_cache, jnp.int32(0), lengths))
+    rows = q.reshape(slots, 1, kv_heads * group, head_dim)
+    mask = (jnp.arange(max_len)[None, :] < lengths[:, None])[:, None, :]
+    expected = attend(rows, k_cache.astype(jnp.float32), v_cache.astype(jnp.float32), mask, cfg)
+    np.testing.assert_allclose(out.reshape(slots, -1), np.asarray(expected).reshape(slots, -1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _narrow(w: np.ndarray, weights: str, in_dims: int):
+    """w as `weights` (bfloat16 or int8) stores it: the weight XLA's dot takes, and its panels."""
+    if weights == "int8":
+        q = quantize(jnp.asarray(w), in_dims)
+        return q, kernels.pack(q.values, in_dims, q.scales)
+    narrow = jnp.asarray(w, jnp.bfloat16)
+    return narrow, kernels.pack(narrow, in_dims)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+@pytest.mark.parametrize("rows, shape, in_dims", [
+    (1, (576, 576), 1), (13, (64, 3, 32), 1), (70, (40, 100), 1), (6, (3, 32, 64), 2),
+    (3, (150, 20), 1)])  # 150 inputs: int8 groups of 64, 64 and 22
+def test_narrow_panels_match_their_xla_reference(weights, rows, shape, in_dims):
+    """bfloat16 and int8 panels (widened as they stream, int8 scaled per column and group) compute what
+    `layers.dense` computes on the same stored weight with XLA's dot, and rows stay
+    independent of their neighbours."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(shape, np.float32)
+    x = jnp.asarray(rng.standard_normal((rows, *shape[:in_dims]), np.float32))
+    stored, packed = _narrow(w, weights, in_dims)
+    assert packed.panels.dtype == jnp.dtype(weights)
+    out = np.asarray(jax.jit(kernels.packed_matmul)(x, packed))
+    reference = np.asarray(dense(x, stored, in_dims, preferred_element_type=jnp.float32))
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(kernels.packed_matmul(x[-1:], packed))[0], out[-1])
+
+
+def test_panels_of_an_unsupported_kind_are_refused():
+    with pytest.raises(ValueError, match="int8 with scales"):
+        kernels.pack(jnp.zeros((4, 48), jnp.int8))  # int8 without its scales
+    with pytest.raises(ValueError, match="float16 weight"):
+        kernels.pack(jnp.zeros((4, 48), jnp.float16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 150), st.integers(1, 6), st.integers(1, 2), st.floats(1e-3, 1e3),
+       st.integers(0, 2**31 - 1))
+def test_int8_quantization_rounds_each_group_to_its_nearest_step(k, n, in_dims, magnitude, seed):
+    """In each output channel and group of 64 inputs (the last group maybe shorter) the largest
+    |w| maps to 127, every value lands on the nearest of its group's steps (error at most half
+    a step), and a channel of zeros stays zeros."""
+    rng = np.random.default_rng(seed)
+    shape = (k, 2, n) if in_dims == 2 else (k, n)
+    w = (rng.standard_normal(shape) * magnitude).astype(np.float32)
+    w[..., 0] = 0.0
+    q = quantize(jnp.asarray(w), in_dims)
+    assert isinstance(q, QuantizedWeight) and q.values.dtype == jnp.int8
+    inputs = int(np.prod(shape[:in_dims]))
+    groups = -(-inputs // kernels.GROUP)
+    values = np.asarray(q.values, np.float32).reshape(inputs, -1)
+    scales = np.asarray(q.scales)
+    assert scales.shape == (groups, *shape[in_dims:]) and np.all(scales > 0)
+    scales = scales.reshape(groups, -1)
+    flat = w.reshape(inputs, -1)
+    assert np.all(np.abs(values) <= 127) and np.all(values[:, 0] == 0)
+    for g in range(groups):
+        rows = slice(g * kernels.GROUP, (g + 1) * kernels.GROUP)
+        assert np.all(np.max(np.abs(values[rows]), axis=0)[1:] == 127)
+        error = np.abs(values[rows] * scales[g] - flat[rows])
+        assert np.all(error <= scales[g] / 2 + 1e-6 * np.abs(flat[rows]))  # + float32 rounding
+
+
 def test_packed_matmul_rejects_mismatched_panels():
     packed = kernels.pack(jnp.zeros((32, 48), jnp.float32))
-    wrong = kernels.PackedWeight(packed.panels, (16, 48), 1)  # says 16 inputs, holds 32
+    wrong = kernels.PackedWeight(packed.panels, packed.scales, (16, 48), 1)  # says 16 inputs, holds 32
     with pytest.raises(Exception, match="packed_matmul: expected"):
         jax.block_until_ready(kernels.packed_matmul(jnp.zeros((2, 16), jnp.float32), wrong))
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.executor import state_bytes
@@ -54,13 +55,20 @@ def test_sharded_engines_attend_with_xla(params):
         Engine(CFG, params, max_slots=2, max_len=32, mesh=make_mesh(2), attention="cpu_kernel")
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
-def test_logits_match_tp1(params, tp):
+# int8: a quantized weight's values split as the weight does, its scales as its outputs.
+@pytest.mark.parametrize("tp, quantize", [(2, None), (4, None), (8, None), (2, "int8")])
+def test_logits_match_tp1(params, tp, quantize):
+    cfg = CFG.replace(quantize=quantize)
+    if quantize:
+        params = transformer.quantize_weights(params)
     mesh = make_mesh(tp)
-    sharded = jax.device_put(params, param_shardings(params, CFG, mesh))
+    sharded = jax.device_put(params, param_shardings(params, cfg, mesh))
+    if quantize:
+        assert sharded.layers[0].attn.wq.values.sharding.spec == P(None, "model", None)
+        assert sharded.layers[0].attn.wq.scales.sharding.spec == P(None, "model", None)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 11)))
     forward = jax.jit(transformer.forward, static_argnums=1)
-    np.testing.assert_allclose(forward(sharded, CFG, tokens), forward(params, CFG, tokens), atol=1e-4)
+    np.testing.assert_allclose(forward(sharded, cfg, tokens), forward(params, cfg, tokens), atol=1e-4)
 
 
 def test_each_device_holds_a_slice_and_the_step_communicates(params):

@@ -23,8 +23,8 @@ def engine():
     from flover_jax.engine import Engine
 
     built = Engine.from_pretrained(
-        FLAGS.model, dtype=FLAGS.dtype, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
-        policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention, matmul=FLAGS.matmul,
+        FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
+        max_len=FLAGS.max_len, policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention, matmul=FLAGS.matmul,
         batch_invariant=FLAGS.batch_invariant, prefill_chunk=FLAGS.prefill_chunk,
         prefill_budget=FLAGS.prefill_budget,
         prefix_cache_rows=FLAGS.prefix_cache_rows if FLAGS.prefix_cache else 0,

@@ -17,7 +17,7 @@ def convert_mode(interrupts: Interrupts) -> int:
         raise ValueError("convert: --src and --dst are required")
     checkpoint.check_writable(FLAGS.dst)  # before the minutes a large import takes
     start = time.perf_counter()
-    cfg, params, tokenizer = convert(FLAGS.src, FLAGS.dtype)
+    cfg, params, tokenizer = convert(FLAGS.src, FLAGS.dtype, quantize=FLAGS.quantize)
     path = checkpoint.save(FLAGS.dst, cfg, params, tokenizer)
     print(f"converted {FLAGS.src} -> {path} in {time.perf_counter() - start:.1f} s")
     return 0

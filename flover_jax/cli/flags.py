@@ -12,14 +12,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "run", ["run", "generate", "bench", "convert", "serve"], "What to do.")
 flags.DEFINE_string("model", "smollm2-135m", "Preset, Hugging Face directory, .gguf or checkpoint.")
 flags.DEFINE_string("dtype", None, "Weights' dtype (default: the checkpoint's own; quantized GGUF "
-                    "tensors are float32); bfloat16 suits GPU/TPU.")
+                    "tensors are float32); bfloat16 halves the weights and KV cache.")
+flags.DEFINE_enum("quantize", None, ["int8"], "Weight-only quantization of the matmul weights: "
+                  "int8 with a scale per output channel (a quarter of float32's bytes).")
 flags.DEFINE_integer("max_slots", 16, "Requests decoded at once (slot capacity).")
 flags.DEFINE_integer("max_len", 512, "Tokens per slot: prompt + output.")
 flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"], "Scheduling.")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
-                  "Decode attention: auto = the CPU kernel on one CPU device in float32, else XLA.")
+                  "Decode attention: auto = the faster of XLA's and the CPU kernel (one CPU device, "
+                  "float32 or bfloat16 KV), as timed on this machine.")
 flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel"],
-                  "Weight matmuls: auto = the CPU kernel on one CPU device in float32, else XLA.")
+                  "Weight matmuls: auto = the faster of XLA's and the CPU kernel (one CPU device, "
+                  "float32, bfloat16 or int8 weights), as timed on this machine.")
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")
@@ -86,8 +90,8 @@ flags.DEFINE_string("src", None, "Model to convert (.gguf or Hugging Face direct
 flags.DEFINE_string("dst", None, "Checkpoint directory to write.")
 
 # The flags each mode reads.
-ENGINE_FLAGS = ("model", "dtype", "max_slots", "max_len", "policy", "attention", "matmul",
-                "batch_invariant", "prefill_chunk", "prefill_budget", "prefix_cache",
+ENGINE_FLAGS = ("model", "dtype", "quantize", "max_slots", "max_len", "policy", "attention",
+                "matmul", "batch_invariant", "prefill_chunk", "prefill_budget", "prefix_cache",
                 "prefix_cache_rows", "tp",
                 "coordinator_address", "num_processes", "process_id")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
@@ -100,7 +104,7 @@ MODE_FLAGS = {
         "trace", "prompts_file", "chat", "prompt_len", "output_len", "shared_prefix", "turns",
         "output_json", "warmup",
         "solo_samples", "backend", "base_url", "api_key"),
-    "convert": ("src", "dst", "dtype"),
+    "convert": ("src", "dst", "dtype", "quantize"),
     "serve": ENGINE_FLAGS + ("host", "port", "api_key", "max_waiting", "drain_s",
                              "request_timeout_s"),
 }

@@ -1,11 +1,12 @@
 """Hand-written kernels for hot paths XLA's generic ops serve poorly, each with a pure-JAX twin.
 
-Both run on XLA:CPU in float32:
+Both run on XLA:CPU and compute in float32, reading float32 or narrower stored values:
 - `decode_attention`: a decode step's attention that reads every slot's live K/V in place and
   nothing else (decode_attention.cc says why); its twin is models/layers.attend.
 - `packed_matmul`: x @ W for a weight packed once into column panels (`pack`), which streams
   the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
-  says why); its twin is the plain matmul in models/layers.dense.
+  says why); its twin is the plain matmul in models/layers.dense. The panels may hold
+  bfloat16 or int8 weights (with a scale per output column), widened as they stream.
 The C++ sources are compiled once per machine with the system's C++ compiler into a cache
 folder and registered as XLA FFI targets; where no compiler is found, `cpu_kernel_available()`
 is False and the engine keeps XLA's ops, which are also the references the tests hold them to.
@@ -36,6 +37,7 @@ _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "
 _ATTENTION_TARGET = "flover_decode_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
+GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
 
 
 def cache_dir() -> Path:
@@ -125,7 +127,8 @@ def decode_attention(
     scale: float | None = None,
 ) -> jax.Array:
     """q [w, kv_heads, group, e] (one token per slot of the window starting at `start`) over
-    k_cache, v_cache [slots, kv_heads, max_len, e]; row i reads its slot's positions
+    k_cache, v_cache [slots, kv_heads, max_len, e] (float32, or bfloat16 or its bits as uint16);
+    row i reads its slot's positions
     [firsts[i], lengths[i]) (firsts: 0 when None; a sliding window starts later; an empty range
     reads nothing and gets zeros), scores scaled by `scale` (None: e ** -0.5).
     Returns [w, kv_heads, group, e], float32."""
@@ -135,37 +138,54 @@ def decode_attention(
     firsts = jnp.zeros_like(lengths) if firsts is None else firsts.astype(jnp.int32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()), lengths, firsts,
-                scale=np.float32(scale))
+    return call(q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()),
+                lengths, firsts, scale=np.float32(scale))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"],
+PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["panels", "scales"],
                    meta_fields=["shape", "in_dims"])
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A weight of `shape` (its first `in_dims` dims are the inputs) as column panels
     [ceil(n / 48), k, 48] for `packed_matmul`, k and n being the inputs' and outputs' sizes;
-    columns past n are zeros."""
+    columns past n are zeros. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
+    one per column and group of 64 inputs (the weight is panels * scales); other panels with an
+    empty `scales`."""
 
-    panels: jax.Array
+    panels: jax.Array  # float32, bfloat16 or int8
+    scales: jax.Array  # float32
     shape: tuple[int, ...]
     in_dims: int
 
 
-def pack(w: jax.Array, in_dims: int = 1) -> PackedWeight:
-    """Lay a float32 weight [*inputs, *outputs] out as column panels (once, at load time)."""
+def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None) -> PackedWeight:
+    """Lay a weight [*inputs, *outputs] out as column panels (once, at load time): float32 or
+    bfloat16 as it is, or int8 with `scales` [ceil(k / 64), *outputs] (`layers.quantize`)."""
+    if w.dtype not in PANEL_DTYPES or (w.dtype == jnp.int8) != (scales is not None):
+        raise ValueError(f"pack: a {w.dtype} weight with{'out' if scales is None else ''} scales; "
+                         "panels are float32 or bfloat16, or int8 with scales")
     k, n = math.prod(w.shape[:in_dims]), math.prod(w.shape[in_dims:])
     panels = -(-n // PANEL)
     flat = jnp.pad(w.reshape(k, n), ((0, 0), (0, panels * PANEL - n)))
-    return PackedWeight(flat.reshape(k, panels, PANEL).transpose(1, 0, 2), tuple(w.shape), in_dims)
+    if scales is None:
+        panel_scales = jnp.zeros(0, jnp.float32)
+    else:
+        groups = -(-k // GROUP)
+        padded = jnp.pad(scales.reshape(groups, n).astype(jnp.float32), ((0, 0), (0, panels * PANEL - n)))
+        panel_scales = padded.reshape(groups, panels, PANEL).transpose(1, 0, 2)
+    return PackedWeight(flat.reshape(k, panels, PANEL).transpose(1, 0, 2), panel_scales,
+                        tuple(w.shape), in_dims)
 
 
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
-    """x [..., *inputs] @ w -> [..., *outputs], float32."""
+    """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32)."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU matmul kernel is not available (see the log)")
     inputs, outputs = w.shape[: w.in_dims], w.shape[w.in_dims :]
     lead = x.shape[: x.ndim - w.in_dims]
     rows, k, n = math.prod(lead), math.prod(inputs), math.prod(outputs)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    return call(x.reshape(rows, k).astype(jnp.float32), w.panels).reshape(*lead, *outputs)
+    return call(x.reshape(rows, k).astype(jnp.float32), w.panels, w.scales).reshape(*lead, *outputs)

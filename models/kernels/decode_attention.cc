@@ -9,6 +9,8 @@
 //
 // Each (slot, KV head) is computed alone, in a fixed order, so a row's result
 // does not depend on which other slots share the step (batch invariance).
+// The cache holds float32 or bfloat16 (or bfloat16's bits as uint16), widened to
+// float32 as it is read; the sums run in float32.
 // Common head sizes (16, 32, 64, 128) take a vectorized path; others a scalar one.
 
 #include <algorithm>
@@ -43,13 +45,14 @@ inline To BitCast(From x) {
 }
 
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
-inline float Dot(const float* a, const float* b, int64_t n) {
+template <typename KV>
+inline float Dot(const KV* a, const float* b, int64_t n) {
   float lanes[16] = {};
   int64_t e = 0;
   for (; e + 16 <= n; e += 16)
-    for (int j = 0; j < 16; ++j) lanes[j] += a[e + j] * b[e + j];
+    for (int j = 0; j < 16; ++j) lanes[j] += ToFloat(a[e + j]) * b[e + j];
   float sum = 0.0f;
-  for (; e < n; ++e) sum += a[e] * b[e];
+  for (; e < n; ++e) sum += ToFloat(a[e]) * b[e];
   for (int j = 0; j < 16; ++j) sum += lanes[j];
   return sum;
 }
@@ -106,18 +109,19 @@ inline void Softmax(float* row, int64_t length) {
 
 // The `group` query rows sharing one KV head against positions [0, length), length >= 1,
 // adding to out (zeros). scores: scratch of group * length floats.
-void AttendOneHead(const float* q, const float* k, const float* v, float* out,
+template <typename KV>
+void AttendOneHead(const float* q, const KV* k, const KV* v, float* out,
                    int64_t length, int64_t group, int64_t dim, float scale, float* scores) {
   for (int64_t t = 0; t < length; ++t)
     for (int64_t g = 0; g < group; ++g)
       scores[g * length + t] = Dot(k + t * dim, q + g * dim, dim) * scale;
   for (int64_t g = 0; g < group; ++g) Softmax(scores + g * length, length);
   for (int64_t t = 0; t < length; ++t) {
-    const float* v_row = v + t * dim;
+    const KV* v_row = v + t * dim;
     for (int64_t g = 0; g < group; ++g) {
       const float p = scores[g * length + t];
       float* o = out + g * dim;
-      for (int64_t e = 0; e < dim; ++e) o[e] += p * v_row[e];
+      for (int64_t e = 0; e < dim; ++e) o[e] += p * ToFloat(v_row[e]);
     }
   }
 }
@@ -148,21 +152,21 @@ inline F16 SumEach(const F16* a) {
 }
 
 // The products of one K row and one query row, summed lane-wise over the head's C chunks.
-template <int C>
-inline F16 RowProducts(const float* k_row, const float* q_row) {
-  F16 acc = Load(k_row) * Load(q_row);
-  for (int c = 1; c < C; ++c) acc += Load(k_row + 16 * c) * Load(q_row + 16 * c);
+template <int C, typename KV>
+inline F16 RowProducts(const KV* k_row, const float* q_row) {
+  F16 acc = Widen(k_row) * Load(q_row);
+  for (int c = 1; c < C; ++c) acc += Widen(k_row + 16 * c) * Load(q_row + 16 * c);
   return acc;
 }
 
 // out[r] = sum over t of p[r * length + t] v[t] for R query rows, the sums held in registers.
-template <int C, int R>
-void WeightedSum(const float* p, const float* v, float* out, int64_t length) {
+template <int C, int R, typename KV>
+void WeightedSum(const float* p, const KV* v, float* out, int64_t length) {
   constexpr int64_t dim = 16 * C;
   F16 acc[R][C] = {};
   for (int64_t t = 0; t < length; ++t) {
     F16 v_row[C];
-    for (int c = 0; c < C; ++c) v_row[c] = Load(v + t * dim + 16 * c);
+    for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
     if (t + 16 < length) __builtin_prefetch(v + (t + 16) * dim);
     for (int r = 0; r < R; ++r) {
       const F16 weight = Broadcast(p[r * length + t]);
@@ -176,8 +180,8 @@ void WeightedSum(const float* p, const float* v, float* out, int64_t length) {
 // AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16 positions at a time, a vector
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
-template <int C>
-void AttendOneHeadVec(const float* q, const float* k, const float* v, float* out,
+template <int C, typename KV>
+void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
                       int64_t length, int64_t group, float scale, float* scores) {
   constexpr int64_t dim = 16 * C;
   // The first V rows are read last; fetch them now so their stream starts warm.
@@ -185,7 +189,7 @@ void AttendOneHeadVec(const float* q, const float* k, const float* v, float* out
   // Scores 16 positions at a time, every query row while the block's K rows are in L1.
   const int64_t blocks = length / 16;
   for (int64_t b = 0; b < blocks; ++b) {
-    const float* k_block = k + 16 * b * dim;
+    const KV* k_block = k + 16 * b * dim;
     if (b + 1 < blocks)
       for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
     for (int64_t g = 0; g < group; ++g) {
@@ -218,33 +222,14 @@ void AttendOneHeadVec(const float* q, const float* k, const float* v, float* out
 }
 
 // q [w, kv_heads, group, dim]: the window's queries; k_cache, v_cache
-// [slots, kv_heads, max_len, dim]; start: the window's first slot; lengths [w]:
+// [slots, kv_heads, max_len, dim]; first: the window's first slot; lengths [w]:
 // each row reads positions [firsts[i], lengths[i]) (a sliding window starts past 0;
 // an empty range: the row attends nowhere and gets zeros); scale: the scores' factor.
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                           ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
-                           ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> lengths,
-                           ffi::Buffer<ffi::S32> firsts, float scale,
-                           ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
-  if (qd.size() != 4 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin(), vd.end()) ||
-      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0] ||
-      firsts.element_count() != qd[0]) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: expected q [w, kv_heads, group, dim], caches "
-        "[slots >= w, kv_heads, max_len, dim], lengths [w] and firsts [w]");
-  }
-  const int64_t width = qd[0], heads = qd[1], group = qd[2], dim = qd[3];
-  const int64_t slots = cd[0], max_len = cd[2];
-  const int64_t first = std::clamp<int64_t>(start.typed_data()[0], 0, slots - width);
-  const float* q_data = q.typed_data();
-  const float* k_data = k_cache.typed_data();
-  const float* v_data = v_cache.typed_data();
-  const int32_t* length_data = lengths.typed_data();
-  const int32_t* first_data = firsts.typed_data();
-  float* out_data = out->typed_data();
-  const int64_t items = width * heads;
-
+template <typename KV>
+void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const KV* v_data,
+            const int32_t* length_data, const int32_t* first_data, float* out_data,
+            int64_t width, int64_t heads, int64_t group, int64_t dim, int64_t max_len,
+            int64_t first, float scale) {
   auto attend = [=](int64_t item) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const int64_t row = item / heads, head = item % heads;
@@ -254,8 +239,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     scores.resize(group * length);
     const int64_t cache_offset = (((first + row) * heads + head) * max_len + begin) * dim;
     const float* q_item = q_data + item * group * dim;
-    const float* k_item = k_data + cache_offset;
-    const float* v_item = v_data + cache_offset;
+    const KV* k_item = k_data + cache_offset;
+    const KV* v_item = v_data + cache_offset;
     float* out_item = out_data + item * group * dim;
     std::fill(out_item, out_item + group * dim, 0.0f);
     if (length == 0) return;  // a row that attends nowhere gets zeros
@@ -268,7 +253,37 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       default: AttendOneHead(q_item, k_item, v_item, out_item, length, group, dim, scale, scratch);
     }
   };
-  ParallelFor(pool, items, attend);
+  ParallelFor(pool, width * heads, attend);
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> start,
+                           ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> firsts,
+                           float scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
+  const auto type = k_cache.element_type();
+  if (qd.size() != 4 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin(), vd.end()) ||
+      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0] ||
+      firsts.element_count() != qd[0] || v_cache.element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::U16)) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q [w, kv_heads, group, dim], caches "
+        "[slots >= w, kv_heads, max_len, dim] (both float32, or both bfloat16 or uint16: "
+        "bfloat16's bits), lengths [w] "
+        "and firsts [w]");
+  }
+  const int64_t width = qd[0], heads = qd[1], group = qd[2], dim = qd[3];
+  const int64_t slots = cd[0], max_len = cd[2];
+  const int64_t first = std::clamp<int64_t>(start.typed_data()[0], 0, slots - width);
+  if (type == ffi::DataType::F32) {
+    Attend(pool, q.typed_data(), static_cast<const float*>(k_cache.untyped_data()),
+           static_cast<const float*>(v_cache.untyped_data()), lengths.typed_data(),
+           firsts.typed_data(), out->typed_data(), width, heads, group, dim, max_len, first, scale);
+  } else {
+    Attend(pool, q.typed_data(), static_cast<const uint16_t*>(k_cache.untyped_data()),
+           static_cast<const uint16_t*>(v_cache.untyped_data()), lengths.typed_data(),
+           firsts.typed_data(), out->typed_data(), width, heads, group, dim, max_len, first, scale);
+  }
   return ffi::Error::Success();
 }
 
@@ -278,8 +293,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_cache
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_cache
+                                  .Arg<ffi::AnyBuffer>()          // k_cache
+                                  .Arg<ffi::AnyBuffer>()          // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()   // start
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths
                                   .Arg<ffi::Buffer<ffi::S32>>()   // firsts

@@ -2,7 +2,12 @@
 // -march=native offers (AVX-512, AVX2, NEON), so the vectorized paths need no intrinsics.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
 
@@ -13,3 +18,43 @@ inline F16 Load(const float* p) {
 }
 inline void Store(float* p, F16 x) { std::memcpy(p, &x, sizeof x); }
 inline F16 Broadcast(float x) { return F16{} + x; }
+
+// 16 consecutive stored values as float32 lanes: float32, bfloat16 (uint16_t bits: the high
+// half of a float32) or int8, and one such value as a float.
+typedef uint16_t Bf16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+inline F16 Widen(const float* p) { return Load(p); }
+inline F16 Widen(const uint16_t* p) {
+  Bf16x16 half;
+  std::memcpy(&half, p, sizeof half);
+  const U32x16 bits = __builtin_convertvector(half, U32x16) << 16;
+  F16 x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+inline F16 Widen(const int8_t* p) {
+  F16 x;
+#if defined(__AVX512F__)  // GCC turns the portable conversion below into scalar code
+  const __m512 wide = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&x, &wide, sizeof x);
+#elif defined(__AVX2__)
+  for (int half = 0; half < 2; ++half) {
+    const __m256 wide = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * half))));
+    std::memcpy(reinterpret_cast<float*>(&x) + 8 * half, &wide, sizeof wide);
+  }
+#else
+  for (int i = 0; i < 16; ++i) x[i] = p[i];
+#endif
+  return x;
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t bits) {
+  const uint32_t wide = uint32_t{bits} << 16;
+  float x;
+  std::memcpy(&x, &wide, sizeof x);
+  return x;
+}
