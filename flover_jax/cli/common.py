@@ -24,7 +24,8 @@ def engine():
 
     built = Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
-        max_len=FLAGS.max_len, policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention, matmul=FLAGS.matmul,
+        max_len=FLAGS.max_len, policy=FLAGS.policy, tp=FLAGS.tp, attention=FLAGS.attention,
+        matmul=FLAGS.matmul,
         batch_invariant=FLAGS.batch_invariant, prefill_chunk=FLAGS.prefill_chunk,
         prefill_budget=FLAGS.prefill_budget,
         prefix_cache_rows=FLAGS.prefix_cache_rows if FLAGS.prefix_cache else 0,
