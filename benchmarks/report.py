@@ -642,6 +642,22 @@ def moe_step_section(record: dict) -> str:
     )
 
 
+def quality_section(record: dict) -> str:
+    rows = [[name, f"{v['perplexity']:.3f}", f"{v['perplexity_vs_float32']:+.2%}",
+             f"{v['top1_agreement']:.2%}"] for name, v in record["variants"].items()]
+    predictions = record["windows"] * (record["window_len"] - 1)
+    return (
+        "## Narrower weights against float32 (`benchmarks/quality.py`)\n\n"
+        f"{record['model']} on Python {record['python']}'s `pydoc_data.topics` (the pages "
+        f"`help()` shows): {record['windows']} windows of {record['window_len']} tokens, "
+        f"{predictions} next-token predictions, each weight format as an engine here computes "
+        f"it ({record['cpu']}; on CPU bfloat16 weights and KV cache with float32 activations, "
+        "int8 weights with a float32 scale per output channel and group of 64 inputs). Top-1 "
+        "agreement: how often its likeliest next token is float32's.\n\n"
+        + _table(["weights", "perplexity", "vs float32", "top-1 agreement with float32"], rows)
+        + "\n")
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     paper = json.loads((RESULTS / "paper.json").read_text())
@@ -658,6 +674,10 @@ def main() -> None:
         "## Decode step, compaction, prefill (`benchmarks/step_times.py`)\n\n"
         + (RESULTS / "step_times.md").read_text(),
     ]
+    for weights in ("bf16", "int8"):  # the decode step with narrower weights
+        if (RESULTS / f"step_times_{weights}.md").exists():
+            parts.append(f"### The decode step with {weights} weights\n\n"
+                         + (RESULTS / f"step_times_{weights}.md").read_text())
     if (RESULTS / "profile.md").exists():
         parts.append("## Where a decode step's time goes (`benchmarks/profile_step.py`)\n\n"
                      + (RESULTS / "profile.md").read_text())
@@ -697,7 +717,8 @@ def main() -> None:
         parts.append(long_prompts_section(json.loads((RESULTS / "long_prompts.json").read_text())))
     if (RESULTS / "interrupts.json").exists():
         parts.append(interrupts_section(json.loads((RESULTS / "interrupts.json").read_text())))
-    for name, section in (("load_memory", load_memory_section), ("moe_step", moe_step_section)):
+    for name, section in (("load_memory", load_memory_section), ("moe_step", moe_step_section),
+                          ("quality", quality_section)):
         if (RESULTS / f"{name}.json").exists():
             parts.append(section(json.loads((RESULTS / f"{name}.json").read_text())))
     notes = Path("benchmarks/NOTES.md")

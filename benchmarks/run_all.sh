@@ -10,6 +10,11 @@ PY=.venv/bin/python
 mkdir -p benchmarks/results
 benchmarks/peers/setup.sh
 "$PY" benchmarks/step_times.py > benchmarks/results/step_times.md
+"$PY" benchmarks/step_times.py --dtype=bfloat16 --ops=auto,cpu_kernels,xla \
+    > benchmarks/results/step_times_bf16.md
+"$PY" benchmarks/step_times.py --quantize=int8 --ops=auto,cpu_kernels,xla \
+    > benchmarks/results/step_times_int8.md
+"$PY" benchmarks/quality.py --output_json=benchmarks/results/quality.json
 "$PY" benchmarks/profile_step.py > benchmarks/results/profile.md
 "$PY" main.py --mode=bench --workload=constant --num_requests=16 --interval_s=0.5 \
     --output_len=uniform:32:256 --ignore_eos --max_slots=16 --max_len=512 \

@@ -20,8 +20,7 @@ from flover_jax.convert.gguf import load_gguf, open_gguf
 from flover_jax.convert.huggingface import load_hf
 from flover_jax.convert.tensors import CheckpointError
 from flover_jax.tokenizer import Tokenizer, UnsupportedTokenizer
-from models.config import DTYPES, ModelConfig
-from models.layers import QUANTIZATIONS
+from models.config import DTYPES, QUANTIZATIONS, ModelConfig
 from models.presets import PRESETS, smollm2_gguf_path, tiny_config
 from models.transformer import Params, init_params, quantize_weights, with_dtype
 

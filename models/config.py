@@ -30,6 +30,7 @@ AttentionKind = Literal["global", "sliding"]
 RopeScaling = Literal["none", "linear", "llama3", "yarn", "factors"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANTIZATIONS = ("int8",)  # weight-only (models/layers.QuantizedWeight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +152,9 @@ class ModelConfig:
     # The activations' dtype where it differs from `dtype` (None: dtype). A CPU engine computes
     # bfloat16 weights in float32 (the executor says so here): its kernels sum in float32 anyway.
     activations: Literal["float32", "bfloat16", "float16"] | None = None
-    # "int8": every matmul weight is int8 with a float32 scale per output channel
-    # (layers.QuantizedWeight), the embedding and norms stay in dtype; None: all in dtype.
-    quantize: Literal["int8"] | None = None
+    # "int8": every matmul weight is int8 with float32 scales (layers.QuantizedWeight), the
+    # embedding and norms stay in dtype; None: all in dtype.
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -174,6 +175,9 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: must be one of {sorted(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize={self.quantize!r}: must be one of {list(QUANTIZATIONS)} "
+                             "or None")
         if not self.layers:
             raise ValueError("layers=(): a model has at least one layer")
         for i, layer in enumerate(self.layers):

@@ -69,9 +69,6 @@ class ExpertWeights:
     expert_out: tuple[jax.Array, ...]  # experts x [f, d]  ("down")
 
 
-QUANTIZATIONS = ("int8",)
-
-
 @pytree_dataclass
 class QuantizedWeight:
     """A weight [*inputs, *outputs] stored as int8 `values`, each times the float32 scale of its

@@ -59,7 +59,7 @@ class Params:
     embed: jax.Array  # [vocab, d]
     layers: list[LayerWeights]
     final_norm: NormWeights
-    # [d, vocab]; a copy even when tied: x @ W streams fast (and quantizes per vocab entry).
+    # [d, vocab]; a copy even when tied: x @ W streams fast (and quantizes on its own).
     lm_head: jax.Array | QuantizedWeight | kernels.PackedWeight
     lm_head_bias: jax.Array | None = None  # [vocab]
     pos_embed: jax.Array | None = None  # [max_positions, d]; learned positions only
