@@ -29,8 +29,10 @@ run: $(VENV)/.runtime
 serve: $(VENV)/.runtime
 	$(PY) main.py --mode=serve $(ARGS)
 
+# Two workers: the tests mostly compile (one core each); they share the compilation cache.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV)

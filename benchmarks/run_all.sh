@@ -10,9 +10,9 @@ PY=.venv/bin/python
 mkdir -p benchmarks/results
 benchmarks/peers/setup.sh
 "$PY" benchmarks/step_times.py > benchmarks/results/step_times.md
-"$PY" benchmarks/step_times.py --dtype=bfloat16 --ops=auto,cpu_kernels,xla \
+"$PY" benchmarks/step_times.py --dtype=bfloat16 --ops=auto \
     > benchmarks/results/step_times_bf16.md
-"$PY" benchmarks/step_times.py --quantize=int8 --ops=auto,cpu_kernels,xla \
+"$PY" benchmarks/step_times.py --quantize=int8 --ops=auto \
     > benchmarks/results/step_times_int8.md
 "$PY" benchmarks/quality.py --output_json=benchmarks/results/quality.json
 "$PY" benchmarks/profile_step.py > benchmarks/results/profile.md

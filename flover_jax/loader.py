@@ -7,6 +7,7 @@ from there afterwards. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
 from pathlib import Path
@@ -144,8 +145,12 @@ def load_model(
     else:
         if PRESETS.get(name) == "gguf":
             source = CHECKPOINT_DIR / name
-            if not checkpoint.is_current(source):  # converted by an older version: again
-                checkpoint.save(source, *convert(name))
+            CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
+            # One process converts; others starting at once wait for it, then read its result.
+            with open(CHECKPOINT_DIR / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not checkpoint.is_current(source):  # converted by an older version: again
+                    checkpoint.save(source, *convert(name))
         if checkpoint.is_checkpoint(source):
             cfg, params, tokenizer = _restore(Path(source), mesh)
         else:

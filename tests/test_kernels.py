@@ -191,7 +191,7 @@ def test_panels_of_an_unsupported_kind_are_refused():
         kernels.pack(jnp.zeros((4, 48), jnp.float16))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.integers(1, 150), st.integers(1, 6), st.integers(1, 2), st.floats(1e-3, 1e3),
        st.integers(0, 2**31 - 1))
 def test_int8_quantization_rounds_each_group_to_its_nearest_step(k, n, in_dims, magnitude, seed):

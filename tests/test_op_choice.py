@@ -60,7 +60,7 @@ def test_auto_times_every_pair_once_per_machine_and_shape(tiny, measuring, monke
     # Named paths, or one candidate left, are not timed.
     assert Engine(cfg, params, max_slots=2, max_len=64, attention="xla",
                   matmul="cpu_kernel").executor.op_choice.how == "asked"
-    assert Engine(cfg.replace(dtype="bfloat16"), params, max_slots=2,
+    assert Engine(cfg.replace(dtype="float16"), params, max_slots=2,  # no kernel computes it
                   max_len=64).executor.op_choice.how == "asked"
 
 
