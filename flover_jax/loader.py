@@ -21,7 +21,7 @@ from flover_jax.convert.gguf import load_gguf, open_gguf
 from flover_jax.convert.huggingface import load_hf
 from flover_jax.convert.tensors import CheckpointError
 from flover_jax.tokenizer import Tokenizer, UnsupportedTokenizer
-from models.config import DTYPES, QUANTIZATIONS, ModelConfig
+from models.config import DTYPES, ModelConfig, check_quantize
 from models.presets import PRESETS, smollm2_gguf_path, tiny_config
 from models.transformer import Params, init_params, quantize_weights, with_dtype
 
@@ -57,11 +57,6 @@ def place_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> 
     return jax.tree.unflatten(tree, placed)
 
 
-def _check_quantize(quantize: str | None) -> None:
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize={quantize!r}: must be one of {list(QUANTIZATIONS)} or None")
-
-
 def _quantized(source, cfg: ModelConfig, params: Params, quantize: str | None):
     """(cfg, params) with the matmul weights quantized as asked (None: as they are)."""
     if quantize is None or cfg.quantize == quantize:
@@ -80,7 +75,7 @@ def convert(
     checkpoint's own dtype (`dtype` overrides it), each placed as it is read (`place_params`),
     quantized when asked (see load_model)."""
     _check_source(source)
-    _check_quantize(quantize)
+    check_quantize(quantize)
     if PRESETS.get(str(source)) == "tiny":
         raise CheckpointError(f"{source}: a preset of random weights, made in memory; there "
                               "is no file to convert")
@@ -126,16 +121,16 @@ def load_model(
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
     """(config, params, tokenizer or None) for a preset, directory or file.
 
-    The weights and activations run in the checkpoint's own dtype, or `dtype` ("float32" on
-    CPU, "bfloat16" on GPU/TPU); softmax, norms and logits stay float32. `quantize="int8"`
-    stores every matmul weight as int8 with a scale per output channel (a checkpoint saved
-    quantized stays so). With a mesh, every array goes straight to its shards: orbax
-    checkpoints (the default model included) restore into them, imported files are placed
-    tensor by tensor as they are read.
+    The weights and activations run in the checkpoint's own dtype, or `dtype` (an engine on
+    CPU computes bfloat16 weights in float32 activations: `executor.compute_config`); softmax,
+    norms and logits stay float32. `quantize="int8"` stores every matmul weight as int8 with a
+    scale per output channel and group of 64 inputs (a checkpoint saved quantized stays so).
+    With a mesh, every array goes straight to its shards: orbax checkpoints (the default model
+    included) restore into them, imported files are placed tensor by tensor as they are read.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
-    _check_quantize(quantize)
+    check_quantize(quantize)
     _check_source(source)
     name = str(source)
     if PRESETS.get(name) == "tiny":

@@ -33,6 +33,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 QUANTIZATIONS = ("int8",)  # weight-only (models/layers.QuantizedWeight)
 
 
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: must be one of {list(QUANTIZATIONS)} or None")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """One layer's rotary position embedding; the scaling fields are transformers' names
@@ -175,9 +180,7 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: must be one of {sorted(DTYPES)}")
-        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise ValueError(f"quantize={self.quantize!r}: must be one of {list(QUANTIZATIONS)} "
-                             "or None")
+        check_quantize(self.quantize)
         if not self.layers:
             raise ValueError("layers=(): a model has at least one layer")
         for i, layer in enumerate(self.layers):
