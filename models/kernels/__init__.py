@@ -6,7 +6,8 @@ Both run on XLA:CPU and compute in float32, reading float32 or narrower stored v
 - `packed_matmul`: x @ W for a weight packed once into column panels (`pack`), which streams
   the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
   says why); its twin is the plain matmul in models/layers.dense. The panels may hold
-  bfloat16 or int8 weights (with a scale per output column), widened as they stream.
+  bfloat16 or int8 weights (with a scale per output column and group of 64 inputs),
+  widened as they stream.
 The C++ sources are compiled once per machine with the system's C++ compiler into a cache
 folder and registered as XLA FFI targets; where no compiler is found, `cpu_kernel_available()`
 is False and the engine keeps XLA's ops, which are also the references the tests hold them to.
