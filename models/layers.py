@@ -87,9 +87,13 @@ class QuantizedWeight:
     def dequantized(self, in_dims: int, dtype) -> jax.Array:
         """The weight [k, n] (inputs and outputs flattened) in `dtype`."""
         k = math.prod(self.values.shape[:in_dims])
-        scales = self.scales.reshape(self.scales.shape[0], -1)
-        per_input = jnp.repeat(scales, kernels.GROUP, axis=0)[:k]
-        return (self.values.reshape(k, -1).astype(jnp.float32) * per_input).astype(dtype)
+        scales = _per_input(self.scales.reshape(self.scales.shape[0], -1), k)
+        return (self.values.reshape(k, -1).astype(jnp.float32) * scales).astype(dtype)
+
+
+def _per_input(scales: jax.Array, k: int) -> jax.Array:
+    """Group scales [groups, n] as one row per input [k, n]."""
+    return jnp.repeat(scales, kernels.GROUP, axis=0)[:k]
 
 
 def quantize(w: jax.Array, in_dims: int = 1) -> QuantizedWeight:
@@ -100,8 +104,7 @@ def quantize(w: jax.Array, in_dims: int = 1) -> QuantizedWeight:
     wf = jnp.pad(w.astype(jnp.float32).reshape(k, n), ((0, groups * kernels.GROUP - k), (0, 0)))
     largest = jnp.max(jnp.abs(wf.reshape(groups, kernels.GROUP, n)), axis=1)
     scales = jnp.where(largest > 0, largest / 127.0, 1.0).astype(jnp.float32)
-    per_input = jnp.repeat(scales, kernels.GROUP, axis=0)[:k]
-    values = jnp.clip(jnp.round(wf[:k] / per_input), -127, 127).astype(jnp.int8)
+    values = jnp.clip(jnp.round(wf[:k] / _per_input(scales, k)), -127, 127).astype(jnp.int8)
     return QuantizedWeight(values.reshape(w.shape), scales.reshape(groups, *w.shape[in_dims:]))
 
 

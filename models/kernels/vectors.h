@@ -1,5 +1,6 @@
 // 16 float lanes as GCC/Clang vector types, shared by the kernels: they compile to whatever
-// -march=native offers (AVX-512, AVX2, NEON), so the vectorized paths need no intrinsics.
+// -march=native offers (AVX-512, AVX2, NEON), so the vectorized paths need no intrinsics
+// (but for widening int8, below, where GCC's portable conversion is scalar).
 #pragma once
 
 #include <cstdint>
