@@ -17,6 +17,7 @@ import numpy as np
 # Engine options by name: the default CPU kernels, and the engines without them.
 ENGINE_OPS = {"auto": dict(attention="auto", matmul="auto"),  # the default: timed, then picked
               "cpu_kernels": dict(attention="cpu_kernel", matmul="cpu_kernel"),
+              "amx_matmuls": dict(attention="cpu_kernel", matmul="amx"),  # bfloat16 weights
               "xla_matmuls": dict(attention="cpu_kernel", matmul="xla"),
               "xla_attention": dict(attention="xla", matmul="cpu_kernel"),
               "xla": dict(attention="xla", matmul="xla")}

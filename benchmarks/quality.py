@@ -7,7 +7,8 @@ both, each computed as an engine on this machine computes it (on CPU: float32 ac
 
 Each variant runs the forward pass the engine serves with: on one CPU device the matmul
 kernel's packed panels (float32, bfloat16 or int8), as `auto` may pick them (held to XLA's dot
-in tests/test_kernels.py).
+in tests/test_kernels.py); where the CPU has AMX tiles, bfloat16 also on the tiles (`--matmul=amx`:
+activations rounded to bfloat16 at each matmul's input).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ flags.DEFINE_integer("windows", 16, "Windows of text, each scored on its own.")
 flags.DEFINE_integer("window_len", 256, "Tokens per window.")
 flags.DEFINE_string("output_json", None, "Where to write the figures.")
 
-VARIANTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-            "int8": dict(dtype="float32", quantize="int8"),
-            "bfloat16 + int8": dict(dtype="bfloat16", quantize="int8")}
+# name -> (load_model's options, whether the bfloat16 matmuls run on AMX tiles)
+VARIANTS = {"float32": (dict(dtype="float32"), False),
+            "bfloat16": (dict(dtype="bfloat16"), False),
+            "bfloat16, AMX tiles": (dict(dtype="bfloat16"), True),
+            "int8": (dict(dtype="float32", quantize="int8"), False),
+            "bfloat16 + int8": (dict(dtype="bfloat16", quantize="int8"), False)}
 
 
 def text_windows(tokenizer, windows: int, window_len: int) -> np.ndarray:
@@ -49,13 +53,13 @@ def text_windows(tokenizer, windows: int, window_len: int) -> np.ndarray:
     return np.asarray(ids[: windows * window_len], np.int32).reshape(windows, window_len)
 
 
-def forward_logits(variant: dict, tokens: np.ndarray) -> np.ndarray:
+def forward_logits(options: dict, tiles: bool, tokens: np.ndarray) -> np.ndarray:
     """float32 logits [windows, window_len, vocab] of one variant, a window at a time."""
-    cfg, params, _ = load_model(FLAGS.model, **variant)
+    cfg, params, _ = load_model(FLAGS.model, **options)
     on_cpu = jax.devices()[0].platform == "cpu"
     cfg = compute_config(cfg, on_cpu)  # the activations' dtype an engine here computes in
     if on_cpu and kernels.cpu_kernel_available():
-        params = transformer.pack_weights(params)
+        params = transformer.pack_weights(params, tiles=tiles)
     forward = jax.jit(transformer.forward, static_argnums=1)
     return np.stack([np.asarray(forward(params, cfg, jnp.asarray(row[None])))[0] for row in tokens])
 
@@ -66,9 +70,11 @@ def main(argv):
     tokens = text_windows(tokenizer, FLAGS.windows, FLAGS.window_len)
     targets = tokens[:, 1:]
     results, reference = {}, None
-    for name, variant in VARIANTS.items():
+    for name, (options, tiles) in VARIANTS.items():
+        if tiles and not kernels.tiles_available():
+            continue  # this CPU has no AMX tiles
         start = time.perf_counter()
-        logits = forward_logits(variant, tokens)[:, :-1]  # each position predicts the next token
+        logits = forward_logits(options, tiles, tokens)[:, :-1]  # each position predicts the next token
         log_probs = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
         nll = -np.take_along_axis(np.asarray(log_probs), targets[..., None], axis=-1)[..., 0]
         top1 = logits.argmax(-1)

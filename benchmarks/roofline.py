@@ -70,6 +70,7 @@ def main(argv):
     else:
         cfg, params, _ = load_model(FLAGS.model)
     cost = step_roofline(cfg, params)
+    weight_bytes, _ = decode_bytes(cfg, params)
     arrivals = np.arange(FLAGS.requests) * FLAGS.interval_s
     recorded = Path(FLAGS.limits_json)
     limits = json.loads(recorded.read_text()) if recorded.exists() else machine_limits()

@@ -10,7 +10,7 @@ PY=.venv/bin/python
 mkdir -p benchmarks/results
 benchmarks/peers/setup.sh
 "$PY" benchmarks/step_times.py > benchmarks/results/step_times.md
-"$PY" benchmarks/step_times.py --dtype=bfloat16 --ops=auto \
+"$PY" benchmarks/step_times.py --dtype=bfloat16 --ops=auto,cpu_kernels,amx_matmuls \
     > benchmarks/results/step_times_bf16.md
 "$PY" benchmarks/step_times.py --quantize=int8 --ops=auto \
     > benchmarks/results/step_times_int8.md

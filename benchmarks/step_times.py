@@ -168,7 +168,7 @@ def main(argv):
     weights = FLAGS.dtype + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
     print(f"{FLAGS.model}, {weights}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
           f"command: `.venv/bin/python benchmarks/step_times.py --dtype={FLAGS.dtype}"
-          f"{f' --quantize={FLAGS.quantize}' if FLAGS.quantize else ''}`\n")
+          f"{f' --quantize={FLAGS.quantize}' if FLAGS.quantize else ''} --ops={','.join(FLAGS.ops)}`\n")
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
     step_ms = {}

@@ -27,7 +27,8 @@ from models import kernels, transformer
 from models.config import ModelConfig
 from models.transformer import Params
 
-KERNEL_CHOICES = ("auto", "xla", "cpu_kernel")
+KERNEL_CHOICES = {"attention": ("auto", "xla", "cpu_kernel"),
+                  "matmul": ("auto", "xla", "cpu_kernel", "amx")}  # amx: the kernel on AMX tiles
 STATE_SHARE = 0.9  # of a device's free memory the decode state may take; steps need the rest
 
 
@@ -105,14 +106,23 @@ def compute_config(cfg: ModelConfig, on_cpu: bool) -> ModelConfig:
     return cfg
 
 
+def _tiles_misfit(cfg: ModelConfig) -> str | None:
+    """Why the matmul kernel cannot run this model on AMX tiles (None: it can)."""
+    if cfg.dtype != "bfloat16" or cfg.quantize:
+        return f"AMX tiles multiply bfloat16 weights, this model's are {cfg.quantize or cfg.dtype}"
+    if not kernels.tiles_available():
+        return "this CPU (or this process) has no AMX tiles"
+    return None
+
+
 def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_cpu: bool) -> bool:
     """Whether our CPU kernel can compute the `attention` or `matmul` option: one CPU device
     (the kernels are not partitioned across a mesh), a C++ compiler found, float32 or bfloat16
     activations, weights (or int8 ones) and KV cache, and for attention a model whose attention
-    the kernel computes (no soft-capping: `ModelConfig.attention_kernel_misfit`). Asked for by
-    name where it cannot: an error."""
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES}")
+    the kernel computes (no soft-capping: `ModelConfig.attention_kernel_misfit`); for "amx",
+    bfloat16 weights and a CPU with AMX tiles. Asked for by name where it cannot: an error."""
+    if choice not in KERNEL_CHOICES[option]:
+        raise ValueError(f"{option}={choice!r}: must be one of {KERNEL_CHOICES[option]}")
     if choice == "xla":
         return False
     reasons = [why for bad, why in (
@@ -124,8 +134,10 @@ def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_c
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
         reasons.append("it could not be compiled (see the log)")
-    if reasons and choice == "cpu_kernel":
-        raise ValueError(f"{option}='cpu_kernel' cannot be used: {'; '.join(reasons)}")
+    if not reasons and choice == "amx" and _tiles_misfit(cfg):
+        reasons.append(_tiles_misfit(cfg))
+    if reasons and choice != "auto":
+        raise ValueError(f"{option}={choice!r} cannot be used: {'; '.join(reasons)}")
     return not reasons
 
 
@@ -147,8 +159,9 @@ class DeviceExecutor:
     ) -> None:
         """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
         which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
-        "xla" or "cpu_kernel", which ops compute decode attention and the weight matmuls ("auto":
-        the faster where the kernel applies, as `op_choice` measures).
+        "xla" or "cpu_kernel" (matmul also "amx": the kernel on AMX tiles, bfloat16 weights), which
+        ops compute decode attention and the weight matmuls ("auto": the fastest of those that
+        apply, as `op_choice` measures).
         prefill_chunk: the longest piece of a prompt one prefill computes (0: whole prompts).
         prefix_rows: rows of the decode state beyond the slots, which hold cached prefixes."""
         _check_count("max_slots", num_slots)
@@ -181,15 +194,18 @@ class DeviceExecutor:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         # Before this engine's own state exists: "auto" may build (and drop) one engine per
         # pair of paths to time them, the kernel's ones sharing one packed copy of the weights.
-        matmuls = op_choice.candidates(matmul, _kernel_applies("matmul", matmul, cfg, self.mesh, on_cpu))
+        kernel_applies = _kernel_applies("matmul", matmul, cfg, self.mesh, on_cpu)
+        matmuls = op_choice.candidates(matmul, kernel_applies,
+                                       kernel_applies and _tiles_misfit(cfg) is None)
         if transformer.is_packed(params):  # packed by a kernel engine: only the kernel reads them
-            matmuls = matmuls[:1]
-        weights = {"xla": params, "cpu_kernel": params}
+            matmuls = [m for m in matmuls if m != "xla"] or matmuls  # "xla" asked: refused below
+        weights = {"xla": params, "kernel": params}  # the kernel's paths share one packed copy
 
         def candidate(a: str, m: str) -> DeviceExecutor:
-            built = DeviceExecutor(weights[m], cfg, num_slots, max_len, eos_ids, max_prefill_batch,
-                                   mesh, a, batch_invariant, m, prefill_chunk)
-            weights[m] = built.params
+            which = "xla" if m == "xla" else "kernel"
+            built = DeviceExecutor(weights[which], cfg, num_slots, max_len, eos_ids,
+                                   max_prefill_batch, mesh, a, batch_invariant, m, prefill_chunk)
+            weights[which] = built.params
             return built
 
         self.op_choice = op_choice.choose(
@@ -209,7 +225,7 @@ class DeviceExecutor:
             batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
         )
         if self.matmul_kernel:  # on its one device every packed weight is whole
-            params = transformer.pack_weights(params)
+            params = transformer.pack_weights(params, tiles=self.op_choice.matmul_tiles)
             params_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh), params)
         elif transformer.is_packed(params):
             raise ValueError("params: packed for the CPU matmul kernel, which this engine does not "

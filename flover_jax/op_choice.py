@@ -1,7 +1,7 @@
 """`auto` for the `attention` and `matmul` options: which op computes decode attention and the
-weight matmuls (our CPU kernels or XLA's), chosen by timing the candidates on the machine at
-hand, at the engine's own shapes, once per machine and shape (the choice is cached beside the
-compiled kernels).
+weight matmuls (our CPU kernels, the matmul kernel on AMX tiles, or XLA's ops), chosen by
+timing the candidates on the machine at hand, at the engine's own shapes, once per machine and
+shape (the choice is cached beside the compiled kernels).
 
 One path per op for every width: a request's rows then come out the same whatever runs beside
 it, so fused stays equal to solo. The pick is the pair of paths whose worst width, against the
@@ -31,13 +31,13 @@ from models import kernels
 MODE_ENV = "FLOVER_AUTO_OPS"
 MODES = ("measure", "rule")
 REPEATS = 5  # timed decode steps per candidate and width (the median counts)
-RECIPE = 3  # part of the cache key: a change to how the candidates are timed times them again
+RECIPE = 4  # part of the cache key: a change to how the candidates are timed times them again
 
 
 @dataclasses.dataclass(frozen=True)
 class OpChoice:
     attention: str  # "cpu_kernel" or "xla"
-    matmul: str
+    matmul: str  # "cpu_kernel", "amx" (the kernel on AMX tiles) or "xla"
     # "measured", "cached" (measured by an earlier run on this machine), "rule" (MODE_ENV) or
     # "asked" (one candidate: an explicit option, or a kernel that does not apply).
     how: str
@@ -50,7 +50,11 @@ class OpChoice:
 
     @property
     def matmul_kernel(self) -> bool:
-        return self.matmul == "cpu_kernel"
+        return self.matmul in ("cpu_kernel", "amx")
+
+    @property
+    def matmul_tiles(self) -> bool:
+        return self.matmul == "amx"
 
     def summary(self) -> dict:
         """What the bench JSON and the run summary say of the choice."""
@@ -59,10 +63,11 @@ class OpChoice:
                             for pair, by_width in self.step_ms.items()}}
 
 
-def candidates(asked: str, applies: bool) -> list[str]:
-    """The paths `asked` ("auto", "xla" or "cpu_kernel") leaves, the kernel first."""
+def candidates(asked: str, applies: bool, tiles_apply: bool = False) -> list[str]:
+    """The paths `asked` ("auto", "xla", "cpu_kernel" or, for matmuls, "amx") leaves, the
+    kernel first; "amx" where `tiles_apply`."""
     if asked == "auto":
-        return ["cpu_kernel", "xla"] if applies else ["xla"]
+        return ["cpu_kernel", *(["amx"] if tiles_apply else []), "xla"] if applies else ["xla"]
     return [asked]
 
 

@@ -12,7 +12,7 @@ from flover_jax import step
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
-from models import transformer
+from models import kernels, transformer
 from models.config import LayerSpec, Rope
 from models.presets import tiny_config
 from models.transformer import init_params
@@ -227,16 +227,22 @@ def test_int8_weights_keep_fused_equal_to_solo_and_match_their_xla_reference(int
         o.token_ids for o in run_with_fake_clock(xla_engine, workload).outputs]
 
 
-def test_bfloat16_kernels_keep_fused_equal_to_solo(tiny):
+@pytest.mark.parametrize("matmul", ["cpu_kernel", "amx"])
+def test_bfloat16_kernels_keep_fused_equal_to_solo(tiny, matmul):
     """bfloat16 weights and KV cache through both kernels (float32 activations, as a CPU engine
-    computes them): each row is computed alone, so a request's tokens do not depend on its
-    neighbours (the kernels' sums are held to XLA's in test_kernels)."""
+    computes them), the matmuls on the FMAs or on AMX tiles: each row is computed alone, so a
+    request's tokens do not depend on its neighbours (the kernels' sums are held to XLA's in
+    test_kernels). Where the CPU has no AMX tiles, asking for them is an error that says so."""
     cfg, params = tiny
     cfg, params = cfg.replace(dtype="bfloat16"), transformer.with_dtype(params, jnp.bfloat16)
-    engine = Engine(cfg, params, max_slots=8, max_len=128, attention="cpu_kernel",
-                    matmul="cpu_kernel")
+    if matmul == "amx" and not kernels.tiles_available():
+        with pytest.raises(ValueError, match="matmul='amx' cannot be used: .*no AMX tiles"):
+            Engine(cfg, params, max_slots=8, max_len=128, matmul=matmul)
+        return
+    engine = Engine(cfg, params, max_slots=8, max_len=128, attention="cpu_kernel", matmul=matmul)
     assert engine.executor.state.cache.k[0].dtype == jnp.uint16  # bfloat16's bits
     assert engine.executor.cfg.activation_dtype == jnp.float32
+    assert engine.executor.params.lm_head.tiles == (matmul == "amx")
     workload = mixed_workload(n=12, seed=6)
     for request, output in zip(workload, run_with_fake_clock(engine, workload).outputs):
         assert output.token_ids == solo_tokens(engine, request)
@@ -269,6 +275,10 @@ def test_kernel_choices_are_checked(tiny, option):
     with pytest.raises(ValueError, match=rf"{option}='cpu_kernel' cannot be used: .*this one is float16"):
         Engine(cfg.replace(dtype="float16"), params, max_slots=2, max_len=32,
                **{option: "cpu_kernel"})
+    if option == "matmul":
+        with pytest.raises(ValueError, match="matmul='amx' cannot be used: AMX tiles multiply "
+                                             "bfloat16 weights, this model's are float32"):
+            Engine(cfg, params, max_slots=2, max_len=32, matmul="amx")
     fp16 = Engine(cfg.replace(dtype="float16"), params, max_slots=2, max_len=32)
     assert not fp16.executor.attention_kernel  # "auto" falls back to XLA's ops
     assert not fp16.executor.matmul_kernel

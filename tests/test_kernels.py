@@ -123,14 +123,16 @@ def test_packed_matmul_matches_matmul(rows, shape, in_dims):
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_packed_matmul_rows_do_not_depend_on_their_neighbours():
-    """Batch invariance: a row's output is bitwise the same alone, in any group of rows, and in
-    a prompt's leading dims."""
+@pytest.mark.parametrize("dtype, tiles", [(jnp.float32, False), (jnp.bfloat16, False),
+                                          (jnp.bfloat16, True)])
+def test_packed_matmul_rows_do_not_depend_on_their_neighbours(dtype, tiles):
+    """Batch invariance: a row's output is bitwise the same alone, in any group of rows (8 at a
+    time on the FMAs, 16 on AMX tiles, 64 per work item), and in a prompt's leading dims."""
     rng = np.random.default_rng(3)
-    packed = kernels.pack(jnp.asarray(rng.standard_normal((96, 150), np.float32)))
+    packed = kernels.pack(jnp.asarray(rng.standard_normal((96, 150), np.float32), dtype), tiles=tiles)
     x = jnp.asarray(rng.standard_normal((75, 96), np.float32))
     together = np.asarray(kernels.packed_matmul(x, packed))
-    for row in (0, 7, 8, 13, 64, 74):
+    for row in (0, 7, 8, 13, 15, 16, 17, 64, 74):
         alone = np.asarray(kernels.packed_matmul(x[row:row + 1], packed))
         np.testing.assert_array_equal(alone[0], together[row])
     np.testing.assert_array_equal(
@@ -156,30 +158,33 @@ def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
                                rtol=1e-5, atol=1e-5)
 
 
-def _narrow(w: np.ndarray, weights: str, in_dims: int):
+def _narrow(w: np.ndarray, weights: str, in_dims: int, tiles: bool = False):
     """w as `weights` (bfloat16 or int8) stores it: the weight XLA's dot takes, and its panels."""
     if weights == "int8":
         q = quantize(jnp.asarray(w), in_dims)
         return q, kernels.pack(q.values, in_dims, q.scales)
     narrow = jnp.asarray(w, jnp.bfloat16)
-    return narrow, kernels.pack(narrow, in_dims)
+    return narrow, kernels.pack(narrow, in_dims, tiles=tiles)
 
 
-@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+@pytest.mark.parametrize("weights, tiles", [("bfloat16", False), ("bfloat16", True), ("int8", False)])
 @pytest.mark.parametrize("rows, shape, in_dims", [
     (1, (576, 576), 1), (13, (64, 3, 32), 1), (70, (40, 100), 1), (6, (3, 32, 64), 2),
-    (3, (150, 20), 1)])  # 150 inputs: int8 groups of 64, 64 and 22
-def test_narrow_panels_match_their_xla_reference(weights, rows, shape, in_dims):
+    (3, (150, 20), 1),  # 150 inputs: int8 groups of 64, 64 and 22
+    (17, (37, 50), 1)])  # an odd number of inputs: bfloat16's last pair holds one
+def test_narrow_panels_match_their_xla_reference(weights, tiles, rows, shape, in_dims):
     """bfloat16 and int8 panels (widened as they stream, int8 scaled per column and group) compute what
     `layers.dense` computes on the same stored weight with XLA's dot, and rows stay
-    independent of their neighbours."""
+    independent of their neighbours. On AMX tiles (where the CPU has them) x is rounded to
+    bfloat16 first: XLA's dot of the rounded x is their reference."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal(shape, np.float32)
     x = jnp.asarray(rng.standard_normal((rows, *shape[:in_dims]), np.float32))
-    stored, packed = _narrow(w, weights, in_dims)
+    stored, packed = _narrow(w, weights, in_dims, tiles)
     assert packed.panels.dtype == jnp.dtype(weights)
     out = np.asarray(jax.jit(kernels.packed_matmul)(x, packed))
-    reference = np.asarray(dense(x, stored, in_dims, preferred_element_type=jnp.float32))
+    rounded = x.astype(jnp.bfloat16) if tiles and kernels.tiles_available() else x
+    reference = np.asarray(dense(rounded, stored, in_dims, preferred_element_type=jnp.float32))
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(kernels.packed_matmul(x[-1:], packed))[0], out[-1])
 
@@ -189,6 +194,8 @@ def test_panels_of_an_unsupported_kind_are_refused():
         kernels.pack(jnp.zeros((4, 48), jnp.int8))  # int8 without its scales
     with pytest.raises(ValueError, match="float16 weight"):
         kernels.pack(jnp.zeros((4, 48), jnp.float16))
+    with pytest.raises(ValueError, match="AMX tiles multiply bfloat16 ones"):
+        kernels.pack(jnp.zeros((4, 48), jnp.float32), tiles=True)
 
 
 @settings(max_examples=20, deadline=None)

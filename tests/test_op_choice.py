@@ -10,8 +10,9 @@ from flover_jax import op_choice
 from flover_jax.bench import run as bench_run
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling_params import SamplingParams
+from models import kernels
 from models.presets import tiny_config
-from models.transformer import init_params
+from models.transformer import init_params, with_dtype
 
 PAIRS = {"cpu_kernel/cpu_kernel", "cpu_kernel/xla", "xla/cpu_kernel", "xla/xla"}
 
@@ -96,3 +97,28 @@ def test_a_bad_mode_is_refused_naming_the_variable(tiny, monkeypatch):
     monkeypatch.setenv(op_choice.MODE_ENV, "fastest")
     with pytest.raises(ValueError, match=r"FLOVER_AUTO_OPS='fastest': must be one of \('measure', 'rule'\)"):
         Engine(cfg, params, max_slots=2, max_len=32)
+
+
+def test_a_bfloat16_model_times_the_amx_tiles_where_the_cpu_has_them(tiny, measuring, monkeypatch):
+    """bfloat16 weights add the matmul kernel on AMX tiles to the candidates (where this CPU
+    has them); picked, every packed weight is multiplied on the tiles, and each request still
+    gets its solo tokens."""
+    cfg, params = tiny
+    cfg, params = cfg.replace(dtype="bfloat16"), with_dtype(params, jax.numpy.bfloat16)
+    amx_pairs = {"cpu_kernel/amx", "xla/amx"} if kernels.tiles_available() else set()
+
+    def fake_times(executors):
+        assert set(executors) == PAIRS | amx_pairs
+        return {pair: {w: (1.0 if pair.endswith("/amx") else 2.0) * w
+                       for w in op_choice.timing_widths(ex.num_slots, ex.buckets.windows)}
+                for pair, ex in executors.items()}
+
+    monkeypatch.setattr(op_choice, "decode_step_ms", fake_times)
+    engine = Engine(cfg, params, max_slots=4, max_len=64)
+    assert engine.executor.op_choice.matmul_tiles == bool(amx_pairs)
+    assert engine.executor.params.lm_head.tiles == bool(amx_pairs)
+    requests = [TimedRequest(list(range(3 + i, 9 + 2 * i)),
+                             SamplingParams(max_new_tokens=6 + 3 * i, ignore_eos=True), 0.0)
+                for i in range(6)]
+    for request, output in zip(requests, engine.run(requests).outputs):
+        assert output.token_ids == engine.generate([request.prompt], request.params)[0].token_ids

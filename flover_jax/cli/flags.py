@@ -21,9 +21,10 @@ flags.DEFINE_enum("policy", "flover", ["flover", "fused", "static", "sequential"
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
                   "Decode attention: auto = the faster of XLA's and the CPU kernel (one CPU device, "
                   "float32 or bfloat16 KV), as timed on this machine.")
-flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel"],
-                  "Weight matmuls: auto = the faster of XLA's and the CPU kernel (one CPU device, "
-                  "float32, bfloat16 or int8 weights), as timed on this machine.")
+flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel", "amx"],
+                  "Weight matmuls: auto = the fastest of XLA's, the CPU kernel (one CPU device, "
+                  "float32, bfloat16 or int8 weights) and the kernel on AMX tiles (amx: bfloat16 "
+                  "weights, activations rounded to bfloat16 at the dot), as timed on this machine.")
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")

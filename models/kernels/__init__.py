@@ -7,7 +7,8 @@ Both run on XLA:CPU and compute in float32, reading float32 or narrower stored v
   the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
   says why); its twin is the plain matmul in models/layers.dense. The panels may hold
   bfloat16 or int8 weights (with a scale per output column and group of 64 inputs),
-  widened as they stream.
+  widened as they stream; bfloat16 ones may instead be multiplied on AMX tiles (x rounded to
+  bfloat16), where the CPU has them.
 The C++ sources are compiled once per machine with the system's C++ compiler into a cache
 folder and registered as XLA FFI targets; where no compiler is found, `cpu_kernel_available()`
 is False and the engine keeps XLA's ops, which are also the references the tests hold them to.
@@ -39,6 +40,7 @@ _ATTENTION_TARGET = "flover_decode_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
+PAIR_BLOCK = 32  # bfloat16 panels' inputs are padded to a multiple of this, as in packed_matmul.cc
 
 
 def cache_dir() -> Path:
@@ -115,7 +117,18 @@ def cpu_kernel_available() -> bool:
     for target, symbol in ((_ATTENTION_TARGET, library.FloverDecodeAttention),
                            (_MATMUL_TARGET, library.FloverPackedMatmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    global _tiles
+    _tiles = bool(library.FloverTilesAvailable())
     return True
+
+
+_tiles = False
+
+
+def tiles_available() -> bool:
+    """Whether `packed_matmul` can multiply on AMX tiles here (the CPU has them and Linux
+    granted this process their use)."""
+    return cpu_kernel_available() and _tiles
 
 
 def decode_attention(
@@ -147,29 +160,42 @@ PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels", "scales"],
-                   meta_fields=["shape", "in_dims"])
+                   meta_fields=["shape", "in_dims", "tiles"])
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A weight of `shape` (its first `in_dims` dims are the inputs) as column panels
     [ceil(n / 48), k, 48] for `packed_matmul`, k and n being the inputs' and outputs' sizes;
-    columns past n are zeros. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
+    columns past n are zeros. bfloat16 panels hold the inputs in pairs, [ceil(n / 48),
+    ceil(k / 32) * 16, 96] (inputs 2i and 2i + 1 of a column side by side, zeros past k): the
+    layout AMX tiles read. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
     one per column and group of 64 inputs (the weight is panels * scales); other panels with an
-    empty `scales`."""
+    empty `scales`. `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`)."""
 
     panels: jax.Array  # float32, bfloat16 or int8
     scales: jax.Array  # float32
     shape: tuple[int, ...]
     in_dims: int
+    tiles: bool = False
 
 
-def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None) -> PackedWeight:
+def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None,
+         tiles: bool = False) -> PackedWeight:
     """Lay a weight [*inputs, *outputs] out as column panels (once, at load time): float32 or
-    bfloat16 as it is, or int8 with `scales` [ceil(k / 64), *outputs] (`layers.quantize`)."""
+    bfloat16 as it is, or int8 with `scales` [ceil(k / 64), *outputs] (`layers.quantize`).
+    `tiles`: a bfloat16 weight to multiply on AMX tiles."""
     if w.dtype not in PANEL_DTYPES or (w.dtype == jnp.int8) != (scales is not None):
         raise ValueError(f"pack: a {w.dtype} weight with{'out' if scales is None else ''} scales; "
                          "panels are float32 or bfloat16, or int8 with scales")
+    if tiles and w.dtype != jnp.bfloat16:
+        raise ValueError(f"pack: tiles=True for a {w.dtype} weight; AMX tiles multiply bfloat16 ones")
     k, n = math.prod(w.shape[:in_dims]), math.prod(w.shape[in_dims:])
     panels = -(-n // PANEL)
+    if w.dtype == jnp.bfloat16:  # inputs in pairs, side by side: [p, k_pad / 2, 2 * PANEL]
+        k_pad = -(-k // PAIR_BLOCK) * PAIR_BLOCK
+        flat = jnp.pad(w.reshape(k, n), ((0, k_pad - k), (0, panels * PANEL - n)))
+        pairs = flat.reshape(k_pad // 2, 2, panels, PANEL).transpose(2, 0, 3, 1)
+        return PackedWeight(pairs.reshape(panels, k_pad // 2, 2 * PANEL), jnp.zeros(0, jnp.float32),
+                            tuple(w.shape), in_dims, tiles)
     flat = jnp.pad(w.reshape(k, n), ((0, 0), (0, panels * PANEL - n)))
     if scales is None:
         panel_scales = jnp.zeros(0, jnp.float32)
@@ -182,11 +208,14 @@ def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None) -> Pac
 
 
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
-    """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32)."""
+    """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32). Panels packed
+    with `tiles` are multiplied on AMX tiles where this process has them (x rounded to bfloat16,
+    packed_matmul.cc says why), on the FMAs elsewhere."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU matmul kernel is not available (see the log)")
     inputs, outputs = w.shape[: w.in_dims], w.shape[w.in_dims :]
     lead = x.shape[: x.ndim - w.in_dims]
     rows, k, n = math.prod(lead), math.prod(inputs), math.prod(outputs)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    return call(x.reshape(rows, k).astype(jnp.float32), w.panels, w.scales).reshape(*lead, *outputs)
+    return call(x.reshape(rows, k).astype(jnp.float32), w.panels, w.scales,
+                tiles=w.tiles and tiles_available()).reshape(*lead, *outputs)

@@ -159,6 +159,27 @@ inline F16 RowProducts(const KV* k_row, const float* q_row) {
   return acc;
 }
 
+// The scaled scores of R query rows (q, row stride 16 C) against 16 K rows, into scores[r *
+// length, + 16): each K row widened once; each score's sum in RowProducts' order.
+template <int C, int R, typename KV>
+inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t length,
+                        float scale) {
+  constexpr int64_t dim = 16 * C;
+  F16 q_rows[R][C], products[R][16];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) q_rows[r][c] = Load(q + r * dim + 16 * c);
+  for (int t = 0; t < 16; ++t) {
+    F16 k_row[C];
+    for (int c = 0; c < C; ++c) k_row[c] = Widen(k_block + t * dim + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      F16 acc = k_row[0] * q_rows[r][0];
+      for (int c = 1; c < C; ++c) acc += k_row[c] * q_rows[r][c];
+      products[r][t] = acc;
+    }
+  }
+  for (int r = 0; r < R; ++r) Store(scores + r * length, SumEach(products[r]) * scale);
+}
+
 // out[r] = sum over t of p[r * length + t] v[t] for R query rows, the sums held in registers.
 template <int C, int R, typename KV>
 void WeightedSum(const float* p, const KV* v, float* out, int64_t length) {
@@ -186,16 +207,20 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
   constexpr int64_t dim = 16 * C;
   // The first V rows are read last; fetch them now so their stream starts warm.
   for (int64_t i = 0; i < std::min<int64_t>(length, 16) * dim; i += 16) __builtin_prefetch(v + i);
-  // Scores 16 positions at a time, every query row while the block's K rows are in L1.
+  // Scores 16 positions at a time, every query row while the block's K rows are in L1, up to
+  // 4 query rows per pass over them: each K row is widened once per pass.
   const int64_t blocks = length / 16;
   for (int64_t b = 0; b < blocks; ++b) {
     const KV* k_block = k + 16 * b * dim;
     if (b + 1 < blocks)
       for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
-    for (int64_t g = 0; g < group; ++g) {
-      F16 products[16];
-      for (int t = 0; t < 16; ++t) products[t] = RowProducts<C>(k_block + t * dim, q + g * dim);
-      Store(scores + g * length + 16 * b, SumEach(products) * scale);
+    for (int64_t g = 0; g < group; g += 4) {
+      switch (std::min<int64_t>(4, group - g)) {
+        case 1: BlockScores<C, 1>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
+        case 2: BlockScores<C, 2>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
+        case 3: BlockScores<C, 3>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
+        default: BlockScores<C, 4>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale);
+      }
     }
   }
   for (int64_t g = 0; g < group; ++g) {

@@ -3,15 +3,15 @@
 //
 // Why a kernel: at 8-32 rows XLA:CPU's dot costs its weight reads plus its
 // FLOPs, as if the two took turns; a step then costs far more than its bytes.
-// Here W is stored once, at load time, as column panels [ceil(n/48), k, 48]:
-// each panel is one contiguous stream the hardware prefetcher follows, and its
-// 48 columns stay in registers (3 vectors of 16) while every k is read once.
-// The cores take panels from a shared counter, so both stream and compute at
-// once. The panel is read once per group of 8 rows, from L2 (all but each
-// core's first panel of a call): while a core computes one panel it prefetches
-// the next one it will take into L2, so at 16-32 rows the weight streams in
-// while the FMAs run instead of in turns (each panel's first group of rows
-// would otherwise wait on memory and the others on the FMAs).
+// Here W is stored once, at load time, as column panels of 48 columns: each
+// panel is one contiguous stream the hardware prefetcher follows, and its 48
+// columns stay in registers (3 vectors of 16) while every k is read once. The
+// cores take panels from a shared counter, so both stream and compute at once.
+// The panel is read once per group of 8 rows, from L2 (all but each core's
+// first panel of a call): while a core computes one panel it prefetches the
+// next one it will take into L2, so at 16-32 rows the weight streams in while
+// the FMAs run instead of in turns (each panel's first group of rows would
+// otherwise wait on memory and the others on the FMAs).
 //
 // Each output element is one sum over k in a fixed order, whatever the number
 // of rows or how they are grouped, so a row's result does not depend on which
@@ -19,18 +19,36 @@
 //
 // The panels hold float32, bfloat16 or int8 weights; each is widened to float32
 // as it is loaded and the sums run in float32 (x stays float32), so a narrower
-// weight costs fewer bytes to stream and nothing else. int8 panels come with a
-// float32 scale per column (output channel) and group of 64 inputs: each int8
-// weight is widened and times its scale as it is loaded (once per group of rows).
+// weight costs fewer bytes to stream and nothing else. Float32 and int8 panels
+// are [ceil(n / 48), k, 48]; int8 ones come with a float32 scale per column
+// (output channel) and group of 64 inputs, each int8 weight widened and times
+// its scale as it is loaded (once per group of rows). bfloat16 panels are
+// [ceil(n / 48), ceil(k / 32) * 16, 96]: inputs in pairs, 2i and 2i+1 of each
+// column side by side (the order AMX tiles take; widening a pair costs one
+// shift and one mask), zeros past k.
+//
+// Where the CPU has AMX tiles (Sapphire Rapids and later) and the caller asks
+// for them, bfloat16 panels are multiplied on the tiles instead (TilePanel), 16
+// rows at a time, several times the FMAs' rate: x is rounded to bfloat16
+// (the tiles multiply bfloat16 by bfloat16, as vLLM's and oneDNN's bfloat16
+// matmuls do) and the exact products are summed in float32. Again one fixed
+// order per output element whatever the rows, so batch invariance holds.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "parallel_for.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FLOVER_TILES 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -39,6 +57,14 @@ namespace {
 constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
 constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
 constexpr int64_t kGroup = 64;  // inputs per int8 scale, as models/layers.quantize groups them
+
+constexpr int64_t kPairBlock = 32;  // bfloat16 panels' inputs are padded to a multiple of this
+
+// Values per panel of k inputs.
+template <typename W>
+constexpr int64_t PanelSize(int64_t k) {
+  return kPanel * (std::is_same_v<W, uint16_t> ? (k + kPairBlock - 1) / kPairBlock * kPairBlock : k);
+}
 
 // Fetches [next, end) into L2 a few cache lines per step, spread over a panel's tiles.
 struct Prefetcher {
@@ -53,26 +79,39 @@ struct Prefetcher {
   }
 };
 
-// R rows of x (row stride k) against one panel [k, 48]; writes `cols` <= 48 columns.
+// R rows of x (row stride k) against one panel; writes `cols` <= 48 columns.
 // int8 panels: `scales` [ceil(k / 64), 48], the panel's scales by group of inputs.
 template <int R, typename W>
 void Tile(const float* x, const W* panel, const float* scales, int64_t k, float* y, int64_t n,
           int64_t cols, Prefetcher& ahead) {
   F16 acc[R][3] = {};
-  for (int64_t i = 0; i < k; ++i) {
-    const W* w = panel + i * kPanel;
-    F16 w0 = Widen(w), w1 = Widen(w + 16), w2 = Widen(w + 32);
-    if constexpr (std::is_same_v<W, int8_t>) {
-      const float* s = scales + (i / kGroup) * kPanel;
-      w0 *= Load(s), w1 *= Load(s + 16), w2 *= Load(s + 32);
+  if constexpr (std::is_same_v<W, uint16_t>) {  // bfloat16 pairs: inputs i and i + 1
+    for (int64_t i = 0; i < k; i += 2) {
+      F16 even[3], odd[3];
+      for (int c = 0; c < 3; ++c) WidenPairs(panel + i * kPanel + 32 * c, even[c], odd[c]);
+      const bool has_odd = i + 1 < k;
+      for (int r = 0; r < R; ++r) {
+        const float x_even = x[r * k + i], x_odd = has_odd ? x[r * k + i + 1] : 0.0f;
+        for (int c = 0; c < 3; ++c) acc[r][c] += x_even * even[c], acc[r][c] += x_odd * odd[c];
+      }
+      ahead.Step();
     }
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * k + i];
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
-      acc[r][2] += xv * w2;
+  } else {
+    for (int64_t i = 0; i < k; ++i) {
+      const W* w = panel + i * kPanel;
+      F16 w0 = Widen(w), w1 = Widen(w + 16), w2 = Widen(w + 32);
+      if constexpr (std::is_same_v<W, int8_t>) {
+        const float* s = scales + (i / kGroup) * kPanel;
+        w0 *= Load(s), w1 *= Load(s + 16), w2 *= Load(s + 32);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * k + i];
+        acc[r][0] += xv * w0;
+        acc[r][1] += xv * w1;
+        acc[r][2] += xv * w2;
+      }
+      ahead.Step();
     }
-    ahead.Step();
   }
   for (int r = 0; r < R; ++r) std::memcpy(y + r * n, acc[r], cols * sizeof(float));
 }
@@ -83,10 +122,10 @@ template <typename W>
 void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
            const float* scales, int64_t k, float* y, int64_t n, int64_t cols) {
   const int64_t tiles = rows / 8 + (rows % 8 >= 4) + (rows % 4 >= 2) + rows % 2;
-  const int64_t panel_lines = (k * kPanel * sizeof(W) + 63) / 64;
+  const int64_t steps = tiles * (std::is_same_v<W, uint16_t> ? (k + 1) / 2 : k);
+  const int64_t panel_lines = (PanelSize<W>(k) * sizeof(W) + 63) / 64;
   const char* next = reinterpret_cast<const char*>(next_panel);
-  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr,
-                   (panel_lines + tiles * k - 1) / (tiles * k)};
+  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, (panel_lines + steps - 1) / steps};
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead);
   if (r + 4 <= rows) Tile<4>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead), r += 4;
@@ -94,56 +133,173 @@ void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
   if (r < rows) Tile<1>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead);
 }
 
-// x [rows, k]; panels [p, k, 48] with n <= 48 p (columns past n are padding);
-// scales [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n].
+#if FLOVER_TILES
+// AMX: 8 tile registers of up to 16 rows x 64 bytes. Here C 0-2 are the 16 x 48 float32
+// sums of up to 16 rows, B 3-5 the panel's next 32 inputs as three 16-column tiles (their
+// pairs as the panel stores them), A 6 the rows' next 32 inputs in bfloat16.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void ConfigureTiles(int rows) {
+  TileConfig config;
+  for (int t = 0; t < 7; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = (t >= 3 && t <= 5) ? 16 : rows;
+  }
+  _tile_loadconfig(&config);
+}
+
+// x [rows, k] rounded to the nearest bfloat16 (ties to even) as [rows, k_pad], zeros past k.
+void RoundRows(const float* x, int64_t rows, int64_t k, int64_t k_pad, uint16_t* rounded) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < k_pad; i += 16) {
+      uint32_t bits[16] = {};
+      std::memcpy(bits, x + r * k + i, std::max<int64_t>(0, std::min<int64_t>(16, k - i)) * 4);
+      U32x16 v;
+      std::memcpy(&v, bits, sizeof v);
+      const Bf16x16 half = __builtin_convertvector((v + 0x7FFF + ((v >> 16) & 1)) >> 16, Bf16x16);
+      std::memcpy(rounded + r * k_pad + i, &half, sizeof half);
+    }
+  }
+}
+
+// Rows [0, rows) of x (bfloat16 [rows, k_pad], row stride k_pad) against one bfloat16 panel on
+// the tiles, 16 rows at a time, prefetching `next_panel` (null: none) over all of them.
+void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uint16_t* next_panel,
+               int64_t k_pad, float* y, int64_t n, int64_t cols) {
+  const int64_t steps = k_pad / kPairBlock, panel_lines = k_pad * kPanel * 2 / 64;
+  const int64_t all_steps = steps * ((rows + 15) / 16);
+  const char* next = reinterpret_cast<const char*>(next_panel);
+  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr,
+                   (panel_lines + all_steps - 1) / all_steps};
+  constexpr int64_t b_stride = 2 * kPanel * sizeof(uint16_t);  // a pair of inputs per tile row
+  int configured = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, rows - r0));
+    if (m != configured) ConfigureTiles(m), configured = m;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint16_t* b = panel + s * kPairBlock * kPanel;
+      _tile_loadd(3, b, b_stride);
+      _tile_loadd(4, b + 32, b_stride);
+      _tile_loadd(5, b + 64, b_stride);
+      _tile_loadd(6, x + r0 * k_pad + s * kPairBlock, k_pad * sizeof(uint16_t));
+      _tile_dpbf16ps(0, 6, 3);
+      _tile_dpbf16ps(1, 6, 4);
+      _tile_dpbf16ps(2, 6, 5);
+      ahead.Step();
+    }
+    alignas(64) float sums[16][kPanel];
+    _tile_stored(0, sums[0], kPanel * sizeof(float));
+    _tile_stored(1, sums[0] + 16, kPanel * sizeof(float));
+    _tile_stored(2, sums[0] + 32, kPanel * sizeof(float));
+    for (int r = 0; r < m; ++r) std::memcpy(y + (r0 + r) * n, sums[r], cols * sizeof(float));
+  }
+  _tile_release();
+}
+
+// At least n values of v's storage, starting on a cache line: a tile row split over two lines
+// costs two loads, which more than halves the tiles' speed.
+template <typename T>
+T* CacheAligned(std::vector<T>& v, size_t n) {
+  v.resize(n + 64 / sizeof(T));
+  const uintptr_t address = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((address + 63) / 64 * 64);
+}
+
+// Whether this process may use the tiles (Linux grants them on request, once per process).
+bool TilesPermitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                        18 /* XFEATURE_XTILEDATA */) == 0;
+  return permitted;
+}
+#else
+bool TilesPermitted() { return false; }
+#endif
+
+// x [rows, k]; panels [p, ..] with n <= 48 p (columns past n are padding); scales
+// [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. `tiles`: bfloat16
+// panels on AMX tiles.
 template <typename W>
 void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const float* scales,
-              int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out) {
+              int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out, bool tiles) {
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t items = num_panels * row_blocks;
-  const int64_t groups = (k + kGroup - 1) / kGroup;
-
+  const int64_t groups = (k + kGroup - 1) / kGroup, panel_size = PanelSize<W>(k);
   // Items run panel by panel, row blocks within; `next` is this thread's next item.
-  auto compute = [=](int64_t item, int64_t next) {
+  struct Item {
+    int64_t panel, first_row, rows;
+    const W* next_panel;  // to prefetch; null where the next item reads the same panel
+  };
+  auto item_of = [=](int64_t item, int64_t next) {
     const int64_t p = item / row_blocks, first_row = (item % row_blocks) * kRowBlock;
     const int64_t next_p = next < items ? next / row_blocks : p;
-    const int64_t cols = std::min(kPanel, n - p * kPanel);
-    Panel(x + first_row * k, std::min(kRowBlock, rows - first_row), panels + p * k * kPanel,
-          next_p != p ? panels + next_p * k * kPanel : nullptr,
-          scales ? scales + p * groups * kPanel : nullptr, k, out + first_row * n + p * kPanel, n,
-          cols);
+    return Item{p, first_row, std::min(kRowBlock, rows - first_row),
+                next_p != p ? panels + next_p * panel_size : nullptr};
   };
-  ParallelFor(pool, items, compute);
+#if FLOVER_TILES
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    if (tiles) {
+      const int64_t k_pad = panel_size / kPanel;
+      std::vector<uint16_t> storage;  // rounded once, by this thread: a small share of the work
+      uint16_t* x_rounded = CacheAligned(storage, rows * k_pad);
+      RoundRows(x, rows, k, k_pad, x_rounded);
+      ParallelFor(pool, items, [=](int64_t item, int64_t next) {
+        const Item it = item_of(item, next);
+        TilePanel(x_rounded + it.first_row * k_pad, it.rows, panels + it.panel * panel_size,
+                  it.next_panel, k_pad, out + it.first_row * n + it.panel * kPanel, n,
+                  std::min(kPanel, n - it.panel * kPanel));
+      });
+      return;
+    }
+  }
+#endif
+  ParallelFor(pool, items, [=](int64_t item, int64_t next) {
+    const Item it = item_of(item, next);
+    Panel(x + it.first_row * k, it.rows, panels + it.panel * panel_size, it.next_panel,
+          scales ? scales + it.panel * groups * kPanel : nullptr, k,
+          out + it.first_row * n + it.panel * kPanel, n, std::min(kPanel, n - it.panel * kPanel));
+  });
 }
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out,
+                        bool tiles) {
   const auto xd = x.dimensions(), pd = panels.dimensions(), od = out->dimensions();
   const auto type = panels.element_type();
-  const bool int8 = type == ffi::DataType::S8;
-  if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != kPanel || pd[1] != xd[1] ||
-      od[0] != xd[0] || od[1] > pd[0] * kPanel || od[1] <= (pd[0] - 1) * kPanel ||
-      scales.element_count() != (int8 ? pd[0] * ((pd[1] + kGroup - 1) / kGroup) * kPanel : 0)) {
+  const bool int8 = type == ffi::DataType::S8, pairs = type == ffi::DataType::BF16;
+  const int64_t k = xd.size() == 2 ? xd[1] : -1;
+  const int64_t panel_rows = pairs ? PanelSize<uint16_t>(k) / kPanel / 2 : k;
+  if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != (pairs ? 2 : 1) * kPanel ||
+      pd[1] != panel_rows || od[0] != xd[0] || od[1] > pd[0] * kPanel ||
+      od[1] <= (pd[0] - 1) * kPanel ||
+      scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0)) {
     return ffi::Error::InvalidArgument(
-        "packed_matmul: expected x [rows, k], panels [p, k, 48], scales [p, ceil(k / 64), 48] "
-        "(int8 panels) or [0] (others) and out [rows, n] with 48 (p - 1) < n <= 48 p");
+        "packed_matmul: expected x [rows, k], panels [p, k, 48] (float32, int8) or "
+        "[p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] (int8 panels) or "
+        "[0] (others) and out [rows, n] with 48 (p - 1) < n <= 48 p");
   }
-  const int64_t rows = xd[0], k = xd[1], num_panels = pd[0], n = od[1];
+  const int64_t rows = xd[0], num_panels = pd[0], n = od[1];
   const float* x_data = x.typed_data();
   float* out_data = out->typed_data();
   const void* data = panels.untyped_data();
   switch (type) {
     case ffi::DataType::F32:
       Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, n,
-               out_data);
+               out_data, false);
       break;
     case ffi::DataType::BF16:
       Multiply(pool, x_data, static_cast<const uint16_t*>(data), nullptr, rows, k, num_panels, n,
-               out_data);
+               out_data, tiles && TilesPermitted());
       break;
     case ffi::DataType::S8:
       Multiply(pool, x_data, static_cast<const int8_t*>(data), scales.typed_data(), rows, k,
-               num_panels, n, out_data);
+               num_panels, n, out_data, false);
       break;
     default:
       return ffi::Error::InvalidArgument("packed_matmul: panels must be float32, bfloat16 or int8");
@@ -159,4 +315,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::AnyBuffer>()          // panels
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Attr<bool>("tiles"));
+
+// 1 where this build and process can multiply on AMX tiles (packed_matmul's `tiles`), else 0.
+extern "C" int FloverTilesAvailable() { return TilesPermitted() ? 1 : 0; }

@@ -52,6 +52,16 @@ inline F16 Widen(const int8_t* p) {
   return x;
 }
 
+// 16 columns' bfloat16 pairs (inputs 2i and 2i + 1 of a column side by side, the even one
+// first) as the even inputs' and the odd inputs' float32 lanes.
+inline void WidenPairs(const uint16_t* p, F16& even, F16& odd) {
+  U32x16 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  const U32x16 low = bits << 16, high = bits & 0xFFFF0000u;
+  std::memcpy(&even, &low, sizeof even);
+  std::memcpy(&odd, &high, sizeof odd);
+}
+
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t bits) {
   const uint32_t wide = uint32_t{bits} << 16;
