@@ -27,12 +27,12 @@
 // column side by side (the order AMX tiles take; widening a pair costs one
 // shift and one mask), zeros past k.
 //
-// Where the CPU has AMX tiles (Sapphire Rapids and later) and the caller asks
-// for them, bfloat16 panels are multiplied on the tiles instead (TilePanel), 16
-// rows at a time, several times the FMAs' rate: x is rounded to bfloat16
-// (the tiles multiply bfloat16 by bfloat16, as vLLM's and oneDNN's bfloat16
-// matmuls do) and the exact products are summed in float32. Again one fixed
-// order per output element whatever the rows, so batch invariance holds.
+// Where the CPU has AMX tiles (Sapphire Rapids and later) and x comes as
+// bfloat16 (the caller rounded it), bfloat16 panels are multiplied on the tiles
+// instead (TilePanel), 16 rows at a time, several times the FMAs' rate: the
+// tiles multiply bfloat16 by bfloat16, as vLLM's and oneDNN's bfloat16 matmuls
+// do, and the exact products are summed in float32. Again one fixed order per
+// output element whatever the rows, so batch invariance holds.
 
 #include <algorithm>
 #include <cstdint>
@@ -152,20 +152,6 @@ void ConfigureTiles(int rows) {
   _tile_loadconfig(&config);
 }
 
-// x [rows, k] rounded to the nearest bfloat16 (ties to even) as [rows, k_pad], zeros past k.
-void RoundRows(const float* x, int64_t rows, int64_t k, int64_t k_pad, uint16_t* rounded) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < k_pad; i += 16) {
-      uint32_t bits[16] = {};
-      std::memcpy(bits, x + r * k + i, std::max<int64_t>(0, std::min<int64_t>(16, k - i)) * 4);
-      U32x16 v;
-      std::memcpy(&v, bits, sizeof v);
-      const Bf16x16 half = __builtin_convertvector((v + 0x7FFF + ((v >> 16) & 1)) >> 16, Bf16x16);
-      std::memcpy(rounded + r * k_pad + i, &half, sizeof half);
-    }
-  }
-}
-
 // Rows [0, rows) of x (bfloat16 [rows, k_pad], row stride k_pad) against one bfloat16 panel on
 // the tiles, 16 rows at a time, prefetching `next_panel` (null: none) over all of them.
 void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uint16_t* next_panel,
@@ -222,84 +208,108 @@ bool TilesPermitted() {
 bool TilesPermitted() { return false; }
 #endif
 
+// Items run panel by panel, row blocks within; `next` is a thread's next item.
+template <typename W>
+struct Items {
+  const W* panels;
+  int64_t rows, num_panels, panel_size;
+
+  int64_t row_blocks() const { return (rows + kRowBlock - 1) / kRowBlock; }
+  int64_t count() const { return num_panels * row_blocks(); }
+  int64_t panel(int64_t item) const { return item / row_blocks(); }
+  int64_t first_row(int64_t item) const { return item % row_blocks() * kRowBlock; }
+  int64_t rows_of(int64_t item) const { return std::min(kRowBlock, rows - first_row(item)); }
+  // The panel to prefetch: null where the next item reads this one.
+  const W* next_panel(int64_t item, int64_t next) const {
+    return next < count() && panel(next) != panel(item) ? panels + panel(next) * panel_size : nullptr;
+  }
+};
+
 // x [rows, k]; panels [p, ..] with n <= 48 p (columns past n are padding); scales
-// [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. `tiles`: bfloat16
-// panels on AMX tiles.
+// [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. On the FMAs.
 template <typename W>
 void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const float* scales,
-              int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out, bool tiles) {
-  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t items = num_panels * row_blocks;
-  const int64_t groups = (k + kGroup - 1) / kGroup, panel_size = PanelSize<W>(k);
-  // Items run panel by panel, row blocks within; `next` is this thread's next item.
-  struct Item {
-    int64_t panel, first_row, rows;
-    const W* next_panel;  // to prefetch; null where the next item reads the same panel
-  };
-  auto item_of = [=](int64_t item, int64_t next) {
-    const int64_t p = item / row_blocks, first_row = (item % row_blocks) * kRowBlock;
-    const int64_t next_p = next < items ? next / row_blocks : p;
-    return Item{p, first_row, std::min(kRowBlock, rows - first_row),
-                next_p != p ? panels + next_p * panel_size : nullptr};
-  };
-#if FLOVER_TILES
-  if constexpr (std::is_same_v<W, uint16_t>) {
-    if (tiles) {
-      const int64_t k_pad = panel_size / kPanel;
-      std::vector<uint16_t> storage;  // rounded once, by this thread: a small share of the work
-      uint16_t* x_rounded = CacheAligned(storage, rows * k_pad);
-      RoundRows(x, rows, k, k_pad, x_rounded);
-      ParallelFor(pool, items, [=](int64_t item, int64_t next) {
-        const Item it = item_of(item, next);
-        TilePanel(x_rounded + it.first_row * k_pad, it.rows, panels + it.panel * panel_size,
-                  it.next_panel, k_pad, out + it.first_row * n + it.panel * kPanel, n,
-                  std::min(kPanel, n - it.panel * kPanel));
-      });
-      return;
-    }
-  }
-#endif
-  ParallelFor(pool, items, [=](int64_t item, int64_t next) {
-    const Item it = item_of(item, next);
-    Panel(x + it.first_row * k, it.rows, panels + it.panel * panel_size, it.next_panel,
-          scales ? scales + it.panel * groups * kPanel : nullptr, k,
-          out + it.first_row * n + it.panel * kPanel, n, std::min(kPanel, n - it.panel * kPanel));
+              int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out) {
+  const Items<W> items{panels, rows, num_panels, PanelSize<W>(k)};
+  const int64_t groups = (k + kGroup - 1) / kGroup;
+  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
+    const int64_t p = items.panel(item), first_row = items.first_row(item);
+    Panel(x + first_row * k, items.rows_of(item), panels + p * items.panel_size,
+          items.next_panel(item, next), scales ? scales + p * groups * kPanel : nullptr, k,
+          out + first_row * n + p * kPanel, n, std::min(kPanel, n - p * kPanel));
   });
 }
 
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out,
-                        bool tiles) {
+#if FLOVER_TILES
+// x [rows, k] bfloat16 against bfloat16 panels, on the tiles. Rows whose length is not a
+// multiple of 32 inputs, or that do not start on a cache line, are copied into ones that do.
+void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* panels,
+                     int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out) {
+  const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k)};
+  const int64_t k_pad = items.panel_size / kPanel;
+  std::vector<uint16_t> storage;
+  if (k_pad != k || reinterpret_cast<uintptr_t>(x) % 64) {
+    uint16_t* padded = CacheAligned(storage, rows * k_pad);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(padded + r * k_pad, x + r * k, k * sizeof(uint16_t));
+      std::fill(padded + r * k_pad + k, padded + (r + 1) * k_pad, uint16_t{0});
+    }
+    x = padded;
+  }
+  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
+    const int64_t p = items.panel(item), first_row = items.first_row(item);
+    TilePanel(x + first_row * k_pad, items.rows_of(item), panels + p * items.panel_size,
+              items.next_panel(item, next), k_pad, out + first_row * n + p * kPanel, n,
+              std::min(kPanel, n - p * kPanel));
+  });
+}
+#endif
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
+                        ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), pd = panels.dimensions(), od = out->dimensions();
   const auto type = panels.element_type();
   const bool int8 = type == ffi::DataType::S8, pairs = type == ffi::DataType::BF16;
+  const bool on_tiles = x.element_type() == ffi::DataType::BF16;
   const int64_t k = xd.size() == 2 ? xd[1] : -1;
   const int64_t panel_rows = pairs ? PanelSize<uint16_t>(k) / kPanel / 2 : k;
   if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != (pairs ? 2 : 1) * kPanel ||
       pd[1] != panel_rows || od[0] != xd[0] || od[1] > pd[0] * kPanel ||
       od[1] <= (pd[0] - 1) * kPanel ||
-      scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0)) {
+      scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0) ||
+      (x.element_type() != ffi::DataType::F32 && !on_tiles)) {
     return ffi::Error::InvalidArgument(
-        "packed_matmul: expected x [rows, k], panels [p, k, 48] (float32, int8) or "
-        "[p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] (int8 panels) or "
-        "[0] (others) and out [rows, n] with 48 (p - 1) < n <= 48 p");
+        "packed_matmul: expected x [rows, k] (float32; bfloat16 for the tiles), panels [p, k, 48] "
+        "(float32, int8) or [p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] "
+        "(int8 panels) or [0] (others) and out [rows, n] with 48 (p - 1) < n <= 48 p");
   }
   const int64_t rows = xd[0], num_panels = pd[0], n = od[1];
-  const float* x_data = x.typed_data();
   float* out_data = out->typed_data();
   const void* data = panels.untyped_data();
+  if (on_tiles) {
+#if FLOVER_TILES
+    if (pairs && TilesPermitted()) {
+      MultiplyOnTiles(pool, static_cast<const uint16_t*>(x.untyped_data()),
+                      static_cast<const uint16_t*>(data), rows, k, num_panels, n, out_data);
+      return ffi::Error::Success();
+    }
+#endif
+    return ffi::Error::InvalidArgument(
+        "packed_matmul: a bfloat16 x runs on AMX tiles, with bfloat16 panels, where the CPU has them");
+  }
+  const float* x_data = static_cast<const float*>(x.untyped_data());
   switch (type) {
     case ffi::DataType::F32:
       Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, n,
-               out_data, false);
+               out_data);
       break;
     case ffi::DataType::BF16:
       Multiply(pool, x_data, static_cast<const uint16_t*>(data), nullptr, rows, k, num_panels, n,
-               out_data, tiles && TilesPermitted());
+               out_data);
       break;
     case ffi::DataType::S8:
       Multiply(pool, x_data, static_cast<const int8_t*>(data), scales.typed_data(), rows, k,
-               num_panels, n, out_data, false);
+               num_panels, n, out_data);
       break;
     default:
       return ffi::Error::InvalidArgument("packed_matmul: panels must be float32, bfloat16 or int8");
@@ -312,11 +322,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::AnyBuffer>()          // panels
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
-                                  .Attr<bool>("tiles"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
 
-// 1 where this build and process can multiply on AMX tiles (packed_matmul's `tiles`), else 0.
+// 1 where this build and process can multiply on AMX tiles (a bfloat16 x), else 0.
 extern "C" int FloverTilesAvailable() { return TilesPermitted() ? 1 : 0; }
