@@ -134,8 +134,8 @@ def _kernel_applies(option: str, choice: str, cfg: ModelConfig, mesh: Mesh, on_c
     ) if bad]
     if not reasons and not kernels.cpu_kernel_available():
         reasons.append("it could not be compiled (see the log)")
-    if not reasons and choice == "amx" and _tiles_misfit(cfg):
-        reasons.append(_tiles_misfit(cfg))
+    if not reasons and choice == "amx" and (misfit := _tiles_misfit(cfg)):
+        reasons.append(misfit)
     if reasons and choice != "auto":
         raise ValueError(f"{option}={choice!r} cannot be used: {'; '.join(reasons)}")
     return not reasons

@@ -428,21 +428,20 @@ def quantize_weights(params: Params) -> Params:
 def pack_weights(params: Params, tiles: bool = False) -> Params:
     """The same params with every matmul weight packed for the CPU matmul kernel
     (`kernels.pack`; XLA:CPU, one device): float32 and bfloat16 weights as they are, int8 ones
-    with their scales; packed params come back as they are. `tiles`: bfloat16 weights
-    multiplied on AMX tiles (already packed ones too: their panels are the same). `dense` then
-    sends each weight to the kernel; the experts stay arrays, which XLA's dots run."""
+    with their scales; packed params keep their panels. `tiles`: bfloat16 panels multiplied on
+    AMX tiles (set on already packed params too). `dense` then sends each weight to the kernel;
+    the experts stay arrays, which XLA's dots run."""
+    if not is_packed(params):
+        def pack(w, in_dims: int) -> kernels.PackedWeight:
+            if isinstance(w, QuantizedWeight):
+                return kernels.pack(w.values, in_dims, w.scales)
+            return kernels.pack(w, in_dims)
 
-    if is_packed(params):
-        def tiled(w):
-            if not isinstance(w, kernels.PackedWeight):
-                return w
-            return dataclasses.replace(w, tiles=tiles and w.panels.dtype == jnp.bfloat16)
+        params = map_matmul_weights(params, pack, experts=False)
 
-        return jax.tree.map(tiled, params, is_leaf=lambda x: isinstance(x, kernels.PackedWeight))
+    def tiled(w):
+        if not isinstance(w, kernels.PackedWeight):
+            return w
+        return dataclasses.replace(w, tiles=tiles and w.panels.dtype == jnp.bfloat16)
 
-    def pack(w, in_dims: int) -> kernels.PackedWeight:
-        if isinstance(w, QuantizedWeight):
-            return kernels.pack(w.values, in_dims, w.scales)
-        return kernels.pack(w, in_dims, tiles=tiles and w.dtype == jnp.bfloat16)
-
-    return map_matmul_weights(params, pack, experts=False)
+    return jax.tree.map(tiled, params, is_leaf=lambda x: isinstance(x, kernels.PackedWeight))
