@@ -235,14 +235,24 @@ def test_packed_matmul_rejects_mismatched_panels():
 
 def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     """A library cut short (a crash mid-copy) can pass dlopen's checks and kill the process on
-    first use; the digest beside it catches that. CXX may be a command with arguments."""
+    first use; the digest beside it catches that. CXX may be a command with arguments: here a
+    stand-in compiler that logs each build and copies the library this process built (a real
+    build is what every process's first kernel call runs)."""
     import ctypes
+    import sys
 
-    monkeypatch.setenv("FLOVER_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "env c++")
+    built, builds = kernels._compile(), tmp_path / "builds.log"
+    stand_in = tmp_path / "cxx.py"
+    stand_in.write_text("import shutil, sys\n"
+                        f"open({str(builds)!r}, 'a').write('build\\n')\n"
+                        "shutil.copy(sys.argv[1], sys.argv[sys.argv.index('-o') + 1])\n")
+    monkeypatch.setenv("FLOVER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", f"{sys.executable} {stand_in} {built}")
     library = kernels._compile()
+    assert kernels._compile() == library and builds.read_text() == "build\n"  # cached: no build
     size = library.stat().st_size
     library.write_bytes(library.read_bytes()[: size // 2])
     assert kernels._compile() == library and library.stat().st_size == size
+    assert builds.read_text() == "build\n" * 2
     assert library.with_suffix(".sha256").read_text() == kernels._digest(library)
     assert ctypes.cdll.LoadLibrary(str(library)).FloverPackedMatmul  # loads, symbols present
