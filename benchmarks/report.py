@@ -679,6 +679,10 @@ def main() -> None:
         if (RESULTS / f"step_times_{weights}.md").exists():
             parts.append(f"### The decode step with {weights} weights\n\n"
                          + (RESULTS / f"step_times_{weights}.md").read_text())
+    for weights, name in (("float32", "default_against_paths"), ("bf16", "default_against_paths_bf16")):
+        if (RESULTS / f"{name}.md").exists():
+            parts.append(f"### The default against its own paths, {weights} weights\n\n"
+                         + (RESULTS / f"{name}.md").read_text())
     if (RESULTS / "profile.md").exists():
         parts.append("## Where a decode step's time goes (`benchmarks/profile_step.py`)\n\n"
                      + (RESULTS / "profile.md").read_text())

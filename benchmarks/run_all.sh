@@ -14,6 +14,10 @@ benchmarks/peers/setup.sh
     > benchmarks/results/step_times_bf16.md
 "$PY" benchmarks/step_times.py --quantize=int8 --ops=auto \
     > benchmarks/results/step_times_int8.md
+# The default against each of its paths, the engines timed in turn (one table per weight type).
+"$PY" benchmarks/step_times.py --default_against_paths > benchmarks/results/default_against_paths.md
+"$PY" benchmarks/step_times.py --default_against_paths --dtype=bfloat16 \
+    --ops=auto,cpu_kernels,amx_matmuls,xla > benchmarks/results/default_against_paths_bf16.md
 "$PY" benchmarks/quality.py --output_json=benchmarks/results/quality.json
 "$PY" benchmarks/profile_step.py > benchmarks/results/profile.md
 "$PY" main.py --mode=bench --workload=constant --num_requests=16 --interval_s=0.5 \

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from common import ENGINE_OPS, decode_bytes, machine_limits, step_roofline  # benchmarks/ on path
 
-from flover_jax.buckets import bucket
+from flover_jax.buckets import Buckets, bucket
 from flover_jax.chunks import PromptPiece
 from flover_jax.engine import Engine
 from flover_jax.sampling_params import SamplingParams
@@ -38,6 +38,10 @@ flags.DEFINE_list("contexts", ["48", "240"], "Cached tokens of every live slot w
 flags.DEFINE_integer("repeats", 9, "Timed calls per point (median reported).")
 flags.DEFINE_string("limits_json", "benchmarks/results/machine_limits.json",
                     "Where the machine's measured limits go (roofline.py bounds with them too).")
+flags.DEFINE_bool("default_against_paths", False,
+                  "Instead of each engine's tables (step, attention kernel, prefill, compaction), "
+                  "one table of the default's step time against the fastest of --ops, the "
+                  "engines timed in turn.")
 flags.DEFINE_list("ops", ["auto", "cpu_kernels", "xla_matmuls", "xla_attention", "xla"],
                   "Engines to time, a table each: auto (the default: what timing the others at "
                   "start-up picked), cpu_kernels (the CPU attention and matmul kernels), "
@@ -55,8 +59,8 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def decode_table(engine: Engine, limits: dict) -> dict[tuple[int, int], float]:
-    """Prints the table; returns its step times, (live slots, context) -> ms."""
+def decode_table(engine: Engine, limits: dict) -> None:
+    """The decode step of `engine` at each width and context, against its bytes and roofline."""
     ex, cfg = engine.executor, engine.cfg
     slots = ex.num_slots
     weight_bytes, kv_token = decode_bytes(cfg, ex.params)
@@ -70,33 +74,58 @@ def decode_table(engine: Engine, limits: dict) -> dict[tuple[int, int], float]:
     header = " | ".join(f"ctx {c}: ms | tok/s | GB/s | roofline" for c in contexts)
     print(f"| live slots | {header} |")
     print("|---:|" + "---:|---:|---:|---:|" * len(contexts))
-    n, step_ms = 1, {}
+    n = 1
     while n <= slots:
         cells = []
         for context in contexts:
             kv_len = bucket(context + FLAGS.repeats + 2, ex.buckets.kv_lengths)
             ex.state = ex.state.busy(n, context)
-            ms = step_ms[n, context] = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
+            ms = median_ms(lambda: ex.read(ex.decode(0, n, kv_len)), FLAGS.repeats)
             rate = (weight_bytes + n * context * kv_token) / (ms / 1e3) / 1e9
             best = roofline(np.full(n, context), bandwidth, flop_rate)
             cells.append(f"{ms:.1f} | {n / ms * 1e3:.0f} | {rate:.1f} | {best / (ms / 1e3):.0%}")
         print(f"| {n} | " + " | ".join(cells) + " |")
         n *= 2
     ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
-    return step_ms
 
 
-def default_against_best_table(step_ms: dict[str, dict[tuple[int, int], float]]) -> None:
+def default_against_best_table() -> None:
     """The default engine's step time against the fastest of the paths it chose among, at
-    every width and context timed."""
-    others = {name: times for name, times in step_ms.items() if name != "auto"}
-    print("The default (`auto`) against the fastest of its paths, same run:\n")
+    every width and context: every engine built at once and timed in turn, so a drift of the
+    machine's speed (minutes long on shared machines) reaches them all alike."""
+    contexts = [int(c) for c in FLAGS.contexts]
+    max_len = bucket(max(contexts) + FLAGS.repeats + 2, Buckets.for_engine(1, FLAGS.max_len).kv_lengths)
+    engines = {name: Engine.from_pretrained(
+        FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
+        max_len=max_len, **ENGINE_OPS[name]).executor for name in FLAGS.ops}
+    picked = engines["auto"].op_choice
+    print(f"The default (`auto`, which picked attention={picked.attention}, "
+          f"matmul={picked.matmul}) against the fastest of its paths: the engines timed in turn, "
+          f"two steps each (the second timed), median of {FLAGS.repeats} rounds:\n")
     print("| live slots | context | default ms | fastest path | its ms | default / fastest |")
     print("|---:|---:|---:|---|---:|---:|")
-    for n, context in step_ms["auto"]:
-        best = min(others, key=lambda name: others[name][n, context])
-        ms, fastest = step_ms["auto"][n, context], others[best][n, context]
-        print(f"| {n} | {context} | {ms:.1f} | {best} | {fastest:.1f} | {ms / fastest:.2f}x |")
+    n = 1
+    while n <= FLAGS.max_slots:
+        for context in contexts:
+            kv_len = bucket(context + FLAGS.repeats + 2, engines["auto"].buckets.kv_lengths)
+            times = {name: [] for name in engines}
+            for ex in engines.values():
+                ex.state = ex.state.busy(n, context)
+                ex.read(ex.decode(0, n, kv_len))  # compile, warm
+            for _ in range(FLAGS.repeats):
+                for name, ex in engines.items():
+                    # Each timed step follows one of its own engine's, as in serving: the step
+                    # before pays for what the other engine left (right after one of XLA's
+                    # bfloat16 steps a step measured 1.7-2x its time: benchmarks/NOTES.md).
+                    ex.read(ex.decode(0, n, kv_len))
+                    start = time.perf_counter()
+                    ex.read(ex.decode(0, n, kv_len))
+                    times[name].append(time.perf_counter() - start)
+            ms = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+            best = min((name for name in ms if name != "auto"), key=ms.get)
+            print(f"| {n} | {context} | {ms['auto']:.1f} | {best} | {ms[best]:.1f} | "
+                  f"{ms['auto'] / ms[best]:.2f}x |")
+        n *= 2
     print()
 
 
@@ -168,10 +197,16 @@ def main(argv):
     weights = FLAGS.dtype + (f", {FLAGS.quantize} weights" if FLAGS.quantize else "")
     print(f"{FLAGS.model}, {weights}, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
           f"command: `.venv/bin/python benchmarks/step_times.py --dtype={FLAGS.dtype}"
-          f"{f' --quantize={FLAGS.quantize}' if FLAGS.quantize else ''} --ops={','.join(FLAGS.ops)}`\n")
+          f"{f' --quantize={FLAGS.quantize}' if FLAGS.quantize else ''} --ops={','.join(FLAGS.ops)}"
+          f"{' --default_against_paths' if FLAGS.default_against_paths else ''}`\n")
+    if FLAGS.default_against_paths:
+        if "auto" not in FLAGS.ops or len(FLAGS.ops) < 2:
+            raise app.UsageError(f"--ops={','.join(FLAGS.ops)}: --default_against_paths needs "
+                                 "auto and at least one other")
+        default_against_best_table()
+        return
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))
-    step_ms = {}
     for i, name in enumerate(FLAGS.ops):
         engine = Engine.from_pretrained(
             FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
@@ -180,7 +215,7 @@ def main(argv):
         print(f"Decode steps, {', '.join(f'{k}={v}' for k, v in ENGINE_OPS[name].items())}"
               + (f" (picked: attention={picked.attention}, matmul={picked.matmul}, "
                  f"{picked.how})" if name == "auto" else "") + ":\n")
-        step_ms[name] = decode_table(engine, limits)
+        decode_table(engine, limits)
         if i == 0:  # the first (default) engine's attention kernel and prefill
             if engine.executor.attention_kernel:
                 kernel_table(engine)
@@ -188,8 +223,6 @@ def main(argv):
         print()
         del engine
         gc.collect()
-    if "auto" in step_ms and len(step_ms) > 1:
-        default_against_best_table(step_ms)
     # Twice the slots, so that up to max_slots of them can move into the other half.
     compaction_table(Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, max_slots=2 * FLAGS.max_slots, max_len=FLAGS.max_len))
