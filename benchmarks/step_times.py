@@ -94,7 +94,8 @@ def default_against_best_table() -> None:
     every width and context: every engine built at once and timed in turn, so a drift of the
     machine's speed (minutes long on shared machines) reaches them all alike."""
     contexts = [int(c) for c in FLAGS.contexts]
-    max_len = bucket(max(contexts) + FLAGS.repeats + 2, Buckets.for_engine(1, FLAGS.max_len).kv_lengths)
+    # Each round starts again at `context` and takes two steps an engine.
+    max_len = bucket(max(contexts) + 3, Buckets.for_engine(1, FLAGS.max_len).kv_lengths)
     engines = {name: Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
         max_len=max_len, **ENGINE_OPS[name]).executor for name in FLAGS.ops}
@@ -107,13 +108,14 @@ def default_against_best_table() -> None:
     n = 1
     while n <= FLAGS.max_slots:
         for context in contexts:
-            kv_len = bucket(context + FLAGS.repeats + 2, engines["auto"].buckets.kv_lengths)
+            kv_len = bucket(context + 3, engines["auto"].buckets.kv_lengths)
             times = {name: [] for name in engines}
             for ex in engines.values():
                 ex.state = ex.state.busy(n, context)
                 ex.read(ex.decode(0, n, kv_len))  # compile, warm
             for _ in range(FLAGS.repeats):
                 for name, ex in engines.items():
+                    ex.state = ex.state.busy(n, context)
                     # Each timed step follows one of its own engine's, as in serving: the step
                     # before pays for what the other engine left (right after one of XLA's
                     # bfloat16 steps a step measured 1.7-2x its time: benchmarks/NOTES.md).
