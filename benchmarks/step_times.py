@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 from common import ENGINE_OPS, decode_bytes, machine_limits, step_roofline  # benchmarks/ on path
 
-from flover_jax.buckets import Buckets, bucket
+from flover_jax import op_choice
+from flover_jax.buckets import Buckets, bucket, powers_of_two
 from flover_jax.chunks import PromptPiece
 from flover_jax.engine import Engine
 from flover_jax.sampling_params import SamplingParams
@@ -89,45 +90,33 @@ def decode_table(engine: Engine, limits: dict) -> None:
     ex.state = ex.state.replace(active=jnp.zeros((slots,), bool))
 
 
-def default_against_best_table() -> None:
+def default_against_paths_table() -> None:
     """The default engine's step time against the fastest of the paths it chose among, at
-    every width and context: every engine built at once and timed in turn, so a drift of the
-    machine's speed (minutes long on shared machines) reaches them all alike."""
+    every width and context: every engine built at once and timed in turn as `auto` times its
+    candidates (`op_choice.decode_step_ms`), so a drift of the machine's speed (minutes long on
+    shared machines) reaches them all alike."""
     contexts = [int(c) for c in FLAGS.contexts]
-    # Each round starts again at `context` and takes two steps an engine.
     max_len = bucket(max(contexts) + 3, Buckets.for_engine(1, FLAGS.max_len).kv_lengths)
     engines = {name: Engine.from_pretrained(
         FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize, max_slots=FLAGS.max_slots,
         max_len=max_len, **ENGINE_OPS[name]).executor for name in FLAGS.ops}
     picked = engines["auto"].op_choice
+    for ex in list(engines.values())[1:]:  # they take turns on the first one's state
+        ex.state = None
+    widths = powers_of_two(1, FLAGS.max_slots)
+    step_ms = {context: op_choice.decode_step_ms(engines, widths, context, FLAGS.repeats)
+               for context in contexts}
     print(f"The default (`auto`, which picked attention={picked.attention}, "
           f"matmul={picked.matmul}) against the fastest of its paths: the engines timed in turn, "
           f"two steps each (the second timed), median of {FLAGS.repeats} rounds:\n")
     print("| live slots | context | default ms | fastest path | its ms | default / fastest |")
     print("|---:|---:|---:|---|---:|---:|")
-    n = 1
-    while n <= FLAGS.max_slots:
+    for n in widths:
         for context in contexts:
-            kv_len = bucket(context + 3, engines["auto"].buckets.kv_lengths)
-            times = {name: [] for name in engines}
-            for ex in engines.values():
-                ex.state = ex.state.busy(n, context)
-                ex.read(ex.decode(0, n, kv_len))  # compile, warm
-            for _ in range(FLAGS.repeats):
-                for name, ex in engines.items():
-                    ex.state = ex.state.busy(n, context)
-                    # Each timed step follows one of its own engine's, as in serving: the step
-                    # before pays for what the other engine left (right after one of XLA's
-                    # bfloat16 steps a step measured 1.7-2x its time: benchmarks/NOTES.md).
-                    ex.read(ex.decode(0, n, kv_len))
-                    start = time.perf_counter()
-                    ex.read(ex.decode(0, n, kv_len))
-                    times[name].append(time.perf_counter() - start)
-            ms = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+            ms = {name: by_width[n] for name, by_width in step_ms[context].items()}
             best = min((name for name in ms if name != "auto"), key=ms.get)
             print(f"| {n} | {context} | {ms['auto']:.1f} | {best} | {ms[best]:.1f} | "
                   f"{ms['auto'] / ms[best]:.2f}x |")
-        n *= 2
     print()
 
 
@@ -205,7 +194,7 @@ def main(argv):
         if "auto" not in FLAGS.ops or len(FLAGS.ops) < 2:
             raise app.UsageError(f"--ops={','.join(FLAGS.ops)}: --default_against_paths needs "
                                  "auto and at least one other")
-        default_against_best_table()
+        default_against_paths_table()
         return
     limits = machine_limits()  # before any engine holds memory
     Path(FLAGS.limits_json).write_text(json.dumps(limits, indent=1))

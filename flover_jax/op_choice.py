@@ -31,7 +31,7 @@ from models import kernels
 MODE_ENV = "FLOVER_AUTO_OPS"
 MODES = ("measure", "rule")
 REPEATS = 5  # timed decode steps per candidate and width (the median counts)
-RECIPE = 5  # part of the cache key: a change to how the candidates are timed times them again
+RECIPE = 6  # part of the cache key: a change to how the candidates are timed times them again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,18 +135,21 @@ def timing_widths(num_slots: int, windows: Sequence[int]) -> list[int]:
     return sorted({bucket(w, windows) for w in (1, num_slots)})
 
 
-def decode_step_ms(executors: dict[str, object]) -> dict[str, dict[int, float]]:
-    """Median decode-step time of each pair's executor per timing width, every row of the
-    window live at a context of a quarter of max_len (at most 256 tokens), as a busy engine's
-    would be. The pairs run on the first executor's state and take turns, so a spell of load
-    from elsewhere on a shared machine slows them all alike; each timed step follows one of its
-    own pair's, as in serving (a step right after one of XLA's bfloat16 steps measured 1.7-2x
-    its time: benchmarks/NOTES.md)."""
+def decode_step_ms(executors: dict[str, object], widths: Sequence[int] | None = None,
+                   context: int | None = None, repeats: int = REPEATS) -> dict[str, dict[int, float]]:
+    """Median of `repeats` decode-step times of each executor per width (by default the timing
+    widths),
+    every row of the window live at `context` cached tokens (by default a quarter of max_len,
+    at most 256), as a busy engine's would be. The executors run on the first one's state and
+    take turns, so a spell of load from elsewhere on a shared machine slows them all alike;
+    each timed step follows one of its own executor's from the same context, as in serving
+    (a step right after one of XLA's bfloat16 steps measured 1.7-2x its time:
+    benchmarks/NOTES.md)."""
     first = next(iter(executors.values()))
     max_len, state = first.max_len, first.state
-    steps = 2 * len(executors)  # a round's, from `context` (each round starts there again)
-    context = max(1, min(256, max_len // 4, max_len - steps - 3))
-    kv_len = bucket(context + steps + 2, first.buckets.kv_lengths)
+    if context is None:
+        context = max(1, min(256, max_len // 4, max_len - 5))
+    kv_len = bucket(context + 3, first.buckets.kv_lengths)
 
     def step_s(executor, width: int) -> float:
         nonlocal state
@@ -158,14 +161,15 @@ def decode_step_ms(executors: dict[str, object]) -> dict[str, dict[int, float]]:
         return elapsed
 
     times: dict[str, dict[int, list[float]]] = {pair: {} for pair in executors}
-    for width in timing_widths(first.num_slots, first.buckets.windows):
-        state = state.busy(width, context)
-        for executor in executors.values():  # each pair's program compiles
-            step_s(executor, width)
-        for _ in range(REPEATS):
+    for width in widths or timing_widths(first.num_slots, first.buckets.windows):
+        for executor in executors.values():  # each program compiles
             state = state.busy(width, context)
+            step_s(executor, width)
+        for _ in range(repeats):
             for pair, executor in executors.items():
-                step_s(executor, width)  # pays for what the pair before left behind
+                state = state.busy(width, context)
+                step_s(executor, width)  # pays for what the executor before left behind
                 times[pair].setdefault(width, []).append(step_s(executor, width))
+    first.state = state  # back where it was found
     return {pair: {w: float(np.median(runs)) * 1e3 for w, runs in by_width.items()}
             for pair, by_width in times.items()}
