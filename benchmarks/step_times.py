@@ -131,7 +131,7 @@ def kernel_table(engine: Engine) -> None:
     @jax.jit
     def attend_every_layer(q, lengths, cache):
         for k, v in zip(cache.k, cache.v):  # chained, so no call can be skipped or overlapped
-            q = kernels.decode_attention(q, k, v, jnp.int32(0), lengths)
+            q = kernels.cached_attention(q, k, v, jnp.arange(q.shape[0]), lengths)
         return q
 
     print("\nThe attention kernel alone, one call per layer (the step's attention):\n")

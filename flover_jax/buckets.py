@@ -36,6 +36,13 @@ class Buckets:
     prompt_lengths: tuple[int, ...]  # padded lengths of a prompt's pieces
     prefill_batches: tuple[int, ...]  # pieces per prefill call
     prefill_chunk: int = 0  # the longest piece (0: whole prompts; see chunks.py)
+    # The attention kernel reads each token's live positions in place, whatever kv_len says:
+    # then every prefill runs at the longest kv_len, and pieces at any position share a call.
+    kernel_attention: bool = False
+
+    def prefill_kv_len(self, end: int) -> int:
+        """The kv_len of the prefill program a piece ending at `end` runs with."""
+        return self.kv_lengths[-1] if self.kernel_attention else bucket(end, self.kv_lengths)
 
     @classmethod
     def for_engine(
@@ -47,6 +54,7 @@ class Buckets:
         min_window: int = 1,
         batch_invariant: bool = False,
         prefill_chunk: int = 0,
+        kernel_attention: bool = False,
     ) -> Buckets:
         """fine_windows: widths every max_slots / 8 (at least 4) besides the powers of two, for
         steps whose cost grows with the rows computed (XLA:CPU, compute-bound at many slots);
@@ -60,13 +68,14 @@ class Buckets:
         wherever they sit, so its tokens are the ones it gets alone (checked in bfloat16 on
         XLA:CPU and an H200, where the default buckets are not). The price: every step computes
         every slot.
-        prefill_chunk: pieces of prompts are at most this long (0: whole prompts)."""
+        prefill_chunk: pieces of prompts are at most this long (0: whole prompts).
+        kernel_attention: the engine attends with the CPU kernel (see `prefill_kv_len`)."""
         longest_piece = min(prefill_chunk, max_len) if prefill_chunk else max_len
         prompt_lengths = powers_of_two(min(16, longest_piece), longest_piece)
         if batch_invariant:
             return cls(windows=(max_slots,), kv_lengths=(max_len,),
                        prompt_lengths=prompt_lengths, prefill_batches=(1,),
-                       prefill_chunk=prefill_chunk)
+                       prefill_chunk=prefill_chunk, kernel_attention=kernel_attention)
         windows = powers_of_two(min(min_window, max_slots), max_slots)
         if fine_windows:
             step = max(4, max_slots // 8)
@@ -78,6 +87,7 @@ class Buckets:
             prompt_lengths=prompt_lengths,
             prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
             prefill_chunk=prefill_chunk,
+            kernel_attention=kernel_attention,
         )
 
     def prefill_shapes(self, prompt_lens: Sequence[int] | None = None) -> set[tuple[int, int]]:
@@ -90,5 +100,4 @@ class Buckets:
         else:
             pieces = ((s, min(n, s + chunk) - s if chunk else n) for n in prompt_lens
                       for s in range(0, n, chunk or max(n, 1)))
-        return {(bucket(r, self.prompt_lengths), bucket(s + r, self.kv_lengths))
-                for s, r in pieces}
+        return {(bucket(r, self.prompt_lengths), self.prefill_kv_len(s + r)) for s, r in pieces}

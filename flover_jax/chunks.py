@@ -38,3 +38,11 @@ def cacheable_len(prompt_len: int, chunk: int) -> int:
     """The longest prefix of a prompt that the prefix cache holds or reuses: whole pieces,
     always short of the last token (whose logits give the first output token)."""
     return 0 if chunk == 0 else (prompt_len - 1) // chunk * chunk
+
+
+def shared_len(a: list[int], b: list[int], chunk: int, limit: int) -> int:
+    """The longest opening of whole pieces (at most `limit` tokens) that prompts a and b share."""
+    end = 0
+    while end + chunk <= limit and a[end : end + chunk] == b[end : end + chunk]:
+        end += chunk
+    return end

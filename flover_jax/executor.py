@@ -223,6 +223,7 @@ class DeviceExecutor:
             num_slots, max_len, max_prefill_batch,
             fine_windows=self.attention_kernel, min_window=1 if on_cpu else 8,
             batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
+            kernel_attention=self.attention_kernel,
         )
         if self.matmul_kernel:  # on its one device every packed weight is whole
             params = transformer.pack_weights(params, tiles=self.op_choice.matmul_tiles)
@@ -251,7 +252,7 @@ class DeviceExecutor:
         shares the call with)."""
         b = bucket(len(pieces), self.buckets.prefill_batches)
         t = bucket(max(len(p.tokens) for p in pieces), self.buckets.prompt_lengths)
-        kv_len = bucket(max(p.end for p in pieces), self.buckets.kv_lengths)
+        kv_len = self.buckets.prefill_kv_len(max(p.end for p in pieces))
         tokens = np.zeros((b, t), np.int32)
         starts, lengths = np.zeros(b, np.int32), np.ones(b, np.int32)
         finals, ignore_eos = np.zeros(b, bool), np.zeros(b, bool)

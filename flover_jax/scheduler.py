@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flover_jax.buckets import Buckets, bucket
-from flover_jax.chunks import PromptPiece, cacheable_len, piece_end
+from flover_jax.chunks import PromptPiece, cacheable_len, piece_end, shared_len
 from flover_jax.prefix_cache import CachedPrefix, PrefixCache
 from flover_jax.request import FinishReason, Request, RequestOutput, StreamDelta
 from flover_jax.sampling import Sampled
@@ -461,7 +461,7 @@ class Scheduler:
                                     request.params)
                 buckets = self.executor.buckets
                 groups[bucket(end - begin, buckets.prompt_lengths),
-                       bucket(end, buckets.kv_lengths)].append((piece, request))
+                       buckets.prefill_kv_len(end)].append((piece, request))
                 self._prefilling[request.request_id] = self._positions[request.request_id] = end
                 return True
 
@@ -470,7 +470,10 @@ class Scheduler:
             for request in list(self._queue) if first_pass else ():
                 if room <= 0 or used >= budget:
                     break
-                if dispatch(request, self._cached_prefix(request)):
+                cached = self._cached_prefix(request)
+                if self._awaits_prefix(request, cached):
+                    continue
+                if dispatch(request, cached):
                     self._queue.remove(request)
                     room -= 1
             if not groups:
@@ -525,6 +528,23 @@ class Scheduler:
         if self.prefix_cache is None or not usable:
             return None
         return self.prefix_cache.lookup(request.prompt_ids, usable)
+
+    def _awaits_prefix(self, request: Request, cached: tuple[CachedPrefix, int] | None) -> bool:
+        """Whether a request being prefilled is computing a longer opening of this prompt than
+        the cache holds (the next turn of a conversation arriving while this one's prompt is
+        still going in): the request then waits in the queue for that opening to be cached,
+        and computes only the rest, rather than compute the opening a second time."""
+        if self.prefix_cache is None:
+            return False
+        chunk = self.executor.buckets.prefill_chunk
+        prompt, have = request.prompt_ids, cached[1] if cached else 0
+        usable = cacheable_len(len(prompt), chunk)
+        for request_id in self._prefilling:
+            other = self._running[request_id].prompt_ids
+            limit = min(usable, cacheable_len(len(other), chunk))
+            if limit > have and shared_len(prompt, other, chunk, limit) > have:
+                return True
+        return False
 
     def _reuse_prefix(self, request: Request, cached: tuple[CachedPrefix, int] | None,
                       hits: dict[int, list[tuple[int, int, list[int]]]]) -> None:

@@ -61,6 +61,7 @@ def prefill(
     *,
     cfg: ModelConfig,
     eos_ids: tuple[int, ...],
+    attention_kernel: bool = False,
 ) -> tuple[DecodeState, Sampled]:
     """A piece of each of b prompts into its slot (`transformer.extend`): tokens [b, t]
     right-padded, `lengths[i]` real from position starts[i]; the other arrays [b], slots = S
@@ -68,7 +69,7 @@ def prefill(
     and starts decoding; the others only fill the cache and the prompt's token marks."""
     b = tokens.shape[0]
     hidden, cache = transformer.extend(params, cfg, state.cache, slots, tokens, starts, lengths,
-                                       kv_len)
+                                       kv_len, attention_kernel)
     last = hidden[jnp.arange(b), lengths - 1]  # [b, d]: only the last real position matters
     logits = transformer.logits(params, last, cfg)
     # The prompt's marks (repetition penalty) grow piece by piece from the piece at 0.
@@ -259,7 +260,7 @@ class Verbs:
     ) -> None:
         sampled = Sampled(replicated, replicated, replicated, replicated)
         self.prefill = jax.jit(
-            partial(prefill, cfg=cfg, eos_ids=eos_ids),
+            partial(prefill, cfg=cfg, eos_ids=eos_ids, attention_kernel=attention_kernel),
             static_argnums=10,  # kv_len
             in_shardings=(params_sharding, state_sharding) + (replicated,) * 8,
             out_shardings=(state_sharding, sampled),

@@ -191,6 +191,7 @@ def extend(
     starts: jax.Array,
     lengths: jax.Array,
     kv_len: int,
+    attention_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """A piece of each of b prompts, continued in its slot: the one forward pass over prompts.
 
@@ -199,14 +200,23 @@ def extend(
     prompt's first piece starts at 0). Each real token's K/V is written at its position, and
     each token attends over its slot's first kv_len positions (static: it must exceed every
     real position), causally. Rows whose slot is out of range (padding) write nothing.
-    Returns hidden [b, t, d] and the cache.
+    attention_kernel (static): each token attends with the CPU kernel instead, which reads
+    its slot's positions up to its own in place (kv_len then plays no part); XLA's attention
+    over a long context copies the slot's first kv_len positions and computes every masked
+    score. Returns hidden [b, t, d] and the cache.
     """
+    if attention_kernel and (why := cfg.attention_kernel_misfit):
+        raise ValueError(f"attention_kernel=True: {why}")
     b, t = tokens.shape
     max_len = cache.max_len
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)  # [b, t]
+    real = jnp.arange(t) < lengths[:, None]
     # Padding positions write nowhere (out of range: the scatter drops them).
-    write_pos = jnp.where(jnp.arange(t) < lengths[:, None], positions, max_len)
+    write_pos = jnp.where(real, positions, max_len)
     read_slots = jnp.clip(slots, 0, cache.k[0].shape[0] - 1)
+    if attention_kernel:  # one kernel row per token; padding tokens read nothing
+        token_slots = jnp.repeat(read_slots, t)
+        token_lengths = jnp.where(real, positions + 1, 0).reshape(b * t)
     x = _embed(params, tokens, positions, cfg)
     k_cache, v_cache = list(cache.k), list(cache.v)
 
@@ -215,6 +225,12 @@ def extend(
         def cached_attend(q, k, v, window, i=layer_index):
             k_cache[i] = k_cache[i].at[slots[:, None], :, write_pos].set(to_cache(k, cfg), mode="drop")
             v_cache[i] = v_cache[i].at[slots[:, None], :, write_pos].set(to_cache(v, cfg), mode="drop")
+            if attention_kernel:
+                rows = q.reshape(b * t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+                firsts = None if window is None else jnp.maximum(token_lengths - window, 0)
+                out = kernels.cached_attention(rows, k_cache[i], v_cache[i], token_slots,
+                                               token_lengths, firsts, cfg.attention_scale)
+                return out.reshape(q.shape).astype(q.dtype)
             # [b, kv_heads, kv_len, head_dim]
             k_rows = from_cache(k_cache[i][read_slots, :, :kv_len], cfg)
             v_rows = from_cache(v_cache[i][read_slots, :, :kv_len], cfg)
@@ -292,7 +308,7 @@ def decode(
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
                 # A sliding window reads only its last `window` live positions.
                 firsts = None if window is None else jnp.maximum(lengths - window, 0)
-                out = kernels.decode_attention(rows, k_cache[i], v_cache[i], start, lengths,
+                out = kernels.cached_attention(rows, k_cache[i], v_cache[i], slots, lengths,
                                                firsts, cfg.attention_scale)
                 return out.reshape(q.shape).astype(q.dtype)
             mask = visible(query_positions[:, None], key_positions[None, :], window)[:, None, :]

@@ -211,8 +211,7 @@ class FakeExecutor:
         _check(len(pieces) >= 1, "prefill: no pieces")
         b = self.buckets
         bucket(len(pieces), b.prefill_batches)  # raises like the real executor
-        shapes = {(bucket(len(p.tokens), b.prompt_lengths), bucket(p.end, b.kv_lengths))
-                  for p in pieces}
+        shapes = {(bucket(len(p.tokens), b.prompt_lengths), b.prefill_kv_len(p.end)) for p in pieces}
         _check(len(shapes) == 1, f"prefill: pieces of several shapes {sorted(shapes)} in one call")
         slots = [p.slot for p in pieces]
         _check(len(set(int(s) for s in slots)) == len(slots), f"prefill: repeated slot {slots}")

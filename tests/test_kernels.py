@@ -36,8 +36,8 @@ def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_d
     q = q_scale * rng.standard_normal((width, 1, kv_heads * group, head_dim)).astype(np.float32)
 
     rows = q.reshape(width, kv_heads, group, head_dim)
-    out = kernels.decode_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
-                                   jnp.int32(start), jnp.asarray(lengths))
+    out = kernels.cached_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                   start + jnp.arange(width), jnp.asarray(lengths))
     assert out.shape == rows.shape
 
     window = slice(start, start + width)
@@ -48,6 +48,28 @@ def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_d
     live = lengths > 0
     np.testing.assert_allclose(np.asarray(out)[live], expected[live], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
+
+
+def test_rows_of_one_slot_read_up_to_their_own_positions():
+    """A prompt piece: one row per token, several rows on one slot (in any order, and slots
+    read more than once), each reading its slot's positions up to its own (causal), as
+    XLA's attention does over that slot with a causal mask."""
+    slots, max_len, kv_heads, group, head_dim = 4, 48, 3, 3, 64
+    cfg = tiny_config("llama", n_heads=kv_heads * group, n_kv_heads=kv_heads, head_dim=head_dim)
+    rng = np.random.default_rng(4)
+    k_cache, v_cache = (rng.standard_normal((slots, kv_heads, max_len, head_dim), np.float32)
+                        for _ in range(2))
+    row_slots = np.array([2, 2, 2, 0, 2, 3, 0, 2], np.int32)
+    lengths = np.array([30, 31, 32, 5, 33, 48, 6, 17], np.int32)  # a row reads [0, lengths[i])
+    q = rng.standard_normal((len(row_slots), 1, kv_heads * group, head_dim)).astype(np.float32)
+    rows = q.reshape(len(row_slots), kv_heads, group, head_dim)
+    out = kernels.cached_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                   jnp.asarray(row_slots), jnp.asarray(lengths))
+    mask = (np.arange(max_len)[None, :] < lengths[:, None])[:, None, :]
+    expected = attend(jnp.asarray(q), jnp.asarray(k_cache[row_slots]), jnp.asarray(v_cache[row_slots]),
+                      jnp.asarray(mask), cfg)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected).reshape(rows.shape),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_reads_only_each_rows_sliding_window_with_its_scale():
@@ -66,8 +88,9 @@ def test_kernel_reads_only_each_rows_sliding_window_with_its_scale():
             cache[start + row, :, length:] = np.nan
     q = rng.standard_normal((width, 1, kv_heads * group, head_dim)).astype(np.float32)
     rows = q.reshape(width, kv_heads, group, head_dim)
-    out = kernels.decode_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
-                                   jnp.int32(start), jnp.asarray(lengths), jnp.asarray(firsts), 0.3)
+    out = kernels.cached_attention(jnp.asarray(rows), jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                   start + jnp.arange(width), jnp.asarray(lengths),
+                                   jnp.asarray(firsts), 0.3)
 
     window = slice(start, start + width)
     clean = [np.nan_to_num(c[window]) for c in (k_cache, v_cache)]
@@ -86,9 +109,9 @@ def test_kernel_rows_do_not_depend_on_their_neighbours():
     k_cache, v_cache = (jnp.asarray(rng.standard_normal((6, 3, 32, 64), np.float32)) for _ in range(2))
     q = jnp.asarray(rng.standard_normal((6, 3, 3, 64), np.float32))
     lengths = jnp.asarray([5, 31, 12, 32, 1, 20], jnp.int32)
-    together = kernels.decode_attention(q, k_cache, v_cache, jnp.int32(0), lengths)
+    together = kernels.cached_attention(q, k_cache, v_cache, jnp.arange(6), lengths)
     for row in range(6):
-        alone = kernels.decode_attention(q[row:row + 1], k_cache, v_cache, jnp.int32(row),
+        alone = kernels.cached_attention(q[row:row + 1], k_cache, v_cache, jnp.asarray([row]),
                                          lengths[row:row + 1])
         np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(together[row]))
 
@@ -98,10 +121,13 @@ def test_kernel_jits_and_rejects_mismatched_caches():
     q = jnp.zeros((2, 3, 3, 64), jnp.float32)
     cache = jnp.zeros((4, 3, 16, 64), jnp.float32)
     lengths = jnp.asarray([3, 4], jnp.int32)
-    out = jax.jit(kernels.decode_attention)(q, cache, cache, jnp.int32(1), lengths)
+    out = jax.jit(kernels.cached_attention)(q, cache, cache, jnp.asarray([1, 2]), lengths)
     assert out.shape == q.shape
-    with pytest.raises(Exception, match="decode_attention: expected"):
-        kernels.decode_attention(q, cache, cache[:, :2], jnp.int32(0), lengths).block_until_ready()
+    with pytest.raises(Exception, match="cached_attention: expected"):
+        kernels.cached_attention(q, cache, cache[:, :2], jnp.asarray([0, 1]),
+                                 lengths).block_until_ready()
+    with pytest.raises(Exception, match="cached_attention: expected"):
+        kernels.cached_attention(q, cache, cache, jnp.asarray([0]), lengths).block_until_ready()
 
 
 @pytest.mark.parametrize("rows, shape, in_dims", [
@@ -150,7 +176,7 @@ def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
                                     jnp.bfloat16) for _ in range(2))
     q = jnp.asarray(rng.standard_normal((slots, kv_heads, group, head_dim)), jnp.float32)
     lengths = jnp.asarray([1, 23, 40], jnp.int32)
-    out = np.asarray(kernels.decode_attention(q, k_cache, v_cache, jnp.int32(0), lengths))
+    out = np.asarray(kernels.cached_attention(q, k_cache, v_cache, jnp.arange(slots), lengths))
     rows = q.reshape(slots, 1, kv_heads * group, head_dim)
     mask = (jnp.arange(max_len)[None, :] < lengths[:, None])[:, None, :]
     expected = attend(rows, k_cache.astype(jnp.float32), v_cache.astype(jnp.float32), mask, cfg)

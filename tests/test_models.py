@@ -129,8 +129,8 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     then decodes token by token.
     The first case attends over the whole cache in place, the second over the window's block,
     the third with the CPU kernels (models/kernels): matmuls on packed weights, and attention
-    where the kernel computes the model's (Gemma 3's sliding windows, not Gemma 2's
-    soft-capping).
+    (the pieces' and the steps') where the kernel computes the model's (Gemma 3's sliding
+    windows, not Gemma 2's soft-capping).
     Prompts and steps run past Gemma's windows of 8."""
     _, hf, cfg, params = family_model
     attention_kernel = cpu_kernels and not cfg.attention_kernel_misfit
@@ -149,14 +149,15 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     cache = KVCache(*(tuple(c + 7.0 for c in layers) for layers in (cache.k, cache.v)))
     # Each prompt goes in two pieces, [0, 4) and the rest, each piece of every prompt in one
     # batch (a prompt of 3 tokens has no second piece: its row is padding, slot S).
-    extend = jax.jit(transformer.extend, static_argnums=(1, 7))
+    extend = jax.jit(transformer.extend, static_argnums=(1, 7, 8))
     first = np.minimum(lengths, 4)
     rest = lengths - first
     second_slots = np.where(rest > 0, slots, n_slots)
     h1, cache = extend(params, cfg, cache, jnp.asarray(slots), jnp.asarray(padded[:, :4]),
-                       jnp.zeros(3, jnp.int32), jnp.asarray(first), max_len)
+                       jnp.zeros(3, jnp.int32), jnp.asarray(first), max_len, attention_kernel)
     h2, cache = extend(params, cfg, cache, jnp.asarray(second_slots), jnp.asarray(padded[:, 4:]),
-                       jnp.full(3, 4, jnp.int32), jnp.asarray(np.maximum(rest, 1)), max_len)
+                       jnp.full(3, 4, jnp.int32), jnp.asarray(np.maximum(rest, 1)), max_len,
+                       attention_kernel)
     prefill_logits = transformer.logits(params, jnp.concatenate([h1, h2], axis=1), cfg)
 
     decode = jax.jit(transformer.decode, static_argnums=(1, 7, 8))

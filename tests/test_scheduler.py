@@ -105,6 +105,7 @@ def scenarios(draw, busy: bool = False) -> Scenario:
             prompt_lengths=powers_of_two(min(2, longest_piece), longest_piece),
             prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
             prefill_chunk=chunk,
+            kernel_attention=draw(st.booleans()),  # pieces at any position share a call
         )
     openings = [draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
                 for _ in range(2)]
@@ -395,6 +396,38 @@ def _drive(sched: Scheduler, clock: FakeClock, ex: FakeExecutor, max_iters: int 
 
 def _solo(prompt, params, ex: FakeExecutor, eos_ids=()):
     return expected_tokens(prompt, params, eos_ids, ex.max_len, ex.vocab_size)
+
+
+@pytest.mark.parametrize("cache_rows", [1, 0])
+def test_a_turn_arriving_while_its_opening_goes_in_waits_to_reuse_it(cache_rows):
+    """A conversation's next turn arrives while the turn before it is still being prefilled:
+    it waits in the queue until that prompt's whole pieces are cached, then copies them and
+    computes only the rest, instead of computing the shared opening a second time. A request
+    that shares nothing with it goes ahead meanwhile. With no prefix cache nobody waits."""
+    chunk, budget = 8, 16
+    clock = FakeClock()
+    buckets = Buckets.for_engine(4, 96, 8, prefill_chunk=chunk)
+    ex = FakeExecutor(num_slots=4, max_len=96, vocab_size=50, buckets=buckets, prefix_rows=cache_rows)
+    cache = PrefixCache(ex.prefix_rows, chunk) if cache_rows else None
+    sched = Scheduler(ex, "flover", clock=clock, prefix_cache=cache, prefill_budget=budget)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    turn = [(3 * i) % 47 + 1 for i in range(37)]  # 4 whole pieces, then 5 tokens
+    next_turn = turn + [9, 8, 7, 6, 5, 4, 3, 2, 1, 2, 3]
+    other = [2, 4, 6]
+    ids = [sched.submit(prompt, sp) for prompt in (turn, next_turn, other)]
+    sched.iteration()
+    admitted = {sched.request(i).request_id for i in ids if sched.request(i).admitted_s is not None}
+    # The first iteration's 16 prompt tokens: a piece of each of the turns, or (the next one
+    # waiting) a piece of the first and the other prompt.
+    assert admitted == ({ids[0], ids[2]} if cache_rows else {ids[0], ids[1]})
+    outputs = _drive(sched, clock, ex)
+    for request_id, prompt in zip(ids, (turn, next_turn, other)):
+        assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
+    if cache_rows:
+        assert sched.stats.prefix_hits == 1 and sched.stats.prefix_hit_tokens == 32
+        assert sched.stats.prompt_pieces == 5 + 2 + 1  # the next turn's pieces past 32 only
+    else:
+        assert sched.stats.prompt_pieces == 5 + 6 + 1
 
 
 def test_fine_windows_add_a_width_every_eighth_of_the_slots():

@@ -1,8 +1,9 @@
 """Hand-written kernels for hot paths XLA's generic ops serve poorly, each with a pure-JAX twin.
 
 Both run on XLA:CPU and compute in float32, reading float32 or narrower stored values:
-- `decode_attention`: a decode step's attention that reads every slot's live K/V in place and
-  nothing else (decode_attention.cc says why); its twin is models/layers.attend.
+- `cached_attention`: attention of query tokens over their slots' cached K/V (a decode step's
+  and a prompt piece's), reading each row's live positions in place and nothing else
+  (cached_attention.cc says why); its twin is models/layers.attend.
 - `packed_matmul`: x @ W for a weight packed once into column panels (`pack`), which streams
   the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
   says why); its twin is the plain matmul in models/layers.dense. The panels may hold
@@ -34,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "packed_matmul.cc"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("cached_attention.cc", "packed_matmul.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "vectors.h"))
-_ATTENTION_TARGET = "flover_decode_attention"
+_ATTENTION_TARGET = "flover_cached_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
@@ -114,7 +115,7 @@ def cpu_kernel_available() -> bool:
     except (RuntimeError, OSError) as error:
         logging.getLogger(__name__).warning("CPU kernels unavailable, using XLA's ops: %s", error)
         return False
-    for target, symbol in ((_ATTENTION_TARGET, library.FloverDecodeAttention),
+    for target, symbol in ((_ATTENTION_TARGET, library.FloverCachedAttention),
                            (_MATMUL_TARGET, library.FloverPackedMatmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     global _tiles
@@ -131,29 +132,29 @@ def tiles_available() -> bool:
     return cpu_kernel_available() and _tiles
 
 
-def decode_attention(
+def cached_attention(
     q: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
-    start: jax.Array,
+    slots: jax.Array,
     lengths: jax.Array,
     firsts: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
-    """q [w, kv_heads, group, e] (one token per slot of the window starting at `start`) over
-    k_cache, v_cache [slots, kv_heads, max_len, e] (float32, or bfloat16 or its bits as uint16);
-    row i reads its slot's positions
+    """q [w, kv_heads, group, e] (each row one query token: a decode step's token of a slot,
+    or one token of a prompt piece) over k_cache, v_cache [slots, kv_heads, max_len, e]
+    (float32, or bfloat16 or its bits as uint16); row i reads slot slots[i]'s positions
     [firsts[i], lengths[i]) (firsts: 0 when None; a sliding window starts later; an empty range
     reads nothing and gets zeros), scores scaled by `scale` (None: e ** -0.5).
     Returns [w, kv_heads, group, e], float32."""
     if not cpu_kernel_available():
-        raise RuntimeError("the CPU decode-attention kernel is not available (see the log)")
+        raise RuntimeError("the CPU attention kernel is not available (see the log)")
     lengths = lengths.astype(jnp.int32)
     firsts = jnp.zeros_like(lengths) if firsts is None else firsts.astype(jnp.int32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(start, jnp.int32).reshape(()),
-                lengths, firsts, scale=np.float32(scale))
+    return call(q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(slots, jnp.int32), lengths,
+                firsts, scale=np.float32(scale))
 
 
 PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)

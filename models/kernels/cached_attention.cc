@@ -1,14 +1,16 @@
-// Decode attention for XLA:CPU: one query token per slot against that slot's
-// cached keys and values, read in place and only up to the slot's length (and,
-// in a sliding-window layer, only from its window's first position).
+// Attention over the slot cache for XLA:CPU: each row is one query token against its
+// slot's cached keys and values, read in place and only up to the row's length (and, in a
+// sliding-window layer, only from its window's first position). A decode step has one row
+// per slot of its window; a prefill piece one row per token of its prompts, each reading
+// its slot's positions up to its own (causal).
 //
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
 // each (slot, KV head) reads its live K rows once for the scores and its live
 // V rows once for the output, so a step reads exactly the live KV bytes.
 //
-// Each (slot, KV head) is computed alone, in a fixed order, so a row's result
-// does not depend on which other slots share the step (batch invariance).
+// Each (row, KV head) is computed alone, in a fixed order, so a row's result
+// does not depend on which other rows share the call (batch invariance).
 // The cache holds float32 or bfloat16 (or bfloat16's bits as uint16), widened to
 // float32 as it is read; the sums run in float32.
 // Common head sizes (16, 32, 64, 128) take a vectorized path; others a scalar one.
@@ -246,15 +248,15 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
   }
 }
 
-// q [w, kv_heads, group, dim]: the window's queries; k_cache, v_cache
-// [slots, kv_heads, max_len, dim]; first: the window's first slot; lengths [w]:
+// q [w, kv_heads, group, dim]: the rows' queries; k_cache, v_cache
+// [slots, kv_heads, max_len, dim]; slot_data [w]: the slot each row reads; lengths [w]:
 // each row reads positions [firsts[i], lengths[i]) (a sliding window starts past 0;
 // an empty range: the row attends nowhere and gets zeros); scale: the scores' factor.
 template <typename KV>
 void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const KV* v_data,
-            const int32_t* length_data, const int32_t* first_data, float* out_data,
-            int64_t width, int64_t heads, int64_t group, int64_t dim, int64_t max_len,
-            int64_t first, float scale) {
+            const int32_t* slot_data, const int32_t* length_data, const int32_t* first_data,
+            float* out_data, int64_t width, int64_t heads, int64_t group, int64_t dim,
+            int64_t slots, int64_t max_len, float scale) {
   auto attend = [=](int64_t item) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const int64_t row = item / heads, head = item % heads;
@@ -262,7 +264,8 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
     const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
     const int64_t length = end - begin;  // the live positions read, from `begin` on
     scores.resize(group * length);
-    const int64_t cache_offset = (((first + row) * heads + head) * max_len + begin) * dim;
+    const int64_t slot = std::clamp<int64_t>(slot_data[row], 0, slots - 1);
+    const int64_t cache_offset = ((slot * heads + head) * max_len + begin) * dim;
     const float* q_item = q_data + item * group * dim;
     const KV* k_item = k_data + cache_offset;
     const KV* v_item = v_data + cache_offset;
@@ -281,46 +284,47 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
   ParallelFor(pool, width * heads, attend);
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
-                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> start,
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> row_slots,
                            ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> firsts,
                            float scale, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   const auto type = k_cache.element_type();
   if (qd.size() != 4 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin(), vd.end()) ||
-      qd[1] != cd[1] || qd[3] != cd[3] || qd[0] > cd[0] || lengths.element_count() != qd[0] ||
+      qd[1] != cd[1] || qd[3] != cd[3] || row_slots.element_count() != qd[0] ||
+      lengths.element_count() != qd[0] ||
       firsts.element_count() != qd[0] || v_cache.element_type() != type ||
       (type != ffi::DataType::F32 && type != ffi::DataType::BF16 && type != ffi::DataType::U16)) {
     return ffi::Error::InvalidArgument(
-        "decode_attention: expected q [w, kv_heads, group, dim], caches "
-        "[slots >= w, kv_heads, max_len, dim] (both float32, or both bfloat16 or uint16: "
-        "bfloat16's bits), lengths [w] "
-        "and firsts [w]");
+        "cached_attention: expected q [w, kv_heads, group, dim], caches "
+        "[slots, kv_heads, max_len, dim] (both float32, or both bfloat16 or uint16: "
+        "bfloat16's bits), slots [w], lengths [w] and firsts [w]");
   }
   const int64_t width = qd[0], heads = qd[1], group = qd[2], dim = qd[3];
   const int64_t slots = cd[0], max_len = cd[2];
-  const int64_t first = std::clamp<int64_t>(start.typed_data()[0], 0, slots - width);
   if (type == ffi::DataType::F32) {
     Attend(pool, q.typed_data(), static_cast<const float*>(k_cache.untyped_data()),
-           static_cast<const float*>(v_cache.untyped_data()), lengths.typed_data(),
-           firsts.typed_data(), out->typed_data(), width, heads, group, dim, max_len, first, scale);
+           static_cast<const float*>(v_cache.untyped_data()), row_slots.typed_data(),
+           lengths.typed_data(), firsts.typed_data(), out->typed_data(), width, heads, group, dim,
+           slots, max_len, scale);
   } else {
     Attend(pool, q.typed_data(), static_cast<const uint16_t*>(k_cache.untyped_data()),
-           static_cast<const uint16_t*>(v_cache.untyped_data()), lengths.typed_data(),
-           firsts.typed_data(), out->typed_data(), width, heads, group, dim, max_len, first, scale);
+           static_cast<const uint16_t*>(v_cache.untyped_data()), row_slots.typed_data(),
+           lengths.typed_data(), firsts.typed_data(), out->typed_data(), width, heads, group, dim,
+           slots, max_len, scale);
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverDecodeAttention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverCachedAttention, CachedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::AnyBuffer>()          // k_cache
                                   .Arg<ffi::AnyBuffer>()          // v_cache
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // start
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths
                                   .Arg<ffi::Buffer<ffi::S32>>()   // firsts
                                   .Attr<float>("scale")
