@@ -85,6 +85,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         scheduler = self.engine.scheduler
+        scheduler.on_tokens = lambda: self._deliver(scheduler)
         while True:
             with self._wake:
                 while not (self._inbox or self._live or self._closing):

@@ -4,9 +4,11 @@
 bench (one thread per request, each sent at its arrival time) to `/v1/completions` with
 `stream: true`, so our server, vLLM's and llama.cpp's are measured through one client. A token
 is timed when the chunk that carries it arrives (TTFT at the first streamed token, as vLLM's
-own benchmark does); a chunk counts the tokens its `logprobs.tokens` lists, else one, and the
-request's `usage.completion_tokens` (asked for with `stream_options.include_usage`) has the
-last word on how many there were. Standard library only.
+own benchmark does); a chunk counts the tokens its `logprobs.tokens` lists, else one: also a
+chunk of empty text (its token's text is held back, an incomplete UTF-8 character), but not a
+closing chunk that only gives the finish reason. The request's `usage.completion_tokens`
+(asked for with `stream_options.include_usage`) has the last word on how many there were.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class OpenAIServer:
                         used = chunk["usage"].get("completion_tokens")
                     for choice in chunk.get("choices") or ():
                         tokens = (choice.get("logprobs") or {}).get("tokens")
-                        if tokens or choice.get("text"):
+                        if tokens or choice.get("text") or not choice.get("finish_reason"):
                             times += [now] * (len(tokens) if tokens else 1)
                         finish = choice.get("finish_reason") or finish
             if used is not None and times:  # usage has the last word on the count

@@ -195,6 +195,10 @@ class Scheduler:
         self._in_flight: _DecodeInFlight | None = None
         # "added" when admitted, "finished" once for every request (one refused at submit too).
         self.on_event: Callable[[str, Request], None] | None = None
+        # Heard on the host thread once a decode step's tokens are in their requests, before
+        # the iteration waits for its prompt pieces (hundreds of ms at long prompts): a front
+        # end streams those tokens then rather than after the pieces.
+        self.on_tokens: Callable[[], None] | None = None
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -340,6 +344,8 @@ class Scheduler:
             for request, *row in zip(previous.rows, *sampled):
                 if request is not None and not request.finished and row[0] >= 0:
                     self._add_token(request, Sampled(*row), now, released)
+            if self.on_tokens:
+                self.on_tokens()
         for handle, requests in first_tokens:
             sampled = self.executor.read(handle)
             now = self.now()

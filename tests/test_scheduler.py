@@ -430,6 +430,32 @@ def test_a_turn_arriving_while_its_opening_goes_in_waits_to_reuse_it(cache_rows)
         assert sched.stats.prompt_pieces == 5 + 6 + 1
 
 
+def test_a_steps_tokens_are_heard_before_the_iteration_waits_for_its_prompt_pieces():
+    """on_tokens (how the server's loop streams) hears the previous decode step's tokens
+    before the iteration reads the prompt pieces it dispatched, which at long prompts take
+    far longer than a step: a decoding request's token is not held back behind them."""
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=4, max_len=64, vocab_size=50)
+    sched = Scheduler(ex, "flover", clock=clock)
+    events = []
+    read = ex.read
+
+    def logged_read(handle):
+        events.append(f"read {handle.kind}")
+        return read(handle)
+
+    ex.read = logged_read
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    decoding = sched.submit([1, 2, 3], sp)
+    for _ in range(3):
+        sched.iteration()
+    sched.on_tokens = lambda: events.append(f"tokens {len(sched.request(decoding).token_ids)}")
+    events.clear()
+    sched.submit(list(range(1, 30)), sp)  # its prompt goes in while the other decodes
+    sched.iteration()
+    assert events == ["read decode", "tokens 4", "read prefill"]
+
+
 def test_fine_windows_add_a_width_every_eighth_of_the_slots():
     assert Buckets.for_engine(32, 512).windows == (1, 2, 4, 8, 16, 32)
     assert Buckets.for_engine(32, 512, fine_windows=True).windows == (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
