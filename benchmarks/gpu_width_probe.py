@@ -48,7 +48,7 @@ def main(argv):
     engine_buckets = ex.buckets
     every = dataclasses.replace(engine_buckets, windows=powers_of_two(1, FLAGS.max_slots))
     ex.buckets = every
-    kv_len = ex.program_kv_len(bucket(241, ex.buckets.kv_lengths))
+    kv_len = ex.buckets.program_kv_len(bucket(241, ex.buckets.kv_lengths))
     ex.state = ex.state.busy(1, 240)
     for width in every.windows:
         for _ in range(3):

@@ -105,7 +105,7 @@ def main(argv):
     for point in FLAGS.points:
         live, context = (int(x) for x in point.split(":"))
         width = bucket(live, ex.buckets.windows)
-        kv_len = ex.program_kv_len(bucket(context + 1, ex.buckets.kv_lengths))
+        kv_len = ex.buckets.program_kv_len(bucket(context + 1, ex.buckets.kv_lengths))
         ex.state = ex.state.busy(live, context)
         lowered = ex.verbs.decode_step.lower(ex.params, ex.state, jnp.int32(0), width, kv_len)
         compiled_text = lowered.compile().as_text()

@@ -36,13 +36,18 @@ class Buckets:
     prompt_lengths: tuple[int, ...]  # padded lengths of a prompt's pieces
     prefill_batches: tuple[int, ...]  # pieces per prefill call
     prefill_chunk: int = 0  # the longest piece (0: whole prompts; see chunks.py)
-    # The attention kernel reads each token's live positions in place, whatever kv_len says:
-    # then every prefill runs at the longest kv_len, and pieces at any position share a call.
+    # The attention kernel reads each row's live positions in place, whatever kv_len says:
+    # then every program runs at the longest kv_len (one decode program per width, and pieces
+    # at any position share a prefill call).
     kernel_attention: bool = False
+
+    def program_kv_len(self, kv_len: int) -> int:
+        """The kv_len a decode step or prefill for `kv_len` is compiled for."""
+        return self.kv_lengths[-1] if self.kernel_attention else kv_len
 
     def prefill_kv_len(self, end: int) -> int:
         """The kv_len of the prefill program a piece ending at `end` runs with."""
-        return self.kv_lengths[-1] if self.kernel_attention else bucket(end, self.kv_lengths)
+        return self.program_kv_len(bucket(end, self.kv_lengths))
 
     @classmethod
     def for_engine(

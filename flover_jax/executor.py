@@ -273,14 +273,9 @@ class DeviceExecutor:
             sampling, kv_len)
         return first
 
-    def program_kv_len(self, kv_len: int) -> int:
-        """The kv_len a decode step is compiled for: the kernel reads each slot's live positions
-        whatever kv_len says, so with it every kv_len shares one program per width."""
-        return self.max_len if self.attention_kernel else kv_len
-
     def decode(self, start: int, width: int, kv_len: int) -> Sampled:
         self.state, sampled = self.verbs.decode_step(
-            self.params, self.state, jnp.int32(start), width, self.program_kv_len(kv_len)
+            self.params, self.state, jnp.int32(start), width, self.buckets.program_kv_len(kv_len)
         )
         return sampled
 

@@ -138,9 +138,8 @@ def timing_widths(num_slots: int, windows: Sequence[int]) -> list[int]:
 def decode_step_ms(executors: dict[str, object], widths: Sequence[int] | None = None,
                    context: int | None = None, repeats: int = REPEATS) -> dict[str, dict[int, float]]:
     """Median of `repeats` decode-step times of each executor per width (by default the timing
-    widths),
-    every row of the window live at `context` cached tokens (by default a quarter of max_len,
-    at most 256), as a busy engine's would be. The executors run on the first one's state and
+    widths), every row of the window live at `context` cached tokens (by default a quarter of
+    max_len, at most 256), as a busy engine's would be. The executors run on the first one's state and
     take turns, so a spell of load from elsewhere on a shared machine slows them all alike;
     each timed step follows one of its own executor's from the same context, as in serving
     (a step right after one of XLA's bfloat16 steps measured 1.7-2x its time:

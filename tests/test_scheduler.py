@@ -416,7 +416,7 @@ def test_a_turn_arriving_while_its_opening_goes_in_waits_to_reuse_it(cache_rows)
     other = [2, 4, 6]
     ids = [sched.submit(prompt, sp) for prompt in (turn, next_turn, other)]
     sched.iteration()
-    admitted = {sched.request(i).request_id for i in ids if sched.request(i).admitted_s is not None}
+    admitted = {i for i in ids if sched.request(i).admitted_s is not None}
     # The first iteration's 16 prompt tokens: a piece of each of the turns, or (the next one
     # waiting) a piece of the first and the other prompt.
     assert admitted == ({ids[0], ids[2]} if cache_rows else {ids[0], ids[1]})
