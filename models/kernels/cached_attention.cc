@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "parallel_for.h"
@@ -37,14 +36,6 @@ typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
-
-template <typename To, typename From>
-inline To BitCast(From x) {
-  static_assert(sizeof(To) == sizeof(From));
-  To y;
-  std::memcpy(&y, &x, sizeof y);
-  return y;
-}
 
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
 template <typename KV>
@@ -79,8 +70,8 @@ inline F ExpNonPositive(F x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   // n sits in the low mantissa bits of `shifted`; 2^n is its exponent field.
-  const I scale_bits = (BitCast<I>(shifted) - 0x4B400000 + 127) << 23;
-  return p * BitCast<F>(scale_bits);
+  const I scale_bits = (__builtin_bit_cast(I, shifted) - 0x4B400000 + 127) << 23;
+  return p * __builtin_bit_cast(F, scale_bits);
 }
 
 // Softmax over row[0, length), in place, in float32, 16 positions at a time.

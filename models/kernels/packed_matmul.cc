@@ -113,7 +113,12 @@ void Tile(const float* x, const W* panel, const float* scales, int64_t k, float*
       ahead.Step();
     }
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * n, acc[r], cols * sizeof(float));
+  // Through a buffer: a memcpy straight from acc makes GCC keep acc in memory, stored every k.
+  float sums[kPanel];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 3; ++c) Store(sums + 16 * c, acc[r][c]);
+    std::memcpy(y + r * n, sums, cols * sizeof(float));
+  }
 }
 
 // Rows [0, rows) of x against one panel, 8 at a time, then 4, 2, 1, prefetching
