@@ -31,7 +31,7 @@ from models import kernels
 MODE_ENV = "FLOVER_AUTO_OPS"
 MODES = ("measure", "rule")
 REPEATS = 5  # timed decode steps per candidate and width (the median counts)
-RECIPE = 6  # part of the cache key: a change to how the candidates are timed times them again
+RECIPE = 7  # part of the cache key: a change to how the candidates are timed times them again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,9 @@ def decode_step_ms(executors: dict[str, object], widths: Sequence[int] | None = 
     take turns, so a spell of load from elsewhere on a shared machine slows them all alike;
     each timed step follows one of its own executor's from the same context, as in serving
     (a step right after one of XLA's bfloat16 steps measured 1.7-2x its time:
-    benchmarks/NOTES.md)."""
+    benchmarks/NOTES.md), and the order of turns is shuffled every round (seeded), so what
+    one executor leaves behind falls on a different one each round and the median sees past
+    it."""
     first = next(iter(executors.values()))
     max_len, state = first.max_len, first.state
     if context is None:
@@ -164,8 +166,10 @@ def decode_step_ms(executors: dict[str, object], widths: Sequence[int] | None = 
         for executor in executors.values():  # each program compiles
             state = state.busy(width, context)
             step_s(executor, width)
+        turns, order = list(executors.items()), np.random.default_rng(width)
         for _ in range(repeats):
-            for pair, executor in executors.items():
+            for i in order.permutation(len(turns)):
+                pair, executor = turns[i]
                 state = state.busy(width, context)
                 step_s(executor, width)  # pays for what the executor before left behind
                 times[pair].setdefault(width, []).append(step_s(executor, width))
