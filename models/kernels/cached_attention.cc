@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel_for.h"
@@ -36,6 +38,20 @@ typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
+
+// x's bits as a To: a vector by a cast between vector types (a memcpy of 64 bytes goes
+// through the stack where GCC tunes for 256-bit moves), a scalar by memcpy.
+template <typename To, typename From>
+inline To BitCast(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  if constexpr (std::is_arithmetic_v<From>) {
+    To y;
+    std::memcpy(&y, &x, sizeof y);
+    return y;
+  } else {
+    return (To)x;
+  }
+}
 
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
 template <typename KV>
@@ -70,8 +86,8 @@ inline F ExpNonPositive(F x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   // n sits in the low mantissa bits of `shifted`; 2^n is its exponent field.
-  const I scale_bits = (__builtin_bit_cast(I, shifted) - 0x4B400000 + 127) << 23;
-  return p * __builtin_bit_cast(F, scale_bits);
+  const I scale_bits = (BitCast<I>(shifted) - 0x4B400000 + 127) << 23;
+  return p * BitCast<F>(scale_bits);
 }
 
 // Softmax over row[0, length), in place, in float32, 16 positions at a time.
