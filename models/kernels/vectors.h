@@ -14,8 +14,8 @@ typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned ac
 
 // Loads and stores dereference the vector types rather than memcpy them: where GCC tunes for a
 // CPU it takes to prefer 256-bit moves (-march=native on some virtual Sapphire Rapids says
-// rocketlake), a 64-byte memcpy becomes two 32-byte stores and a 64-byte reload, and the
-// kernels ran at a fifth of the FMAs' rate.
+// rocketlake), a 64-byte memcpy becomes two 32-byte stores and a 64-byte reload, a stall on
+// every load (benchmarks/NOTES.md has what it cost).
 inline F16 Load(const float* p) { return *reinterpret_cast<const F16*>(p); }
 inline void Store(float* p, F16 x) { *reinterpret_cast<F16*>(p) = x; }
 inline F16 Broadcast(float x) { return F16{} + x; }
