@@ -166,9 +166,9 @@ def decode_step_ms(executors: dict[str, object], widths: Sequence[int] | None = 
         for executor in executors.values():  # each program compiles
             state = state.busy(width, context)
             step_s(executor, width)
-        turns, order = list(executors.items()), np.random.default_rng(width)
+        turns, rng = list(executors.items()), np.random.default_rng(width)
         for _ in range(repeats):
-            for i in order.permutation(len(turns)):
+            for i in rng.permutation(len(turns)):
                 pair, executor = turns[i]
                 state = state.busy(width, context)
                 step_s(executor, width)  # pays for what the executor before left behind
