@@ -36,9 +36,11 @@ class NormWeights:
 
 @pytree_dataclass
 class AttentionWeights:
+    # Packed for the CPU matmul kernel (transformer.pack_weights), wq holds wq, wk and wv side by
+    # side (`kernels.pack_side_by_side`: one call) and wk and wv are None.
     wq: jax.Array  # [d, h, e]
-    wk: jax.Array  # [d, k, e]
-    wv: jax.Array  # [d, k, e]
+    wk: jax.Array | None  # [d, k, e]
+    wv: jax.Array | None  # [d, k, e]
     wo: jax.Array  # [h, e, d]
     bq: jax.Array | None = None  # [h, e]
     bk: jax.Array | None = None  # [k, e]
@@ -50,7 +52,9 @@ class AttentionWeights:
 
 @pytree_dataclass
 class MlpWeights:
-    w_in: jax.Array  # [d, f]  (LLaMA: "up")
+    # Packed for the CPU matmul kernel (transformer.pack_weights), a gated MLP's w_gate holds
+    # w_gate and w_in side by side (`kernels.pack_side_by_side`: one call) and w_in is None.
+    w_in: jax.Array | None  # [d, f]  (LLaMA: "up")
     w_out: jax.Array  # [f, d]  (LLaMA: "down")
     w_gate: jax.Array | None = None  # [d, f]; gated MLPs only
     b_in: jax.Array | None = None  # [f]
@@ -128,6 +132,17 @@ def dense(
     weight = w.dequantized(in_dims, x.dtype) if isinstance(w, QuantizedWeight) else w.reshape(k, n)
     y = jnp.matmul(x.reshape(*lead, k), weight, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *outputs)
+
+
+def side_by_side(w) -> bool:
+    """Whether `w` holds several weights side by side (`kernels.pack_side_by_side`)."""
+    return isinstance(w, kernels.PackedWeight) and bool(w.parts)
+
+
+def dense_parts(x: jax.Array, w: kernels.PackedWeight) -> list[jax.Array]:
+    """x [..., k] @ each of the weights packed side by side in `w` (`kernels.pack_side_by_side`),
+    in x's dtype."""
+    return [y.astype(x.dtype) for y in kernels.packed_matmul_parts(x, w)]
 
 
 def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig, kind: Norm | None = None) -> jax.Array:
@@ -218,7 +233,10 @@ def project_qkv(
     x: jax.Array, w: AttentionWeights, positions: jax.Array, spec: LayerSpec, cfg: ModelConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [b, t, d] -> q [b, t, h, e], k and v [b, t, k, e], head norms and rotary applied."""
-    q, k, v = dense(x, w.wq), dense(x, w.wk), dense(x, w.wv)
+    if side_by_side(w.wq):
+        q, k, v = dense_parts(x, w.wq)
+    else:
+        q, k, v = dense(x, w.wq), dense(x, w.wk), dense(x, w.wv)
     if w.bq is not None:
         q, k, v = q + w.bq, k + w.bk, v + w.bv
     if spec.qk_norm:
@@ -272,10 +290,14 @@ def mlp(x: jax.Array, w: MlpWeights | ExpertWeights, spec: LayerSpec) -> jax.Arr
     if isinstance(w, ExpertWeights):
         return experts(x, w, spec)
     act = ACTIVATIONS[spec.activation]
-    hidden = dense(x, w.w_in)
+    if side_by_side(w.w_gate):
+        gate, hidden = dense_parts(x, w.w_gate)
+    else:
+        gate = None if w.w_gate is None else dense(x, w.w_gate)
+        hidden = dense(x, w.w_in)
     if w.b_in is not None:
         hidden = hidden + w.b_in
-    hidden = act(dense(x, w.w_gate)) * hidden if w.w_gate is not None else act(hidden)
+    hidden = act(gate) * hidden if gate is not None else act(hidden)
     y = dense(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out
 

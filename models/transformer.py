@@ -391,12 +391,14 @@ def map_matmul_weights(params: Params, fn, experts: bool = True) -> Params:
     """The same params with fn(w, in_dims) in place of every matmul weight (the attention's and
     the MLPs' projections and the LM head; the experts' too unless `experts` is False)."""
 
+    def maybe(w, in_dims: int):  # None: a weight packed side by side with others
+        return None if w is None else fn(w, in_dims)
+
     def layer(w: LayerWeights) -> LayerWeights:
         attn, mlp_ = w.attn, w.mlp
         if isinstance(mlp_, MlpWeights):
             mlp_ = dataclasses.replace(
-                mlp_, w_in=fn(mlp_.w_in, 1), w_out=fn(mlp_.w_out, 1),
-                w_gate=None if mlp_.w_gate is None else fn(mlp_.w_gate, 1),
+                mlp_, w_in=maybe(mlp_.w_in, 1), w_out=fn(mlp_.w_out, 1), w_gate=maybe(mlp_.w_gate, 1),
             )
         elif experts:
             mlp_ = dataclasses.replace(mlp_, **{
@@ -405,7 +407,8 @@ def map_matmul_weights(params: Params, fn, experts: bool = True) -> Params:
         return dataclasses.replace(
             w,
             attn=dataclasses.replace(
-                attn, wq=fn(attn.wq, 1), wk=fn(attn.wk, 1), wv=fn(attn.wv, 1), wo=fn(attn.wo, 2)
+                attn, wq=maybe(attn.wq, 1), wk=maybe(attn.wk, 1), wv=maybe(attn.wv, 1),
+                wo=fn(attn.wo, 2)
             ),
             mlp=mlp_,
         )
@@ -446,13 +449,32 @@ def pack_weights(params: Params, tiles: bool = False) -> Params:
     (`kernels.pack`; XLA:CPU, one device): float32 and bfloat16 weights as they are, int8 ones
     with their scales; packed params keep their panels. `tiles`: bfloat16 panels multiplied on
     AMX tiles (set on already packed params too). `dense` then sends each weight to the kernel;
-    the experts stay arrays, which XLA's dots run."""
+    the experts stay arrays, which XLA's dots run. A layer's q, k and v projections go side by
+    side in one packed weight (in `wq`), and so do a gated MLP's gate and up (in `w_gate`): one
+    kernel call each (`kernels.pack_side_by_side` says why)."""
     if not is_packed(params):
         def pack(w, in_dims: int) -> kernels.PackedWeight:
+            if isinstance(w, kernels.PackedWeight):  # packed side by side (below)
+                return w
             if isinstance(w, QuantizedWeight):
                 return kernels.pack(w.values, in_dims, w.scales)
             return kernels.pack(w, in_dims)
 
+        def side_by_side(ws) -> kernels.PackedWeight:
+            if isinstance(ws[0], QuantizedWeight):
+                return kernels.pack_side_by_side([w.values for w in ws], [w.scales for w in ws])
+            return kernels.pack_side_by_side(ws)
+
+        def layer(w: LayerWeights) -> LayerWeights:
+            attn = dataclasses.replace(w.attn, wq=side_by_side([w.attn.wq, w.attn.wk, w.attn.wv]),
+                                       wk=None, wv=None)
+            mlp_ = w.mlp
+            if isinstance(mlp_, MlpWeights) and mlp_.w_gate is not None:
+                mlp_ = dataclasses.replace(mlp_, w_gate=side_by_side([mlp_.w_gate, mlp_.w_in]),
+                                           w_in=None)
+            return dataclasses.replace(w, attn=attn, mlp=mlp_)
+
+        params = dataclasses.replace(params, layers=[layer(w) for w in params.layers])
         params = map_matmul_weights(params, pack, experts=False)
 
     def tiled(w):

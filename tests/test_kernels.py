@@ -1,6 +1,8 @@
 """The CPU kernels (models/kernels) against the pure-JAX ops they replace: decode attention and
 the packed-weight matmul."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +166,32 @@ def test_packed_matmul_rows_do_not_depend_on_their_neighbours(dtype, tiles):
     np.testing.assert_array_equal(
         np.asarray(kernels.packed_matmul(x[:72].reshape(8, 9, 96), packed)).reshape(72, 150),
         together[:72])
+
+
+@pytest.mark.parametrize("weights, tiles", [("float32", False), ("bfloat16", False),
+                                            ("bfloat16", True), ("int8", False)])
+def test_weights_side_by_side_give_each_ones_output_bitwise(weights, tiles):
+    """q, k and v projections ([d, heads, head_dim] outputs) packed side by side in one weight:
+    each part of the one call equals, bit for bit, that weight's own packed matmul, at widths
+    within one tile of rows, across tiles (whose inputs go in chunks) and across work items."""
+    rng = np.random.default_rng(4)
+    ws = [jnp.asarray(rng.standard_normal((200, heads, 8), np.float32) * 0.1) for heads in (5, 1, 1)]
+    if weights == "int8":
+        quantized = [quantize(w) for w in ws]
+        alone = [kernels.pack(q.values, scales=q.scales) for q in quantized]
+        together = kernels.pack_side_by_side([q.values for q in quantized],
+                                             [q.scales for q in quantized])
+    else:
+        ws = [w.astype(weights) for w in ws]
+        alone = [kernels.pack(w, tiles=tiles) for w in ws]
+        together = kernels.pack_side_by_side(ws)
+        together = dataclasses.replace(together, tiles=tiles)
+    assert together.parts == ((5, 8), (1, 8), (1, 8))
+    for rows in (1, 13, 70):
+        x = jnp.asarray(rng.standard_normal((rows, 200), np.float32))
+        parts = kernels.packed_matmul_parts(x, together)
+        for part, w in zip(parts, alone):
+            np.testing.assert_array_equal(np.asarray(part), np.asarray(kernels.packed_matmul(x, w)))
 
 
 def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():

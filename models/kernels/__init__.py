@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -161,7 +162,7 @@ PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels", "scales"],
-                   meta_fields=["shape", "in_dims", "tiles"])
+                   meta_fields=["shape", "in_dims", "tiles", "parts"])
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A weight of `shape` (its first `in_dims` dims are the inputs) as column panels
@@ -170,13 +171,15 @@ class PackedWeight:
     ceil(k / 32) * 16, 96] (inputs 2i and 2i + 1 of a column side by side, zeros past k): the
     layout AMX tiles read. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
     one per column and group of 64 inputs (the weight is panels * scales); other panels with an
-    empty `scales`. `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`)."""
+    empty `scales`. `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`).
+    `parts`: for weights packed side by side (`pack_side_by_side`), each one's output shape."""
 
     panels: jax.Array  # float32, bfloat16 or int8
     scales: jax.Array  # float32
     shape: tuple[int, ...]
     in_dims: int
     tiles: bool = False
+    parts: tuple[tuple[int, ...], ...] = ()
 
 
 def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None,
@@ -208,6 +211,21 @@ def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None,
                         tuple(w.shape), in_dims)
 
 
+def pack_side_by_side(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | None = None) -> PackedWeight:
+    """Weights [k, *outputs] that multiply the same x (a layer's q, k and v projections; a gated
+    MLP's gate and up) as one packed weight, their outputs side by side (`packed_matmul_parts`
+    splits them again): one kernel call instead of several. At decode shapes a call costs more
+    than its panels (its first panels are not prefetched, its threads start and finish unevenly),
+    and a column's sum is the same whatever panel it lands in, so only the call count changes.
+    int8 weights come with their `scales` [ceil(k / 64), *outputs] (`pack`)."""
+    k = ws[0].shape[0]
+    flat = jnp.concatenate([w.reshape(k, -1) for w in ws], axis=1)
+    flat_scales = None if scales is None else jnp.concatenate(
+        [s.reshape(s.shape[0], -1) for s in scales], axis=1)
+    return dataclasses.replace(pack(flat, 1, flat_scales),
+                               parts=tuple(tuple(w.shape[1:]) for w in ws))
+
+
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32). Panels packed
     with `tiles` are multiplied on AMX tiles where this process has them (x rounded to bfloat16,
@@ -221,3 +239,13 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     # On the tiles x goes as bfloat16, rounded by XLA where it is made (in a fused producer).
     x_dtype = jnp.bfloat16 if w.tiles and tiles_available() else jnp.float32
     return call(x.reshape(rows, k).astype(x_dtype), w.panels, w.scales).reshape(*lead, *outputs)
+
+
+def packed_matmul_parts(x: jax.Array, w: PackedWeight) -> list[jax.Array]:
+    """x [..., k] @ each of the weights packed side by side in `w` (`pack_side_by_side`):
+    [..., *part] for each part, float32."""
+    y = packed_matmul(x, w)
+    lead = y.shape[:-1]
+    ends = np.cumsum([math.prod(part) for part in w.parts])
+    return [piece.reshape(*lead, *part)
+            for piece, part in zip(jnp.split(y, ends[:-1], axis=-1), w.parts)]

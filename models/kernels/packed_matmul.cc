@@ -57,6 +57,7 @@ namespace {
 constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
 constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
 constexpr int64_t kGroup = 64;  // inputs per int8 scale, as models/layers.quantize groups them
+constexpr int64_t kChunk = 64;  // inputs per chunk where several tiles of rows share a panel (Panel)
 
 constexpr int64_t kPairBlock = 32;  // bfloat16 panels' inputs are padded to a multiple of this
 
@@ -66,27 +67,34 @@ constexpr int64_t PanelSize(int64_t k) {
   return kPanel * (std::is_same_v<W, uint16_t> ? (k + kPairBlock - 1) / kPairBlock * kPairBlock : k);
 }
 
-// Fetches [next, end) into L2 a few cache lines per step, spread over a panel's tiles.
+// Fetches [next, end) into L2 over `steps` calls to Step, a line whenever its share of the
+// steps has passed (several at once where there are more lines than steps). An even pace: the
+// same prefetches issued in a burst at a panel's start slowed the FMAs behind them
+// (benchmarks/NOTES.md).
 struct Prefetcher {
   const char* next;
   const char* end;
-  int64_t lines_per_step;
+  int64_t lines, steps, credit = 0;
 
   void Step() {
-    for (int64_t j = 0; j < lines_per_step && next < end; ++j, next += 64) {
+    for (credit += lines; credit >= steps && next < end; credit -= steps, next += 64) {
       __builtin_prefetch(next, /*rw=*/0, /*locality=*/2);
     }
   }
 };
 
-// R rows of x (row stride k) against one panel; writes `cols` <= 48 columns.
-// int8 panels: `scales` [ceil(k / 64), 48], the panel's scales by group of inputs.
+// R rows of x (row stride k) against inputs [i0, i1) of one panel, added to the rows' 48 sums
+// in `sums` (row stride 48). int8 panels: `scales` [ceil(k / 64), 48], the panel's scales by
+// group of inputs. i0 is even for bfloat16 pairs.
 template <int R, typename W>
-void Tile(const float* x, const W* panel, const float* scales, int64_t k, float* y, int64_t n,
-          int64_t cols, Prefetcher& ahead) {
-  F16 acc[R][3] = {};
+void Tile(const float* x, const W* panel, const float* scales, int64_t k, int64_t i0, int64_t i1,
+          float* sums, Prefetcher& ahead) {
+  F16 acc[R][3];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 3; ++c) acc[r][c] = Load(sums + r * kPanel + 16 * c);
+  }
   if constexpr (std::is_same_v<W, uint16_t>) {  // bfloat16 pairs: inputs i and i + 1
-    for (int64_t i = 0; i < k; i += 2) {
+    for (int64_t i = i0; i < i1; i += 2) {
       F16 even[3], odd[3];
       for (int c = 0; c < 3; ++c) WidenPairs(panel + i * kPanel + 32 * c, even[c], odd[c]);
       const bool has_odd = i + 1 < k;
@@ -97,7 +105,7 @@ void Tile(const float* x, const W* panel, const float* scales, int64_t k, float*
       ahead.Step();
     }
   } else {
-    for (int64_t i = 0; i < k; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       const W* w = panel + i * kPanel;
       F16 w0 = Widen(w), w1 = Widen(w + 16), w2 = Widen(w + 32);
       if constexpr (std::is_same_v<W, int8_t>) {
@@ -113,16 +121,17 @@ void Tile(const float* x, const W* panel, const float* scales, int64_t k, float*
       ahead.Step();
     }
   }
-  // Through a buffer: a memcpy straight from acc makes GCC keep acc in memory, stored every k.
-  float sums[kPanel];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < 3; ++c) Store(sums + 16 * c, acc[r][c]);
-    std::memcpy(y + r * n, sums, cols * sizeof(float));
+    for (int c = 0; c < 3; ++c) Store(sums + r * kPanel + 16 * c, acc[r][c]);
   }
 }
 
-// Rows [0, rows) of x against one panel, 8 at a time, then 4, 2, 1, prefetching
-// `next_panel` (null: none) over the tiles.
+// Rows [0, rows) (at most kRowBlock) of x against one panel, 8 at a time, then 4, 2, 1,
+// prefetching `next_panel` (null: none) over the tiles. Where several tiles of rows read the
+// panel, they take its inputs a chunk at a time (kChunk), each tile's sums put aside between
+// chunks: every tile but the first reads the chunk from L1, where a whole panel (tens to
+// hundreds of kB) would come from L2. Each sum still runs over k in order, so the chunks
+// change no bit of the result.
 template <typename W>
 void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
            const float* scales, int64_t k, float* y, int64_t n, int64_t cols) {
@@ -130,12 +139,19 @@ void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
   const int64_t steps = tiles * (std::is_same_v<W, uint16_t> ? (k + 1) / 2 : k);
   const int64_t panel_lines = (PanelSize<W>(k) * sizeof(W) + 63) / 64;
   const char* next = reinterpret_cast<const char*>(next_panel);
-  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, (panel_lines + steps - 1) / steps};
-  int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead);
-  if (r + 4 <= rows) Tile<4>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead), r += 4;
-  if (r + 2 <= rows) Tile<2>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead), r += 2;
-  if (r < rows) Tile<1>(x + r * k, panel, scales, k, y + r * n, n, cols, ahead);
+  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, panel_lines, steps};
+  alignas(64) float sums[kRowBlock][kPanel];
+  std::fill(sums[0], sums[rows], 0.0f);
+  const int64_t chunk = tiles > 1 ? kChunk : k;
+  for (int64_t i0 = 0; i0 < k; i0 += chunk) {
+    const int64_t i1 = std::min(k, i0 + chunk);
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead);
+    if (r + 4 <= rows) Tile<4>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead), r += 4;
+    if (r + 2 <= rows) Tile<2>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead), r += 2;
+    if (r < rows) Tile<1>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead);
+  }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * n, sums[r], cols * sizeof(float));
 }
 
 #if FLOVER_TILES
@@ -164,8 +180,7 @@ void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uin
   const int64_t steps = k_pad / kPairBlock, panel_lines = k_pad * kPanel * 2 / 64;
   const int64_t all_steps = steps * ((rows + 15) / 16);
   const char* next = reinterpret_cast<const char*>(next_panel);
-  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr,
-                   (panel_lines + all_steps - 1) / all_steps};
+  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, panel_lines, all_steps};
   constexpr int64_t b_stride = 2 * kPanel * sizeof(uint16_t);  // a pair of inputs per tile row
   int configured = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
