@@ -8,7 +8,9 @@ for them: JAX's async dispatch lets the host run ahead of the device.
 from __future__ import annotations
 
 import collections
+import ctypes
 import math
+import sys
 from collections.abc import Sequence
 from functools import partial
 
@@ -30,6 +32,36 @@ from models.transformer import Params
 KERNEL_CHOICES = {"attention": ("auto", "xla", "cpu_kernel"),
                   "matmul": ("auto", "xla", "cpu_kernel", "amx")}  # amx: the kernel on AMX tiles
 STATE_SHARE = 0.9  # of a device's free memory the decode state may take; steps need the rest
+
+
+HUGE_PAGE = 2 << 20  # x86-64's and most arm64 kernels' transparent huge page
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux's madvise advice values (collapse: 6.1 on)
+
+
+def huge_page_span(start: int, nbytes: int) -> tuple[int, int] | None:
+    """The whole huge pages inside the buffer [start, start + nbytes): (first, end), or None."""
+    first, end = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + nbytes) // HUGE_PAGE * HUGE_PAGE
+    return (first, end) if end > first else None
+
+
+def _back_with_huge_pages(tree) -> None:
+    """Asks Linux to back the whole huge pages inside the CPU buffers of `tree` with huge pages,
+    now (MADV_COLLAPSE) and should they move (MADV_HUGEPAGE). A decode step streams every
+    weight: on 4 KiB pages each page costs a TLB walk and the hardware prefetchers stop at each
+    page's end (benchmarks/NOTES.md has what this saved). Best effort: a kernel without the
+    advice, or with huge pages off, leaves the buffers as they are."""
+    if sys.platform != "linux":
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            if shard.device.platform != "cpu":
+                continue
+            span = huge_page_span(shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
+            if span:
+                for advice in (MADV_HUGEPAGE, MADV_COLLAPSE):
+                    madvise(span[0], span[1] - span[0], advice)
 
 
 def _free_bytes(pool: jax.Device | str) -> int | None:
@@ -235,6 +267,8 @@ class DeviceExecutor:
             params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(sharding.place, params, params_sharding)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
+        if on_cpu:
+            _back_with_huge_pages((self.params, self.state))
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding, sharding.replicated(self.mesh),
             self.attention_kernel, step.CPU_COMPACT_PIECE_BYTES if on_cpu else None,

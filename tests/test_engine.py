@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flover_jax import step
+from flover_jax import executor, step
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
@@ -649,3 +651,14 @@ def test_api_misuse_is_named(engine):
         engine.step()
     assert output.token_ids == engine.generate([[4, 5]], SamplingParams(max_new_tokens=3))[
         0].token_ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 1 << 40), st.integers(0, 40 << 20))
+def test_huge_page_span_is_every_whole_huge_page_inside_a_buffer(start, nbytes):
+    """The span the executor asks Linux to back with huge pages: all of the buffer's whole huge
+    pages, and nothing outside the buffer."""
+    page = executor.HUGE_PAGE
+    whole = [p for p in range(-(-start // page) * page, start + nbytes, page) if p + page <= start + nbytes]
+    span = executor.huge_page_span(start, nbytes)
+    assert span == ((whole[0], whole[-1] + page) if whole else None)
