@@ -66,7 +66,8 @@ def workloads() -> dict[str, list[TimedRequest]]:
     """name -> the workload's requests; a repeat of a workload is named `name#k`."""
     specs = {}
     if "headline" in FLAGS.experiments:
-        specs["headline"] = ("constant", HEADLINE_REQUESTS, FLAGS.headline_output_len, {"interval_s": FLAGS.interval_s})
+        specs["headline"] = ("constant", HEADLINE_REQUESTS, FLAGS.headline_output_len,
+                             {"interval_s": FLAGS.interval_s})
     if "concurrency" in FLAGS.experiments:
         for n in FLAGS.sizes:
             specs[f"concurrency/{n}"] = ("burst", int(n), FLAGS.sweep_output_len, {})
@@ -148,8 +149,9 @@ def run_vllm(work: dict[str, list[dict]], dtype: str) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = Path(tmp) / "work.json", Path(tmp) / "records.json"
         inputs.write_text(json.dumps(work))
-        subprocess.run([str(vllm_peer.PYTHON), "benchmarks/peers/vllm_peer.py", f"--model={PEERS / 'smollm2-hf'}",
-                        f"--dtype={dtype}", f"--workloads={inputs}", f"--output={outputs}"], check=True)
+        subprocess.run([str(vllm_peer.PYTHON), "benchmarks/peers/vllm_peer.py",
+                        f"--model={PEERS / 'smollm2-hf'}", f"--dtype={dtype}", f"--workloads={inputs}",
+                        f"--output={outputs}"], check=True)
         out = json.loads(outputs.read_text())
     results = {w: summarize(name, w, records) for w, records in out["records"].items()}
     return results, out["versions"]

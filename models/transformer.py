@@ -460,17 +460,17 @@ def pack_weights(params: Params, tiles: bool = False) -> Params:
                 return kernels.pack(w.values, in_dims, w.scales)
             return kernels.pack(w, in_dims)
 
-        def side_by_side(ws) -> kernels.PackedWeight:
+        def pack_together(ws) -> kernels.PackedWeight:
             if isinstance(ws[0], QuantizedWeight):
                 return kernels.pack_side_by_side([w.values for w in ws], [w.scales for w in ws])
             return kernels.pack_side_by_side(ws)
 
         def layer(w: LayerWeights) -> LayerWeights:
-            attn = dataclasses.replace(w.attn, wq=side_by_side([w.attn.wq, w.attn.wk, w.attn.wv]),
+            attn = dataclasses.replace(w.attn, wq=pack_together([w.attn.wq, w.attn.wk, w.attn.wv]),
                                        wk=None, wv=None)
             mlp_ = w.mlp
             if isinstance(mlp_, MlpWeights) and mlp_.w_gate is not None:
-                mlp_ = dataclasses.replace(mlp_, w_gate=side_by_side([mlp_.w_gate, mlp_.w_in]),
+                mlp_ = dataclasses.replace(mlp_, w_gate=pack_together([mlp_.w_gate, mlp_.w_in]),
                                            w_in=None)
             return dataclasses.replace(w, attn=attn, mlp=mlp_)
 
