@@ -76,7 +76,8 @@ class Buckets:
         prefill_chunk: pieces of prompts are at most this long (0: whole prompts).
         kernel_attention: the engine attends with the CPU kernel (see `prefill_kv_len`)."""
         longest_piece = min(prefill_chunk, max_len) if prefill_chunk else max_len
-        prompt_lengths = powers_of_two(min(16, longest_piece), longest_piece)
+        # From 8: a prefill costs its padded rows, and short prompts are common.
+        prompt_lengths = powers_of_two(min(8, longest_piece), longest_piece)
         if batch_invariant:
             return cls(windows=(max_slots,), kv_lengths=(max_len,),
                        prompt_lengths=prompt_lengths, prefill_batches=(1,),

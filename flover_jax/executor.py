@@ -309,7 +309,7 @@ class DeviceExecutor:
 
     def decode(self, start: int, width: int, kv_len: int) -> Sampled:
         self.state, sampled = self.verbs.decode_step(
-            self.params, self.state, jnp.int32(start), width, self.buckets.program_kv_len(kv_len)
+            self.params, self.state, np.int32(start), width, self.buckets.program_kv_len(kv_len)
         )
         return sampled
 

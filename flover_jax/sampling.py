@@ -371,34 +371,40 @@ def sample_tokens(
 
         return apply_penalties(logits, params, rows(seen), rows(generated))
 
-    logits = lax.cond(penalised, penalise, lambda: logits)
-    greedy = first_argmax(logits)
     sampling = params.temperature > 0  # bool[B]
 
-    def sample() -> jax.Array:
-        # Greedy rows divide by 1 (no 0-division). Shifted to a row maximum of 0 first, the
-        # logits stay <= 0 however small T is: no overflow to inf (and NaN in the softmax),
-        # and a gap of one ulp still counts at T = 1e-9.
-        temperature = jnp.where(sampling, params.temperature, 1.0)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all -inf row must not make NaNs
-        scaled = (logits - top) / temperature[:, None]
-        filtered = sampling & ((params.top_k > 0) | (params.top_p < 1.0))  # bool[B]
+    def pick() -> jax.Array:
+        scored = lax.cond(penalised, penalise, lambda: logits)
+        greedy = first_argmax(scored)
 
-        def mask() -> jax.Array:
-            threshold = _filter_thresholds(
-                scaled, params.top_k, params.top_p, filtered, candidate_tiers
-            )
-            return jnp.where(filtered[:, None] & (scaled < threshold), -jnp.inf, scaled)
+        def sample() -> jax.Array:
+            # Greedy rows divide by 1 (no 0-division). Shifted to a row maximum of 0 first, the
+            # logits stay <= 0 however small T is: no overflow to inf (and NaN in the softmax),
+            # and a gap of one ulp still counts at T = 1e-9.
+            temperature = jnp.where(sampling, params.temperature, 1.0)
+            top = jnp.max(scored, axis=-1, keepdims=True)
+            top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all -inf row must not make NaNs
+            scaled = (scored - top) / temperature[:, None]
+            filtered = sampling & ((params.top_k > 0) | (params.top_p < 1.0))  # bool[B]
 
-        # Skip all filter work when no sampling row filters; unfiltered rows
-        # are left as they are on both sides, bit for bit.
-        masked = lax.cond(jnp.any(filtered), mask, lambda: scaled)
-        drawn = _inverse_cdf_sample(masked, params.seed, step.astype(jnp.int32))
-        return jnp.where(sampling, drawn, greedy)
+            def mask() -> jax.Array:
+                threshold = _filter_thresholds(
+                    scaled, params.top_k, params.top_p, filtered, candidate_tiers
+                )
+                return jnp.where(filtered[:, None] & (scaled < threshold), -jnp.inf, scaled)
 
-    # All-greedy batches (the common default) skip the sampling work entirely.
-    return lax.cond(jnp.any(sampling), sample, lambda: greedy)
+            # Skip all filter work when no sampling row filters; unfiltered rows
+            # are left as they are on both sides, bit for bit.
+            masked = lax.cond(jnp.any(filtered), mask, lambda: scaled)
+            drawn = _inverse_cdf_sample(masked, params.seed, step.astype(jnp.int32))
+            return jnp.where(sampling, drawn, greedy)
+
+        # Penalised batches of greedy rows skip the sampling work.
+        return lax.cond(jnp.any(sampling), sample, lambda: greedy)
+
+    # The common batch, all greedy without penalties, takes the argmax of the logits as they
+    # are: through the conds above, XLA would first copy them ([B, V], megabytes at 64 rows).
+    return lax.cond(penalised | jnp.any(sampling), pick, lambda: first_argmax(logits))
 
 
 def mark_tokens(

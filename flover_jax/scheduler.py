@@ -434,9 +434,10 @@ class Scheduler:
 
     def _prefill(self) -> list[tuple[Any, list[Request | None]]]:
         """Admit queued requests into free slots and dispatch this iteration's prompt pieces,
-        up to `prefill_budget` tokens: in passes of at most one piece per prompt (a prompt's
-        pieces follow each other, each in its own call), first the prompts already in slots,
-        then (in the first pass) new ones, first come first served. A piece that does not fit
+        up to `prefill_budget` tokens (with none decoding, every prompt one piece completes):
+        in passes of at most one piece per prompt (a prompt's pieces follow each other, each
+        in its own call), first the prompts already in slots, then (in the first pass) new
+        ones, first come first served. A piece that does not fit
         leaves room for shorter ones behind it; a request joins only when its first piece is
         dispatched. Returns (handle, the request whose prompt each row's piece ends, else None)
         per call."""
@@ -456,7 +457,11 @@ class Scheduler:
                 begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
                 prompt = request.prompt_ids
                 end = piece_end(begin, len(prompt), chunk)
-                if used and used + end - begin > budget:
+                # The budget bounds how long decoders wait for their next token. With none
+                # decoding, a prompt that this piece completes goes in beyond it: it delays
+                # nobody, and decodes from the next step with the others.
+                beyond_budget_ok = end == len(prompt) and not others_running
+                if used and used + end - begin > budget and not beyond_budget_ok:
                     return False
                 used += end - begin
                 if request.request_id not in self._running:
@@ -474,7 +479,7 @@ class Scheduler:
             for request_id in list(self._prefilling):
                 dispatch(self._running[request_id])
             for request in list(self._queue) if first_pass else ():
-                if room <= 0 or used >= budget:
+                if room <= 0 or (used >= budget and others_running):
                     break
                 cached = self._cached_prefix(request)
                 if self._awaits_prefix(request, cached):

@@ -418,8 +418,9 @@ def test_a_turn_arriving_while_its_opening_goes_in_waits_to_reuse_it(cache_rows)
     sched.iteration()
     admitted = {i for i in ids if sched.request(i).admitted_s is not None}
     # The first iteration's 16 prompt tokens: a piece of each of the turns, or (the next one
-    # waiting) a piece of the first and the other prompt.
-    assert admitted == ({ids[0], ids[2]} if cache_rows else {ids[0], ids[1]})
+    # waiting) a piece of the first and the other prompt. The other prompt, one piece, joins
+    # beyond the budget either way: nothing is decoding yet.
+    assert admitted == ({ids[0], ids[2]} if cache_rows else {ids[0], ids[1], ids[2]})
     outputs = _drive(sched, clock, ex)
     for request_id, prompt in zip(ids, (turn, next_turn, other)):
         assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
@@ -428,6 +429,38 @@ def test_a_turn_arriving_while_its_opening_goes_in_waits_to_reuse_it(cache_rows)
         assert sched.stats.prompt_pieces == 5 + 2 + 1  # the next turn's pieces past 32 only
     else:
         assert sched.stats.prompt_pieces == 5 + 6 + 1
+
+
+def test_an_idle_engine_takes_every_one_piece_prompt_beyond_the_budget():
+    """The prefill budget bounds how long decoders wait. With none decoding, every waiting
+    prompt that one piece completes goes in at once; a longer prompt's first piece still
+    waits for room in the budget, and once requests decode the budget holds for newcomers."""
+    clock = FakeClock()
+    chunk, budget = 8, 16
+    buckets = Buckets.for_engine(16, 64, 8, prefill_chunk=chunk)
+    ex = FakeExecutor(num_slots=16, max_len=64, vocab_size=50, buckets=buckets)
+    sched = Scheduler(ex, "flover", clock=clock, prefill_budget=budget)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = {}
+
+    def submit(prompt):
+        request_id = sched.submit(prompt, sp)
+        prompts[request_id] = prompt
+        return request_id
+
+    short = [submit([i + 1] * 6) for i in range(5)]  # 30 tokens, one piece each
+    long = submit(list(range(1, 21)))  # three pieces
+    sched.iteration()
+    assert all(sched.request(i).admitted_s is not None for i in short)
+    assert sched.request(long).admitted_s is None
+    later = [submit([i + 7] * 6) for i in range(4)]
+    sched.iteration()  # five decode; the long prompt's piece and one short one fill the 16
+    assert sched.request(long).admitted_s is not None
+    assert sum(sched.request(i).admitted_s is not None for i in later) == 1
+    outputs = _drive(sched, clock, ex)
+    assert set(outputs) == set(prompts)
+    for request_id, prompt in prompts.items():
+        assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
 
 
 def test_a_steps_tokens_are_heard_before_the_iteration_waits_for_its_prompt_pieces():
