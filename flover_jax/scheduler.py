@@ -434,13 +434,12 @@ class Scheduler:
 
     def _prefill(self) -> list[tuple[Any, list[Request | None]]]:
         """Admit queued requests into free slots and dispatch this iteration's prompt pieces,
-        up to `prefill_budget` tokens (with none decoding, every prompt one piece completes):
-        in passes of at most one piece per prompt (a prompt's pieces follow each other, each
-        in its own call), first the prompts already in slots, then (in the first pass) new
-        ones, first come first served. A piece that does not fit
-        leaves room for shorter ones behind it; a request joins only when its first piece is
-        dispatched. Returns (handle, the request whose prompt each row's piece ends, else None)
-        per call."""
+        up to `prefill_budget` tokens (with none decoding, pieces that complete their prompts
+        go in beyond it): in passes of at most one piece per prompt (a prompt's pieces follow
+        each other, each in its own call), first the prompts already in slots, then (in the
+        first pass) new ones, first come first served. A piece that does not fit leaves room
+        for shorter ones behind it; a request joins only when its first piece is dispatched.
+        Returns (handle, the request whose prompt each row's piece ends, else None) per call."""
         chunk = self.executor.buckets.prefill_chunk
         budget = self.prefill_budget if chunk else math.inf
         others_running = bool(self._running)
