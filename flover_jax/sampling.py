@@ -372,6 +372,7 @@ def sample_tokens(
         return apply_penalties(logits, params, rows(seen), rows(generated))
 
     sampling = params.temperature > 0  # bool[B]
+    any_sampling = jnp.any(sampling)
 
     def pick() -> jax.Array:
         scored = lax.cond(penalised, penalise, lambda: logits)
@@ -400,11 +401,11 @@ def sample_tokens(
             return jnp.where(sampling, drawn, greedy)
 
         # Penalised batches of greedy rows skip the sampling work.
-        return lax.cond(jnp.any(sampling), sample, lambda: greedy)
+        return lax.cond(any_sampling, sample, lambda: greedy)
 
     # The common batch, all greedy without penalties, takes the argmax of the logits as they
     # are: through the conds above, XLA would first copy them ([B, V], megabytes at 64 rows).
-    return lax.cond(penalised | jnp.any(sampling), pick, lambda: first_argmax(logits))
+    return lax.cond(penalised | any_sampling, pick, lambda: first_argmax(logits))
 
 
 def mark_tokens(
