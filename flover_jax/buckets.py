@@ -25,6 +25,7 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
 
 
 DEFAULT_PREFILL_BATCH = 8  # prompts per prefill call at most, unless the engine says otherwise
+SHORT_PIECE = 64  # a call of shorter pieces takes more of them, up to the rows of a full call of these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +35,21 @@ class Buckets:
     windows: tuple[int, ...]  # decode-step widths (slots computed)
     kv_lengths: tuple[int, ...]  # cache positions the decode step reads
     prompt_lengths: tuple[int, ...]  # padded lengths of a prompt's pieces
-    prefill_batches: tuple[int, ...]  # pieces per prefill call
+    max_prefill_batch: int  # pieces per prefill call (more of short ones: `prefill_batches`)
     prefill_chunk: int = 0  # the longest piece (0: whole prompts; see chunks.py)
     # The attention kernel reads each row's live positions in place, whatever kv_len says:
     # then every program runs at the longest kv_len (one decode program per width, and pieces
     # at any position share a prefill call).
     kernel_attention: bool = False
+    prefill_rows: int = 0  # padded rows a call of short pieces may fill (0: no more pieces)
+
+    def prefill_batches(self, piece_len: int) -> tuple[int, ...]:
+        """Pieces per prefill call, for pieces padded to `piece_len` tokens: up to
+        max_prefill_batch, or where more fit `prefill_rows` rows, that many (at most a piece per
+        slot). A call costs about its padded rows, and one call of many short pieces less than
+        several calls of a few (benchmarks/NOTES.md)."""
+        most = max(self.max_prefill_batch, self.prefill_rows // piece_len)
+        return powers_of_two(1, min(most, self.windows[-1]))
 
     def program_kv_len(self, kv_len: int) -> int:
         """The kv_len a decode step or prefill for `kv_len` is compiled for."""
@@ -80,7 +90,7 @@ class Buckets:
         prompt_lengths = powers_of_two(min(8, longest_piece), longest_piece)
         if batch_invariant:
             return cls(windows=(max_slots,), kv_lengths=(max_len,),
-                       prompt_lengths=prompt_lengths, prefill_batches=(1,),
+                       prompt_lengths=prompt_lengths, max_prefill_batch=1,
                        prefill_chunk=prefill_chunk, kernel_attention=kernel_attention)
         windows = powers_of_two(min(min_window, max_slots), max_slots)
         if fine_windows:
@@ -91,9 +101,10 @@ class Buckets:
             windows=windows,
             kv_lengths=powers_of_two(min(64, max_len), max_len),
             prompt_lengths=prompt_lengths,
-            prefill_batches=powers_of_two(1, min(max_prefill_batch, max_slots)),
+            max_prefill_batch=max_prefill_batch,
             prefill_chunk=prefill_chunk,
             kernel_attention=kernel_attention,
+            prefill_rows=max_prefill_batch * SHORT_PIECE,
         )
 
     def prefill_shapes(self, prompt_lens: Sequence[int] | None = None) -> set[tuple[int, int]]:

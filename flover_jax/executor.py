@@ -189,8 +189,9 @@ class DeviceExecutor:
         prefill_chunk: int = 0,
         prefix_rows: int = 0,
     ) -> None:
-        """max_prefill_batch: prompts per prefill call at most; 8 unless batch_invariant,
-        which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
+        """max_prefill_batch: prompt pieces per prefill call at most, and more of pieces shorter
+        than 64 tokens, as many as fill the same rows (`Buckets.prefill_batches`); 8 unless
+        batch_invariant, which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
         "xla" or "cpu_kernel" (matmul also "amx": the kernel on AMX tiles, bfloat16 weights), which
         ops compute decode attention and the weight matmuls ("auto": the fastest of those that
         apply, as `op_choice` measures).
@@ -284,8 +285,8 @@ class DeviceExecutor:
         """Pieces whose lengths share a prompt-length bucket and whose ends share a kv_len
         bucket (the scheduler groups them so: a piece's shapes are its own, whoever it
         shares the call with)."""
-        b = bucket(len(pieces), self.buckets.prefill_batches)
         t = bucket(max(len(p.tokens) for p in pieces), self.buckets.prompt_lengths)
+        b = bucket(len(pieces), self.buckets.prefill_batches(t))
         kv_len = self.buckets.prefill_kv_len(max(p.end for p in pieces))
         tokens = np.zeros((b, t), np.int32)
         starts, lengths = np.zeros(b, np.int32), np.ones(b, np.int32)
@@ -360,7 +361,7 @@ class DeviceExecutor:
 
         kv_lengths = buckets_of(kv_lengths, b.kv_lengths)
         for t, kv_len in sorted(b.prefill_shapes(prompt_lengths)):
-            for size in b.prefill_batches:
+            for size in b.prefill_batches(t):
                 nothing = np.zeros(size, np.int32)
                 self._prefill(self._pad_slots([], size), np.zeros((size, t), np.int32), nothing,
                               nothing + 1, nothing.astype(bool), nothing + 1,

@@ -498,8 +498,8 @@ class Scheduler:
         for copies in hits.values():
             self.executor.copy_prefix(copies)
         calls, stored = [], collections.defaultdict(list)
-        most = self.executor.buckets.prefill_batches[-1]
-        for group in groups.values():
+        for (piece_len, _), group in groups.items():
+            most = self.executor.buckets.prefill_batches(piece_len)[-1]
             for i in range(0, len(group), most):
                 batch = group[i : i + most]
                 try:

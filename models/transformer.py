@@ -114,6 +114,22 @@ def to_cache(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x if cache_dtype(cfg) == x.dtype else jax.lax.bitcast_convert_type(x, cache_dtype(cfg))
 
 
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, positions: jax.Array,
+             k: jax.Array, v: jax.Array, cfg: ModelConfig,
+             kernel: bool) -> tuple[jax.Array, jax.Array]:
+    """New tokens' k, v [..., kv_heads, e] into one layer's caches at (slots, positions), arrays
+    broadcast against k's leading dims; a token whose slot or position is out of range writes
+    nothing. kernel (static): with the CPU kernel (in place, a copy per head's row), where XLA's
+    scatter moves one element at a time."""
+    k, v = to_cache(k, cfg), to_cache(v, cfg)
+    if not kernel:
+        return (k_cache.at[slots, :, positions].set(k, mode="drop"),
+                v_cache.at[slots, :, positions].set(v, mode="drop"))
+    slots, positions = (jnp.broadcast_to(a, k.shape[:-2]).reshape(-1) for a in (slots, positions))
+    rows = (-1, *k.shape[-2:])
+    return kernels.write_cache(k_cache, v_cache, slots, positions, k.reshape(rows), v.reshape(rows))
+
+
 def from_cache(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Cached K or V back in cfg's dtype."""
     return x if x.dtype == cfg.jnp_dtype else jax.lax.bitcast_convert_type(x, cfg.jnp_dtype)
@@ -211,7 +227,7 @@ def extend(
     max_len = cache.max_len
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)  # [b, t]
     real = jnp.arange(t) < lengths[:, None]
-    # Padding positions write nowhere (out of range: the scatter drops them).
+    # Padding positions write nowhere (out of range: `write_kv` drops them).
     write_pos = jnp.where(real, positions, max_len)
     read_slots = jnp.clip(slots, 0, cache.k[0].shape[0] - 1)
     if attention_kernel:  # one kernel row per token; padding tokens read nothing
@@ -223,8 +239,8 @@ def extend(
     for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
         def cached_attend(q, k, v, window, i=layer_index):
-            k_cache[i] = k_cache[i].at[slots[:, None], :, write_pos].set(to_cache(k, cfg), mode="drop")
-            v_cache[i] = v_cache[i].at[slots[:, None], :, write_pos].set(to_cache(v, cfg), mode="drop")
+            k_cache[i], v_cache[i] = write_kv(k_cache[i], v_cache[i], slots[:, None], write_pos,
+                                              k, v, cfg, attention_kernel)
             if attention_kernel:
                 rows = q.reshape(b * t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
                 firsts = None if window is None else jnp.maximum(token_lengths - window, 0)
@@ -287,7 +303,7 @@ def decode(
     num_slots, max_len = cache.k[0].shape[0], cache.max_len
     whole = not attention_kernel and reads_whole_cache(num_slots, max_len, w, kv_len)
     slots = start + jnp.arange(w, dtype=jnp.int32)
-    # Out-of-range positions make the scatter drop the rows that must not write.
+    # Out-of-range positions make `write_kv` drop the rows that must not write.
     write_pos = jnp.where(writes, positions, max_len)
     if attention_kernel:
         lengths = jnp.where(writes, positions + 1, 0)  # positions each row reads
@@ -302,8 +318,8 @@ def decode(
     for layer_index, (layer, spec) in enumerate(zip(params.layers, cfg.layers)):
 
         def cached_attend(q, k, v, window, i=layer_index):
-            k_cache[i] = k_cache[i].at[slots, :, write_pos].set(to_cache(k[:, 0], cfg), mode="drop")
-            v_cache[i] = v_cache[i].at[slots, :, write_pos].set(to_cache(v[:, 0], cfg), mode="drop")
+            k_cache[i], v_cache[i] = write_kv(k_cache[i], v_cache[i], slots, write_pos, k[:, 0],
+                                              v[:, 0], cfg, attention_kernel)
             if attention_kernel:
                 rows = q.reshape(w, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
                 # A sliding window reads only its last `window` live positions.

@@ -210,7 +210,8 @@ class FakeExecutor:
         self.calls["prefill"] += 1
         _check(len(pieces) >= 1, "prefill: no pieces")
         b = self.buckets
-        bucket(len(pieces), b.prefill_batches)  # raises like the real executor
+        piece_len = bucket(max(len(p.tokens) for p in pieces), b.prompt_lengths)
+        bucket(len(pieces), b.prefill_batches(piece_len))  # raises like the real executor
         shapes = {(bucket(len(p.tokens), b.prompt_lengths), b.prefill_kv_len(p.end)) for p in pieces}
         _check(len(shapes) == 1, f"prefill: pieces of several shapes {sorted(shapes)} in one call")
         slots = [p.slot for p in pieces]

@@ -265,8 +265,8 @@ def test_engine_sizes_are_checked(tiny):
     for prefill_batch in (None, 1):  # unset or 1: prompts are prefilled one at a time
         invariant = Engine(cfg, params, max_slots=2, max_len=32, batch_invariant=True,
                            max_prefill_batch=prefill_batch)
-        assert invariant.executor.buckets.prefill_batches == (1,)
-    assert Engine(cfg, params, max_slots=8, max_len=32).executor.buckets.prefill_batches == (1, 2, 4, 8)
+        assert invariant.executor.buckets.prefill_batches(8) == (1,)
+    assert Engine(cfg, params, max_slots=8, max_len=32).executor.buckets.prefill_batches(32) == (1, 2, 4, 8)
 
 
 @pytest.mark.parametrize("option", ["attention", "matmul"])

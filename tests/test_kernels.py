@@ -132,6 +132,52 @@ def test_kernel_jits_and_rejects_mismatched_caches():
         kernels.cached_attention(q, cache, cache, jnp.asarray([0]), lengths).block_until_ready()
 
 
+def _index_written(row: tuple[int, int]) -> tuple[int, int]:
+    """(slot, position) of the cache entry a row of test_cache_write_... names (4 slots, 16
+    positions): negative indices from the end. Of two rows on one entry, which lands is unspecified."""
+    return tuple(i % n if -n <= i < n else i for i, n in zip(row, (4, 16)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(-6, 5), st.integers(-20, 20)), min_size=1, max_size=6,
+                     unique_by=_index_written),
+       bits=st.booleans())
+def test_cache_write_puts_rows_where_a_dropping_scatter_does(rows, bits):
+    """Each row lands at its (slot, position) in every head; rows out of range (past the slots
+    or max_len, or before their start) write nothing, and negative indices count from the end,
+    as in JAX's indexing; the rest of the caches stay as they were. Caches of float32 or of
+    bfloat16's bits (uint16) alike."""
+    slots, kv_heads, max_len, head_dim = 4, 3, 16, 8
+    dtype = np.uint16 if bits else np.float32
+    rng = np.random.default_rng(len(rows))
+    k_cache, v_cache = (rng.integers(0, 60000, (slots, kv_heads, max_len, head_dim)).astype(dtype)
+                        for _ in range(2))
+    k_rows, v_rows = (rng.integers(0, 60000, (len(rows), kv_heads, head_dim)).astype(dtype)
+                      for _ in range(2))
+    row_slots, positions = (jnp.asarray(column, jnp.int32) for column in zip(*rows))
+    written = kernels.write_cache(jnp.asarray(k_cache), jnp.asarray(v_cache), row_slots, positions,
+                                  jnp.asarray(k_rows), jnp.asarray(v_rows))
+    for cache, new, out in zip((k_cache, v_cache), (k_rows, v_rows), written):
+        expected = jnp.asarray(cache).at[row_slots, :, positions].set(jnp.asarray(new), mode="drop")
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_cache_write_works_in_place_and_rejects_mismatched_rows():
+    """Under jit with the caches donated, the written caches are the donated buffers (no copy
+    of a cache per layer and step); rows of another head size are refused with a message."""
+    cache = jnp.zeros((4, 3, 16, 8), jnp.float32)
+    k_cache, v_cache = cache + 0, cache + 0
+    pointers = (k_cache.unsafe_buffer_pointer(), v_cache.unsafe_buffer_pointer())
+    rows = jnp.ones((2, 3, 8), jnp.float32)
+    write = jax.jit(kernels.write_cache, donate_argnums=(0, 1))
+    k_out, v_out = write(k_cache, v_cache, jnp.asarray([1, 3]), jnp.asarray([0, 15]), rows, 2 * rows)
+    assert (k_out.unsafe_buffer_pointer(), v_out.unsafe_buffer_pointer()) == pointers
+    np.testing.assert_array_equal(np.asarray(v_out[3, :, 15]), 2.0)
+    with pytest.raises(Exception, match="cache_write: expected"):
+        kernels.write_cache(cache, cache, jnp.asarray([0]), jnp.asarray([0]), rows[:1, :, :4],
+                            rows[:1, :, :4])[0].block_until_ready()
+
+
 @pytest.mark.parametrize("rows, shape, in_dims", [
     (1, (576, 576), 1),  # one row, SmolLM2's projection
     (13, (64, 3, 32), 1),  # per-head outputs; rows in groups of 8, 4 and 1

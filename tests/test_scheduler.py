@@ -103,8 +103,9 @@ def scenarios(draw, busy: bool = False) -> Scenario:
                                           powers_of_two(min(4, num_slots), num_slots)])),
             kv_lengths=powers_of_two(min(draw(st.sampled_from([2, 4, 8])), max_len), max_len),
             prompt_lengths=powers_of_two(min(2, longest_piece), longest_piece),
-            prefill_batches=powers_of_two(1, min(max_prefill_batch, num_slots)),
+            max_prefill_batch=max_prefill_batch,
             prefill_chunk=chunk,
+            prefill_rows=draw(st.sampled_from([0, 4 * max_prefill_batch])),  # short pieces: more
             kernel_attention=draw(st.booleans()),  # pieces at any position share a call
         )
     openings = [draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8))
@@ -463,6 +464,28 @@ def test_an_idle_engine_takes_every_one_piece_prompt_beyond_the_budget():
         assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
 
 
+def test_short_pieces_go_more_to_a_prefill_call():
+    """A call takes max_prefill_batch pieces of 64 tokens or more, and of shorter ones as many
+    as fill the same rows, up to a piece per slot; a burst of 8-token prompts then goes in one
+    call where it took several, and every request still gets its solo tokens."""
+    buckets = Buckets.for_engine(64, 512, prefill_chunk=64)
+    assert [buckets.prefill_batches(t)[-1] for t in buckets.prompt_lengths] == [64, 32, 16, 8]
+    assert Buckets.for_engine(32, 512, 2, prefill_chunk=64).prefill_batches(8) == (1, 2, 4, 8, 16)
+    assert Buckets.for_engine(20, 512, prefill_chunk=64).prefill_batches(8)[-1] == 20
+    clock = FakeClock()
+    ex = FakeExecutor(num_slots=32, max_len=64, vocab_size=50,
+                      buckets=Buckets.for_engine(32, 64, 4, prefill_chunk=16))
+    sched = Scheduler(ex, "flover", clock=clock)
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    prompts = {sched.submit([i % 40 + 1] * (5 + i % 4), sp): [i % 40 + 1] * (5 + i % 4)
+               for i in range(24)}
+    sched.iteration()
+    assert ex.calls["prefill"] == 1  # 24 pieces padded to 8 tokens: 256 rows // 8 a call, not 4
+    outputs = _drive(sched, clock, ex)
+    for request_id, prompt in prompts.items():
+        assert outputs[request_id].token_ids == _solo(prompt, sp, ex)[0]
+
+
 def test_a_steps_tokens_are_heard_before_the_iteration_waits_for_its_prompt_pieces():
     """on_tokens (how the server's loop streams) hears the previous decode step's tokens
     before the iteration reads the prompt pieces it dispatched, which at long prompts take
@@ -506,7 +529,8 @@ def test_min_window_drops_the_narrower_widths():
 
 def test_batch_invariant_buckets_leave_one_shape_to_share():
     fixed = Buckets.for_engine(32, 512, fine_windows=True, min_window=8, batch_invariant=True)
-    assert (fixed.windows, fixed.kv_lengths, fixed.prefill_batches) == ((32,), (512,), (1,))
+    assert (fixed.windows, fixed.kv_lengths) == ((32,), (512,))
+    assert {fixed.prefill_batches(t) for t in fixed.prompt_lengths} == {(1,)}
     assert fixed.prompt_lengths == Buckets.for_engine(32, 512).prompt_lengths  # a request's own
 
 
@@ -849,7 +873,7 @@ def test_stream_yields_every_token_once():
 def test_fake_executor_enforces_device_contract():
     ex = FakeExecutor(num_slots=4, max_len=16, vocab_size=20,
                       buckets=Buckets(windows=(1, 2, 4), kv_lengths=(4, 8, 16),
-                                      prompt_lengths=(4, 8, 16), prefill_batches=(1, 2)))
+                                      prompt_lengths=(4, 8, 16), max_prefill_batch=2))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
     handle = ex.prefill([whole(1, [1, 2, 3], sp), whole(2, [4], sp)])
     first = ex.read(handle).tokens

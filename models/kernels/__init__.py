@@ -3,7 +3,8 @@
 Both run on XLA:CPU and compute in float32, reading float32 or narrower stored values:
 - `cached_attention`: attention of query tokens over their slots' cached K/V (a decode step's
   and a prompt piece's), reading each row's live positions in place and nothing else
-  (cached_attention.cc says why); its twin is models/layers.attend.
+  (cached_attention.cc says why); its twin is models/layers.attend. `write_cache` puts the
+  new tokens' K/V rows into the caches in place; its twin is a dropping scatter.
 - `packed_matmul`: x @ W for a weight packed once into column panels (`pack`), which streams
   the weight and computes at once where XLA's dot does one after the other (packed_matmul.cc
   says why); its twin is the plain matmul in models/layers.dense. The panels may hold
@@ -40,6 +41,7 @@ _SOURCES = tuple(Path(__file__).with_name(name) for name in ("cached_attention.c
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "vectors.h"))
 _ATTENTION_TARGET = "flover_cached_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
+_WRITE_TARGET = "flover_cache_write"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
 PAIR_BLOCK = 32  # bfloat16 panels' inputs are padded to a multiple of this, as in packed_matmul.cc
@@ -117,7 +119,8 @@ def cpu_kernel_available() -> bool:
         logging.getLogger(__name__).warning("CPU kernels unavailable, using XLA's ops: %s", error)
         return False
     for target, symbol in ((_ATTENTION_TARGET, library.FloverCachedAttention),
-                           (_MATMUL_TARGET, library.FloverPackedMatmul)):
+                           (_MATMUL_TARGET, library.FloverPackedMatmul),
+                           (_WRITE_TARGET, library.FloverCacheWrite)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     global _tiles
     _tiles = bool(library.FloverTilesAvailable())
@@ -156,6 +159,22 @@ def cached_attention(
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(slots, jnp.int32), lengths,
                 firsts, scale=np.float32(scale))
+
+
+def write_cache(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, positions: jax.Array,
+                k_rows: jax.Array, v_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k_rows, v_rows [n, kv_heads, e] into k_cache, v_cache [slots, kv_heads, max_len, e] (of
+    their dtype) in place: row i at slot slots[i], position positions[i]; rows whose slot or
+    position is out of range write nothing (negative ones count from the end, as in
+    `.at[].set(mode="drop")`, this kernel's twin). Returns the written caches (they alias the inputs,
+    so XLA copies a cache first only where the old one is still read after the write)."""
+    if not cpu_kernel_available():
+        raise RuntimeError("the CPU cache-write kernel is not available (see the log)")
+    call = jax.ffi.ffi_call(_WRITE_TARGET, (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                                            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+                            input_output_aliases={0: 0, 1: 1})
+    return call(k_cache, v_cache, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32),
+                k_rows, v_rows)
 
 
 PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel_for.h"
@@ -323,6 +324,53 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
   return ffi::Error::Success();
 }
 
+// k_rows, v_rows [n, kv_heads, dim] into k_cache, v_cache [slots, kv_heads, max_len, dim] in
+// place (each output aliases its cache): row i at slot slots[i], position positions[i]; a row
+// whose slot or position is out of range writes nothing, as JAX's dropping scatter (negative
+// indices count from the end, as there). XLA:CPU's
+// scatter moves one element at a time; here each head's row is one copy.
+ffi::Error CacheWrite(ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> slots,
+                      ffi::Buffer<ffi::S32> positions, ffi::AnyBuffer k_rows,
+                      ffi::AnyBuffer v_rows, ffi::Result<ffi::AnyBuffer> k_out,
+                      ffi::Result<ffi::AnyBuffer> v_out) {
+  const auto cd = k_cache.dimensions(), rd = k_rows.dimensions();
+  const auto type = k_cache.element_type();
+  const int64_t n = slots.element_count();
+  const bool cache_match = std::equal(cd.begin(), cd.end(), v_cache.dimensions().begin(),
+                                      v_cache.dimensions().end());
+  const bool rows_match = std::equal(rd.begin(), rd.end(), v_rows.dimensions().begin(),
+                                     v_rows.dimensions().end());
+  if (cd.size() != 4 || !cache_match || rd.size() != 3 || !rows_match || rd[0] != n ||
+      rd[1] != cd[1] || rd[2] != cd[3] || positions.element_count() != n ||
+      v_cache.element_type() != type || k_rows.element_type() != type ||
+      v_rows.element_type() != type || k_out->untyped_data() != k_cache.untyped_data() ||
+      v_out->untyped_data() != v_cache.untyped_data()) {
+    return ffi::Error::InvalidArgument(
+        "cache_write: expected caches [slots, kv_heads, max_len, dim] and rows [n, kv_heads, "
+        "dim] of one dtype, slots [n] and positions [n], each output aliasing its cache");
+  }
+  const int64_t num_slots = cd[0], heads = cd[1], max_len = cd[2];
+  const int64_t row_bytes = cd[3] * static_cast<int64_t>(ffi::ByteWidth(type));
+  const int32_t* slot_data = slots.typed_data();
+  const int32_t* position_data = positions.typed_data();
+  for (auto [cache, rows] : {std::pair{static_cast<char*>(k_out->untyped_data()),
+                                       static_cast<const char*>(k_rows.untyped_data())},
+                             std::pair{static_cast<char*>(v_out->untyped_data()),
+                                       static_cast<const char*>(v_rows.untyped_data())}}) {
+    for (int64_t i = 0; i < n; ++i) {
+      // Negative indices count from the end, as in JAX's indexing.
+      const int64_t slot = slot_data[i] + (slot_data[i] < 0 ? num_slots : 0);
+      const int64_t position = position_data[i] + (position_data[i] < 0 ? max_len : 0);
+      if (slot < 0 || slot >= num_slots || position < 0 || position >= max_len) continue;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(cache + ((slot * heads + h) * max_len + position) * row_bytes,
+                    rows + (i * heads + h) * row_bytes, row_bytes);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverCachedAttention, CachedAttention,
@@ -336,3 +384,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverCachedAttention, CachedAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // firsts
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverCacheWrite, CacheWrite,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // k_cache
+                                  .Arg<ffi::AnyBuffer>()          // v_cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
+                                  .Arg<ffi::AnyBuffer>()          // k_rows
+                                  .Arg<ffi::AnyBuffer>()          // v_rows
+                                  .Ret<ffi::AnyBuffer>()          // k_cache, written
+                                  .Ret<ffi::AnyBuffer>());        // v_cache, written
