@@ -24,7 +24,7 @@ def bucket(n: int, sizes: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
-DEFAULT_PREFILL_BATCH = 8  # prompts per prefill call at most, unless the engine says otherwise
+DEFAULT_PREFILL_BATCH = 8  # pieces per prefill call (more of short ones), unless the engine says otherwise
 SHORT_PIECE = 64  # a call of shorter pieces takes more of them, up to the rows of a full call of these
 
 

@@ -191,10 +191,10 @@ class DeviceExecutor:
     ) -> None:
         """max_prefill_batch: prompt pieces per prefill call at most, and more of pieces shorter
         than 64 tokens, as many as fill the same rows (`Buckets.prefill_batches`); 8 unless
-        batch_invariant, which prefills one prompt at a time and so allows only 1. attention, matmul: "auto",
-        "xla" or "cpu_kernel" (matmul also "amx": the kernel on AMX tiles, bfloat16 weights), which
-        ops compute decode attention and the weight matmuls ("auto": the fastest of those that
-        apply, as `op_choice` measures).
+        batch_invariant, which prefills one prompt at a time and so allows only 1.
+        attention, matmul: "auto", "xla" or "cpu_kernel" (matmul also "amx": the kernel on AMX
+        tiles, bfloat16 weights), which ops compute decode attention and the weight matmuls
+        ("auto": the fastest of those that apply, as `op_choice` measures).
         prefill_chunk: the longest piece of a prompt one prefill computes (0: whole prompts).
         prefix_rows: rows of the decode state beyond the slots, which hold cached prefixes."""
         _check_count("max_slots", num_slots)

@@ -165,9 +165,9 @@ def write_cache(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, positi
                 k_rows: jax.Array, v_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """k_rows, v_rows [n, kv_heads, e] into k_cache, v_cache [slots, kv_heads, max_len, e] (of
     their dtype) in place: row i at slot slots[i], position positions[i]; rows whose slot or
-    position is out of range write nothing (negative ones count from the end, as in
-    `.at[].set(mode="drop")`, this kernel's twin). Returns the written caches (they alias the inputs,
-    so XLA copies a cache first only where the old one is still read after the write)."""
+    position is out of range write nothing (negative ones count from the end), as with
+    `.at[].set(mode="drop")`, this kernel's twin. Returns the written caches: they alias the
+    inputs, so XLA copies a cache first only where the old one is read after the write."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU cache-write kernel is not available (see the log)")
     call = jax.ffi.ffi_call(_WRITE_TARGET, (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

@@ -326,8 +326,7 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
 
 // k_rows, v_rows [n, kv_heads, dim] into k_cache, v_cache [slots, kv_heads, max_len, dim] in
 // place (each output aliases its cache): row i at slot slots[i], position positions[i]; a row
-// whose slot or position is out of range writes nothing, as JAX's dropping scatter (negative
-// indices count from the end, as there). XLA:CPU's
+// whose slot or position is out of range writes nothing, as in JAX's dropping scatter. XLA:CPU's
 // scatter moves one element at a time; here each head's row is one copy.
 ffi::Error CacheWrite(ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> slots,
                       ffi::Buffer<ffi::S32> positions, ffi::AnyBuffer k_rows,
