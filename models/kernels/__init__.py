@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("cached_attention.cc", "packed_matmul.cc"))
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "vectors.h"))
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "prefetch.h", "vectors.h"))
 _ATTENTION_TARGET = "flover_cached_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 _WRITE_TARGET = "flover_cache_write"

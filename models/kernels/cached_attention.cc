@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "prefetch.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -191,8 +192,8 @@ inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_
 }
 
 // out[r] = sum over t of p[r * length + t] v[t] for R query rows, the sums held in registers.
-template <int C, int R, typename KV>
-void WeightedSum(const float* p, const KV* v, float* out, int64_t length) {
+template <int C, int R, typename KV, typename Ahead>
+void WeightedSum(const float* p, const KV* v, float* out, int64_t length, Ahead& ahead) {
   constexpr int64_t dim = 16 * C;
   F16 acc[R][C] = {};
   for (int64_t t = 0; t < length; ++t) {
@@ -203,23 +204,43 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length) {
       const F16 weight = Broadcast(p[r * length + t]);
       for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
     }
+    ahead.Step();
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
+
+// One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
+template <typename KV>
+struct LiveRows {
+  const KV* k = nullptr;
+  const KV* v = nullptr;
+  int64_t length = 0;
+};
+
+// What AttendOneHeadVec fetches of the next item as it goes.
+struct NextItem {
+  Prefetcher k, v;
+  void Step() { k.Step(), v.Step(); }
+};
 
 // AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16 positions at a time, a vector
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
 template <int C, typename KV>
 void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
-                      int64_t length, int64_t group, float scale, float* scores) {
+                      int64_t length, int64_t group, float scale, float* scores, LiveRows<KV> next) {
   constexpr int64_t dim = 16 * C;
+  constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: their sums fit in registers
+  // The next item's K and V rows come into L2 over this item's steps: one per K block, one per
+  // V row and pass.
+  const int64_t blocks = length / 16, steps = blocks + (group + kRows - 1) / kRows * length;
+  const int64_t next_bytes = next.length * dim * sizeof(KV);
+  NextItem ahead{Prefetcher::Over(next.k, next_bytes, steps), Prefetcher::Over(next.v, next_bytes, steps)};
   // The first V rows are read last; fetch them now so their stream starts warm.
   for (int64_t i = 0; i < std::min<int64_t>(length, 16) * dim; i += 16) __builtin_prefetch(v + i);
   // Scores 16 positions at a time, every query row while the block's K rows are in L1, up to
   // 4 query rows per pass over them: each K row is widened once per pass.
-  const int64_t blocks = length / 16;
   for (int64_t b = 0; b < blocks; ++b) {
     const KV* k_block = k + 16 * b * dim;
     if (b + 1 < blocks)
@@ -232,6 +253,7 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
         default: BlockScores<C, 4>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale);
       }
     }
+    ahead.Step();
   }
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * length;
@@ -243,15 +265,14 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
     }
     Softmax(row, length);
   }
-  constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass: their sums fit in registers
   for (int64_t g = 0; g < group; g += kRows) {
     const float* p = scores + g * length;
     float* o = out + g * dim;
     switch (std::min(kRows, group - g)) {
-      case 1: WeightedSum<C, 1>(p, v, o, length); break;
-      case 2: WeightedSum<C, 2>(p, v, o, length); break;
-      case 3: WeightedSum<C, 3>(p, v, o, length); break;
-      default: WeightedSum<C, 4>(p, v, o, length); break;
+      case 1: WeightedSum<C, 1>(p, v, o, length, ahead); break;
+      case 2: WeightedSum<C, 2>(p, v, o, length, ahead); break;
+      case 3: WeightedSum<C, 3>(p, v, o, length, ahead); break;
+      default: WeightedSum<C, 4>(p, v, o, length, ahead); break;
     }
   }
 }
@@ -265,28 +286,38 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
             const int32_t* slot_data, const int32_t* length_data, const int32_t* first_data,
             float* out_data, int64_t width, int64_t heads, int64_t group, int64_t dim,
             int64_t slots, int64_t max_len, float scale) {
-  auto attend = [=](int64_t item) {
-    thread_local std::vector<float> scores;  // each thread's own, kept across calls
+  // The K and V rows item (row, head) reads: positions [firsts, lengths) of its slot's head.
+  auto live_rows = [=](int64_t item) {
     const int64_t row = item / heads, head = item % heads;
     const int64_t end = std::clamp<int64_t>(length_data[row], 0, max_len);
     const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
-    const int64_t length = end - begin;  // the live positions read, from `begin` on
-    scores.resize(group * length);
     const int64_t slot = std::clamp<int64_t>(slot_data[row], 0, slots - 1);
-    const int64_t cache_offset = ((slot * heads + head) * max_len + begin) * dim;
+    const int64_t offset = ((slot * heads + head) * max_len + begin) * dim;
+    return LiveRows<KV>{k_data + offset, v_data + offset, end - begin};
+  };
+  auto attend = [=](int64_t item, int64_t next) {
+    thread_local std::vector<float> scores;  // each thread's own, kept across calls
+    const LiveRows<KV> rows = live_rows(item);
+    const int64_t length = rows.length;
+    scores.resize(group * length);
     const float* q_item = q_data + item * group * dim;
-    const KV* k_item = k_data + cache_offset;
-    const KV* v_item = v_data + cache_offset;
     float* out_item = out_data + item * group * dim;
     std::fill(out_item, out_item + group * dim, 0.0f);
     if (length == 0) return;  // a row that attends nowhere gets zeros
+    // A decode step's items each read other rows, mostly from memory: the next one's are
+    // fetched while this one computes. Not where the row before the next one read its slot
+    // too (a prompt piece's tokens: the same rows, in cache already), nor past the last item.
+    const int64_t next_row = next / heads;
+    const bool fetch = next < width * heads &&
+                       (next_row == 0 || slot_data[next_row - 1] != slot_data[next_row]);
+    const LiveRows<KV> ahead = fetch ? live_rows(next) : LiveRows<KV>{};
     float* scratch = scores.data();
     switch (dim) {
-      case 16: AttendOneHeadVec<1>(q_item, k_item, v_item, out_item, length, group, scale, scratch); break;
-      case 32: AttendOneHeadVec<2>(q_item, k_item, v_item, out_item, length, group, scale, scratch); break;
-      case 64: AttendOneHeadVec<4>(q_item, k_item, v_item, out_item, length, group, scale, scratch); break;
-      case 128: AttendOneHeadVec<8>(q_item, k_item, v_item, out_item, length, group, scale, scratch); break;
-      default: AttendOneHead(q_item, k_item, v_item, out_item, length, group, dim, scale, scratch);
+      case 16: AttendOneHeadVec<1>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
+      case 32: AttendOneHeadVec<2>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
+      case 64: AttendOneHeadVec<4>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
+      case 128: AttendOneHeadVec<8>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
+      default: AttendOneHead(q_item, rows.k, rows.v, out_item, length, group, dim, scale, scratch);
     }
   };
   ParallelFor(pool, width * heads, attend);

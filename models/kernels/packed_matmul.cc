@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "prefetch.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -66,22 +67,6 @@ template <typename W>
 constexpr int64_t PanelSize(int64_t k) {
   return kPanel * (std::is_same_v<W, uint16_t> ? (k + kPairBlock - 1) / kPairBlock * kPairBlock : k);
 }
-
-// Fetches [next, end) into L2 over `steps` calls to Step, a line whenever its share of the
-// steps has passed (several at once where there are more lines than steps). An even pace: the
-// same prefetches issued in a burst at a panel's start slowed the FMAs behind them
-// (benchmarks/NOTES.md).
-struct Prefetcher {
-  const char* next;
-  const char* end;
-  int64_t lines, steps, credit = 0;
-
-  void Step() {
-    for (credit += lines; credit >= steps && next < end; credit -= steps, next += 64) {
-      __builtin_prefetch(next, /*rw=*/0, /*locality=*/2);
-    }
-  }
-};
 
 // R rows of x (row stride k) against inputs [i0, i1) of one panel, added to the rows' 48 sums
 // in `sums` (row stride 48). int8 panels: `scales` [ceil(k / 64), 48], the panel's scales by
@@ -137,9 +122,7 @@ void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
            const float* scales, int64_t k, float* y, int64_t n, int64_t cols) {
   const int64_t tiles = rows / 8 + (rows % 8 >= 4) + (rows % 4 >= 2) + rows % 2;
   const int64_t steps = tiles * (std::is_same_v<W, uint16_t> ? (k + 1) / 2 : k);
-  const int64_t panel_lines = (PanelSize<W>(k) * sizeof(W) + 63) / 64;
-  const char* next = reinterpret_cast<const char*>(next_panel);
-  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, panel_lines, steps};
+  Prefetcher ahead = Prefetcher::Over(next_panel, PanelSize<W>(k) * sizeof(W), steps);
   alignas(64) float sums[kRowBlock][kPanel];
   std::fill(sums[0], sums[rows], 0.0f);
   const int64_t chunk = tiles > 1 ? kChunk : k;
@@ -177,10 +160,9 @@ void ConfigureTiles(int rows) {
 // the tiles, 16 rows at a time, prefetching `next_panel` (null: none) over all of them.
 void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uint16_t* next_panel,
                int64_t k_pad, float* y, int64_t n, int64_t cols) {
-  const int64_t steps = k_pad / kPairBlock, panel_lines = k_pad * kPanel * 2 / 64;
-  const int64_t all_steps = steps * ((rows + 15) / 16);
-  const char* next = reinterpret_cast<const char*>(next_panel);
-  Prefetcher ahead{next, next ? next + panel_lines * 64 : nullptr, panel_lines, all_steps};
+  const int64_t steps = k_pad / kPairBlock;
+  Prefetcher ahead = Prefetcher::Over(next_panel, k_pad * kPanel * sizeof(uint16_t),
+                                      steps * ((rows + 15) / 16));
   constexpr int64_t b_stride = 2 * kPanel * sizeof(uint16_t);  // a pair of inputs per tile row
   int configured = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
