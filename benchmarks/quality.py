@@ -59,7 +59,7 @@ def forward_logits(options: dict, tiles: bool, tokens: np.ndarray) -> np.ndarray
     on_cpu = jax.devices()[0].platform == "cpu"
     cfg = compute_config(cfg, on_cpu)  # the activations' dtype an engine here computes in
     if on_cpu and kernels.cpu_kernel_available():
-        params = transformer.pack_weights(params, tiles=tiles)
+        params = transformer.pack_weights(params, cfg, tiles=tiles)
     forward = jax.jit(transformer.forward, static_argnums=1)
     return np.stack([np.asarray(forward(params, cfg, jnp.asarray(row[None])))[0] for row in tokens])
 

@@ -259,7 +259,7 @@ class DeviceExecutor:
             kernel_attention=self.attention_kernel,
         )
         if self.matmul_kernel:  # on its one device every packed weight is whole
-            params = transformer.pack_weights(params, tiles=self.op_choice.matmul_tiles)
+            params = transformer.pack_weights(params, self.cfg, tiles=self.op_choice.matmul_tiles)
             params_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh), params)
         elif transformer.is_packed(params):
             raise ValueError("params: packed for the CPU matmul kernel, which this engine does not "

@@ -53,7 +53,8 @@ class AttentionWeights:
 @pytree_dataclass
 class MlpWeights:
     # Packed for the CPU matmul kernel (transformer.pack_weights), a gated MLP's w_gate holds
-    # w_gate and w_in side by side (`kernels.pack_side_by_side`: one call) and w_in is None.
+    # w_gate and w_in, side by side (`kernels.pack_side_by_side`: one call) or in pairs for
+    # SiLU (`kernels.pack_gated`: the call applies it too), and w_in is None.
     w_in: jax.Array | None  # [d, f]  (LLaMA: "up")
     w_out: jax.Array  # [f, d]  (LLaMA: "down")
     w_gate: jax.Array | None = None  # [d, f]; gated MLPs only
@@ -290,14 +291,20 @@ def mlp(x: jax.Array, w: MlpWeights | ExpertWeights, spec: LayerSpec) -> jax.Arr
     if isinstance(w, ExpertWeights):
         return experts(x, w, spec)
     act = ACTIVATIONS[spec.activation]
-    if side_by_side(w.w_gate):
-        gate, hidden = dense_parts(x, w.w_gate)
+    if isinstance(w.w_gate, kernels.PackedWeight) and w.w_gate.gated:  # silu(gate) * up, at once
+        if spec.activation != "silu" or w.b_in is not None:
+            raise ValueError(f"mlp: gate and up packed in pairs (SiLU, no bias) for a layer with "
+                             f"activation={spec.activation!r}, b_in={w.b_in is not None}")
+        hidden = dense(x, w.w_gate)
     else:
-        gate = None if w.w_gate is None else dense(x, w.w_gate)
-        hidden = dense(x, w.w_in)
-    if w.b_in is not None:
-        hidden = hidden + w.b_in
-    hidden = act(gate) * hidden if gate is not None else act(hidden)
+        if side_by_side(w.w_gate):
+            gate, hidden = dense_parts(x, w.w_gate)
+        else:
+            gate = None if w.w_gate is None else dense(x, w.w_gate)
+            hidden = dense(x, w.w_in)
+        if w.b_in is not None:
+            hidden = hidden + w.b_in
+        hidden = act(gate) * hidden if gate is not None else act(hidden)
     y = dense(hidden, w.w_out)
     return y if w.b_out is None else y + w.b_out
 

@@ -460,14 +460,16 @@ def quantize_weights(params: Params) -> Params:
     return map_matmul_weights(params, lambda w, in_dims: quantize(w, in_dims))
 
 
-def pack_weights(params: Params, tiles: bool = False) -> Params:
+def pack_weights(params: Params, cfg: ModelConfig, tiles: bool = False) -> Params:
     """The same params with every matmul weight packed for the CPU matmul kernel
     (`kernels.pack`; XLA:CPU, one device): float32 and bfloat16 weights as they are, int8 ones
     with their scales; packed params keep their panels. `tiles`: bfloat16 panels multiplied on
     AMX tiles (set on already packed params too). `dense` then sends each weight to the kernel;
     the experts stay arrays, which XLA's dots run. A layer's q, k and v projections go side by
     side in one packed weight (in `wq`), and so do a gated MLP's gate and up (in `w_gate`): one
-    kernel call each (`kernels.pack_side_by_side` says why)."""
+    kernel call each (`kernels.pack_side_by_side` says why). Where that MLP's activation is
+    SiLU and it has no bias, gate and up go in pairs instead (`kernels.pack_gated`), and the
+    kernel applies the activation too."""
     if not is_packed(params):
         def pack(w, in_dims: int) -> kernels.PackedWeight:
             if isinstance(w, kernels.PackedWeight):  # packed side by side (below)
@@ -476,21 +478,24 @@ def pack_weights(params: Params, tiles: bool = False) -> Params:
                 return kernels.pack(w.values, in_dims, w.scales)
             return kernels.pack(w, in_dims)
 
-        def pack_together(ws) -> kernels.PackedWeight:
+        def pack_together(ws, packer=kernels.pack_side_by_side) -> kernels.PackedWeight:
             if isinstance(ws[0], QuantizedWeight):
-                return kernels.pack_side_by_side([w.values for w in ws], [w.scales for w in ws])
-            return kernels.pack_side_by_side(ws)
+                return packer([w.values for w in ws], [w.scales for w in ws])
+            return packer(ws)
 
-        def layer(w: LayerWeights) -> LayerWeights:
+        def layer(w: LayerWeights, spec: LayerSpec) -> LayerWeights:
             attn = dataclasses.replace(w.attn, wq=pack_together([w.attn.wq, w.attn.wk, w.attn.wv]),
                                        wk=None, wv=None)
             mlp_ = w.mlp
             if isinstance(mlp_, MlpWeights) and mlp_.w_gate is not None:
-                mlp_ = dataclasses.replace(mlp_, w_gate=pack_together([mlp_.w_gate, mlp_.w_in]),
-                                           w_in=None)
+                gated = spec.activation == "silu" and mlp_.b_in is None
+                packer = kernels.pack_gated if gated else kernels.pack_side_by_side
+                mlp_ = dataclasses.replace(
+                    mlp_, w_gate=pack_together([mlp_.w_gate, mlp_.w_in], packer), w_in=None)
             return dataclasses.replace(w, attn=attn, mlp=mlp_)
 
-        params = dataclasses.replace(params, layers=[layer(w) for w in params.layers])
+        params = dataclasses.replace(
+            params, layers=[layer(w, spec) for w, spec in zip(params.layers, cfg.layers)])
         params = map_matmul_weights(params, pack, experts=False)
 
     def tiled(w):

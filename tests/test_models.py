@@ -135,7 +135,7 @@ def test_prefill_then_decode_through_slot_cache_matches_full_forward(
     _, hf, cfg, params = family_model
     attention_kernel = cpu_kernels and not cfg.attention_kernel_misfit
     if cpu_kernels:
-        params = transformer.pack_weights(params)
+        params = transformer.pack_weights(params, cfg)
     rng = np.random.default_rng(1)
     lengths = np.array([3, 9, 6])
     steps, pad_to, n_slots = 5, 16, 6

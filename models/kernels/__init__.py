@@ -181,7 +181,7 @@ PANEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels", "scales"],
-                   meta_fields=["shape", "in_dims", "tiles", "parts"])
+                   meta_fields=["shape", "in_dims", "tiles", "parts", "gated"])
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A weight of `shape` (its first `in_dims` dims are the inputs) as column panels
@@ -189,16 +189,20 @@ class PackedWeight:
     columns past n are zeros. bfloat16 panels hold the inputs in pairs, [ceil(n / 48),
     ceil(k / 32) * 16, 96] (inputs 2i and 2i + 1 of a column side by side, zeros past k): the
     layout AMX tiles read. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
-    one per column and group of 64 inputs (the weight is panels * scales); other panels with an
-    empty `scales`. `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`).
-    `parts`: for weights packed side by side (`pack_side_by_side`), each one's output shape."""
+    one per column and group of 64 inputs (the weight is panels * scales); other panels with
+    None (not an empty array: a step dispatches every array it takes, some 120 of them would
+    be empty). `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`).
+    `parts`: for weights packed side by side (`pack_side_by_side`), each one's output shape.
+    `gated`: a gated MLP's gate and up weights, each 48 columns of the one then of the other
+    (`pack_gated`), so that `packed_matmul` gives silu(x @ gate) * (x @ up) of `shape`."""
 
     panels: jax.Array  # float32, bfloat16 or int8
-    scales: jax.Array  # float32
+    scales: jax.Array | None  # float32
     shape: tuple[int, ...]
     in_dims: int
     tiles: bool = False
     parts: tuple[tuple[int, ...], ...] = ()
+    gated: bool = False
 
 
 def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None,
@@ -217,11 +221,11 @@ def pack(w: jax.Array, in_dims: int = 1, scales: jax.Array | None = None,
         k_pad = -(-k // PAIR_BLOCK) * PAIR_BLOCK
         flat = jnp.pad(w.reshape(k, n), ((0, k_pad - k), (0, panels * PANEL - n)))
         pairs = flat.reshape(k_pad // 2, 2, panels, PANEL).transpose(2, 0, 3, 1)
-        return PackedWeight(pairs.reshape(panels, k_pad // 2, 2 * PANEL), jnp.zeros(0, jnp.float32),
+        return PackedWeight(pairs.reshape(panels, k_pad // 2, 2 * PANEL), None,
                             tuple(w.shape), in_dims, tiles)
     flat = jnp.pad(w.reshape(k, n), ((0, 0), (0, panels * PANEL - n)))
     if scales is None:
-        panel_scales = jnp.zeros(0, jnp.float32)
+        panel_scales = None
     else:
         groups = -(-k // GROUP)
         padded = jnp.pad(scales.reshape(groups, n).astype(jnp.float32), ((0, 0), (0, panels * PANEL - n)))
@@ -245,10 +249,27 @@ def pack_side_by_side(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | Non
                                parts=tuple(tuple(w.shape[1:]) for w in ws))
 
 
+def pack_gated(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | None = None) -> PackedWeight:
+    """A gated MLP's gate and up weights (`ws`, each [k, f]) packed pair by pair, 48 columns of
+    the gate then the same columns of up: `packed_matmul` gives silu(x @ gate) * (x @ up)
+    [..., f] in one call, the activation applied as each pair's sums are written (else XLA
+    writes both products, reads them back and splits them: ops of their own every layer).
+    int8 weights come with their `scales` (`pack`)."""
+    gate, up = (pack(w, 1, None if scales is None else s)
+                for w, s in zip(ws, scales or (None, None)))
+
+    def pairs(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+        return None if a is None else jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+    return dataclasses.replace(gate, panels=pairs(gate.panels, up.panels),
+                               scales=pairs(gate.scales, up.scales), gated=True)
+
+
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
-    """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32). Panels packed
-    with `tiles` are multiplied on AMX tiles where this process has them (x rounded to bfloat16,
-    packed_matmul.cc says why), on the FMAs elsewhere."""
+    """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32); for `gated`
+    panels silu(x @ gate) * (x @ up). Panels packed with `tiles` are multiplied on AMX tiles
+    where this process has them (x rounded to bfloat16, packed_matmul.cc says why), on the FMAs
+    elsewhere."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU matmul kernel is not available (see the log)")
     inputs, outputs = w.shape[: w.in_dims], w.shape[w.in_dims :]
@@ -257,7 +278,9 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     # On the tiles x goes as bfloat16, rounded by XLA where it is made (in a fused producer).
     x_dtype = jnp.bfloat16 if w.tiles and tiles_available() else jnp.float32
-    return call(x.reshape(rows, k).astype(x_dtype), w.panels, w.scales).reshape(*lead, *outputs)
+    scales = np.zeros(0, np.float32) if w.scales is None else w.scales  # a constant: the kernel's [0]
+    return call(x.reshape(rows, k).astype(x_dtype), w.panels, scales,
+                gated=w.gated).reshape(*lead, *outputs)
 
 
 def packed_matmul_parts(x: jax.Array, w: PackedWeight) -> list[jax.Array]:

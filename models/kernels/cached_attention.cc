@@ -7,7 +7,9 @@
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
 // each (slot, KV head) reads its live K rows once for the scores and its live
-// V rows once for the output, so a step reads exactly the live KV bytes.
+// V rows once for the output, so a step reads exactly the live KV bytes. In a decode step
+// those come from memory, (slot, KV head) after (slot, KV head): while a thread computes one,
+// it fetches the next one it will take into L2, paced over its work.
 //
 // Each (row, KV head) is computed alone, in a fixed order, so a row's result
 // does not depend on which other rows share the call (batch invariance).
@@ -32,28 +34,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane indices
-
 // Lanes of a (0-15) and b (16-31), picked by constant indices.
 #if defined(__clang__) || __GNUC__ >= 12
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
-
-// x's bits as a To: a vector by a cast between vector types (a memcpy of 64 bytes goes
-// through the stack where GCC tunes for 256-bit moves), a scalar by memcpy.
-template <typename To, typename From>
-inline To BitCast(From x) {
-  static_assert(sizeof(To) == sizeof(From));
-  if constexpr (std::is_arithmetic_v<From>) {
-    To y;
-    std::memcpy(&y, &x, sizeof y);
-    return y;
-  } else {
-    return (To)x;
-  }
-}
 
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
 template <typename KV>
@@ -66,30 +52,6 @@ inline float Dot(const KV* a, const float* b, int64_t n) {
   for (; e < n; ++e) sum += ToFloat(a[e]) * b[e];
   for (int j = 0; j < 16; ++j) sum += lanes[j];
   return sum;
-}
-
-// e^x for x <= 0 (scores minus their maximum), for a float or 16 lanes (F = float, I = int32_t
-// or F16, I16): std::exp does not vectorize without -ffast-math. x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by the Cephes expf polynomial, 2^n built in the exponent bits. At most
-// 1.4 ulp from e^x; x below -87 counts as -87 (e^-87 is 1.6e-38).
-template <typename F, typename I>
-inline F ExpNonPositive(F x) {
-  const F lowest = F{} - 87.0f;
-  x = x < lowest ? lowest : x;
-  const F shifter = F{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const F shifted = x * 1.44269504088896341f + shifter;
-  const F n = shifted - shifter;
-  const F r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // n sits in the low mantissa bits of `shifted`; 2^n is its exponent field.
-  const I scale_bits = (BitCast<I>(shifted) - 0x4B400000 + 127) << 23;
-  return p * BitCast<F>(scale_bits);
 }
 
 // Softmax over row[0, length), in place, in float32, 16 positions at a time.
@@ -107,12 +69,12 @@ inline void Softmax(float* row, int64_t length) {
   for (int64_t t = whole; t < length; ++t) max = std::max(max, row[t]);
   F16 sums = {};
   for (int64_t t = 0; t < whole; t += 16) {
-    const F16 e = ExpNonPositive<F16, I16>(Load(row + t) - max);
+    const F16 e = Exp<F16, I16>(Load(row + t) - max);
     Store(row + t, e);
     sums += e;
   }
   float sum = 0.0f;
-  for (int64_t t = whole; t < length; ++t) sum += (row[t] = ExpNonPositive<float, int32_t>(row[t] - max));
+  for (int64_t t = whole; t < length; ++t) sum += (row[t] = Exp<float, int32_t>(row[t] - max));
   for (int j = 0; j < 16; ++j) sum += sums[j];
   const float inverse = 1.0f / sum;
   for (int64_t t = 0; t < length; ++t) row[t] *= inverse;

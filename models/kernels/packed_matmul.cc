@@ -17,6 +17,10 @@
 // of rows or how they are grouped, so a row's result does not depend on which
 // other rows share the call (batch invariance).
 //
+// A gated MLP's gate and up weights can come as pairs of panels, the gate's 48 columns and
+// then up's: an item multiplies both and writes silu(gate) * up, so XLA neither writes both
+// products nor reads them back for the activation.
+//
 // The panels hold float32, bfloat16 or int8 weights; each is widened to float32
 // as it is loaded and the sums run in float32 (x stays float32), so a narrower
 // weight costs fewer bytes to stream and nothing else. Float32 and int8 panels
@@ -111,19 +115,18 @@ void Tile(const float* x, const W* panel, const float* scales, int64_t k, int64_
   }
 }
 
-// Rows [0, rows) (at most kRowBlock) of x against one panel, 8 at a time, then 4, 2, 1,
-// prefetching `next_panel` (null: none) over the tiles. Where several tiles of rows read the
+// Rows [0, rows) (at most kRowBlock) of x against one panel, 8 at a time, then 4, 2, 1, into
+// sums [rows, 48], prefetching `next_panel` (null: none) over the tiles. Where several tiles of rows read the
 // panel, they take its inputs a chunk at a time (kChunk), each tile's sums put aside between
 // chunks: every tile but the first reads the chunk from L1, where a whole panel (tens to
 // hundreds of kB) would come from L2. Each sum still runs over k in order, so the chunks
 // change no bit of the result.
 template <typename W>
 void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
-           const float* scales, int64_t k, float* y, int64_t n, int64_t cols) {
+           const float* scales, int64_t k, float (*sums)[kPanel]) {
   const int64_t tiles = rows / 8 + (rows % 8 >= 4) + (rows % 4 >= 2) + rows % 2;
   const int64_t steps = tiles * (std::is_same_v<W, uint16_t> ? (k + 1) / 2 : k);
   Prefetcher ahead = Prefetcher::Over(next_panel, PanelSize<W>(k) * sizeof(W), steps);
-  alignas(64) float sums[kRowBlock][kPanel];
   std::fill(sums[0], sums[rows], 0.0f);
   const int64_t chunk = tiles > 1 ? kChunk : k;
   for (int64_t i0 = 0; i0 < k; i0 += chunk) {
@@ -134,7 +137,6 @@ void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
     if (r + 2 <= rows) Tile<2>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead), r += 2;
     if (r < rows) Tile<1>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead);
   }
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * n, sums[r], cols * sizeof(float));
 }
 
 #if FLOVER_TILES
@@ -156,10 +158,11 @@ void ConfigureTiles(int rows) {
   _tile_loadconfig(&config);
 }
 
-// Rows [0, rows) of x (bfloat16 [rows, k_pad], row stride k_pad) against one bfloat16 panel on
-// the tiles, 16 rows at a time, prefetching `next_panel` (null: none) over all of them.
+// Rows [0, rows) (at most kRowBlock) of x (bfloat16 [rows, k_pad], row stride k_pad) against
+// one bfloat16 panel on the tiles, 16 rows at a time, into sums [rows, 48], prefetching
+// `next_panel` (null: none) over all of them.
 void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uint16_t* next_panel,
-               int64_t k_pad, float* y, int64_t n, int64_t cols) {
+               int64_t k_pad, float (*sums)[kPanel]) {
   const int64_t steps = k_pad / kPairBlock;
   Prefetcher ahead = Prefetcher::Over(next_panel, k_pad * kPanel * sizeof(uint16_t),
                                       steps * ((rows + 15) / 16));
@@ -182,11 +185,9 @@ void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uin
       _tile_dpbf16ps(2, 6, 5);
       ahead.Step();
     }
-    alignas(64) float sums[16][kPanel];
-    _tile_stored(0, sums[0], kPanel * sizeof(float));
-    _tile_stored(1, sums[0] + 16, kPanel * sizeof(float));
-    _tile_stored(2, sums[0] + 32, kPanel * sizeof(float));
-    for (int r = 0; r < m; ++r) std::memcpy(y + (r0 + r) * n, sums[r], cols * sizeof(float));
+    _tile_stored(0, sums[r0], kPanel * sizeof(float));
+    _tile_stored(1, sums[r0] + 16, kPanel * sizeof(float));
+    _tile_stored(2, sums[r0] + 32, kPanel * sizeof(float));
   }
   _tile_release();
 }
@@ -210,35 +211,74 @@ bool TilesPermitted() {
 bool TilesPermitted() { return false; }
 #endif
 
-// Items run panel by panel, row blocks within; `next` is a thread's next item.
+// Items run panel by panel, row blocks within; `next` is a thread's next item. Gated panels
+// come in pairs, a gated MLP's gate and up for the same 48 columns, and an item takes both.
 template <typename W>
 struct Items {
   const W* panels;
   int64_t rows, num_panels, panel_size;
+  bool gated;
 
+  int64_t per_item() const { return gated ? 2 : 1; }
   int64_t row_blocks() const { return (rows + kRowBlock - 1) / kRowBlock; }
-  int64_t count() const { return num_panels * row_blocks(); }
-  int64_t panel(int64_t item) const { return item / row_blocks(); }
+  int64_t count() const { return num_panels / per_item() * row_blocks(); }
+  int64_t columns(int64_t item) const { return item / row_blocks(); }  // which 48 of the outputs
+  int64_t panel(int64_t item) const { return columns(item) * per_item(); }  // its (first) panel
   int64_t first_row(int64_t item) const { return item % row_blocks() * kRowBlock; }
   int64_t rows_of(int64_t item) const { return std::min(kRowBlock, rows - first_row(item)); }
   // The panel to prefetch: null where the next item reads this one.
   const W* next_panel(int64_t item, int64_t next) const {
-    return next < count() && panel(next) != panel(item) ? panels + panel(next) * panel_size : nullptr;
+    return next < count() && columns(next) != columns(item) ? panels + panel(next) * panel_size
+                                                            : nullptr;
   }
 };
 
-// x [rows, k]; panels [p, ..] with n <= 48 p (columns past n are padding); scales
-// [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. On the FMAs.
+// silu(gate) * up = gate / (1 + e^-gate) * up for one row's 48 columns, `cols` of them into y.
+inline void SiluTimesUp(const float* gate, const float* up, float* y, int64_t cols) {
+  alignas(64) float row[kPanel];
+  for (int c = 0; c < 3; ++c) {
+    const F16 g = Load(gate + 16 * c);
+    Store(row + 16 * c, g / (1.0f + Exp<F16, I16>(-g)) * Load(up + 16 * c));
+  }
+  std::memcpy(y, row, cols * sizeof(float));
+}
+
+// Every item into out [rows, n]: multiply(first_row, rows, panel, next_panel, sums) puts rows
+// [first_row, + rows) of x times panel `panel` into sums [rows, 48], prefetching next_panel
+// (null: none). A gated item's output is silu(its gate's sums) * its up's, per element, so a
+// row's result still depends on that row alone.
+template <typename W, typename MultiplyPanel>
+void RunItems(ffi::ThreadPool& pool, const Items<W>& items, float* out, int64_t n,
+              MultiplyPanel multiply) {
+  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
+    const int64_t first_row = items.first_row(item), rows = items.rows_of(item);
+    const int64_t p = items.panel(item), cols = std::min(kPanel, n - items.columns(item) * kPanel);
+    float* y = out + first_row * n + items.columns(item) * kPanel;
+    alignas(64) float sums[kRowBlock][kPanel];
+    if (!items.gated) {
+      multiply(first_row, rows, p, items.next_panel(item, next), sums);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * n, sums[r], cols * sizeof(float));
+      return;
+    }
+    alignas(64) float up[kRowBlock][kPanel];
+    multiply(first_row, rows, p, items.panels + (p + 1) * items.panel_size, sums);
+    multiply(first_row, rows, p + 1, items.next_panel(item, next), up);
+    for (int64_t r = 0; r < rows; ++r) SiluTimesUp(sums[r], up[r], y + r * n, cols);
+  });
+}
+
+// x [rows, k]; panels [p, ..] with n <= 48 p (columns past n are padding; gated: 2 panels per
+// 48 columns); scales [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. On
+// the FMAs.
 template <typename W>
 void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const float* scales,
-              int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out) {
-  const Items<W> items{panels, rows, num_panels, PanelSize<W>(k)};
+              int64_t rows, int64_t k, int64_t num_panels, bool gated, int64_t n, float* out) {
+  const Items<W> items{panels, rows, num_panels, PanelSize<W>(k), gated};
   const int64_t groups = (k + kGroup - 1) / kGroup;
-  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
-    const int64_t p = items.panel(item), first_row = items.first_row(item);
-    Panel(x + first_row * k, items.rows_of(item), panels + p * items.panel_size,
-          items.next_panel(item, next), scales ? scales + p * groups * kPanel : nullptr, k,
-          out + first_row * n + p * kPanel, n, std::min(kPanel, n - p * kPanel));
+  RunItems(pool, items, out, n, [=](int64_t first_row, int64_t rows, int64_t p, const W* next,
+                                    float (*sums)[kPanel]) {
+    Panel(x + first_row * k, rows, panels + p * items.panel_size, next,
+          scales ? scales + p * groups * kPanel : nullptr, k, sums);
   });
 }
 
@@ -246,8 +286,9 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const floa
 // x [rows, k] bfloat16 against bfloat16 panels, on the tiles. Rows whose length is not a
 // multiple of 32 inputs, or that do not start on a cache line, are copied into ones that do.
 void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* panels,
-                     int64_t rows, int64_t k, int64_t num_panels, int64_t n, float* out) {
-  const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k)};
+                     int64_t rows, int64_t k, int64_t num_panels, bool gated, int64_t n,
+                     float* out) {
+  const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k), gated};
   const int64_t k_pad = items.panel_size / kPanel;
   std::vector<uint16_t> storage;
   if (k_pad != k || reinterpret_cast<uintptr_t>(x) % 64) {
@@ -258,32 +299,32 @@ void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* p
     }
     x = padded;
   }
-  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
-    const int64_t p = items.panel(item), first_row = items.first_row(item);
-    TilePanel(x + first_row * k_pad, items.rows_of(item), panels + p * items.panel_size,
-              items.next_panel(item, next), k_pad, out + first_row * n + p * kPanel, n,
-              std::min(kPanel, n - p * kPanel));
+  RunItems(pool, items, out, n, [=](int64_t first_row, int64_t rows, int64_t p,
+                                    const uint16_t* next, float (*sums)[kPanel]) {
+    TilePanel(x + first_row * k_pad, rows, panels + p * items.panel_size, next, k_pad, sums);
   });
 }
 #endif
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Buffer<ffi::F32> scales, bool gated, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), pd = panels.dimensions(), od = out->dimensions();
   const auto type = panels.element_type();
   const bool int8 = type == ffi::DataType::S8, pairs = type == ffi::DataType::BF16;
   const bool on_tiles = x.element_type() == ffi::DataType::BF16;
   const int64_t k = xd.size() == 2 ? xd[1] : -1;
   const int64_t panel_rows = pairs ? PanelSize<uint16_t>(k) / kPanel / 2 : k;
+  const int64_t blocks = pd.size() == 3 ? pd[0] / (gated ? 2 : 1) : 0;  // of 48 output columns
   if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != (pairs ? 2 : 1) * kPanel ||
-      pd[1] != panel_rows || od[0] != xd[0] || od[1] > pd[0] * kPanel ||
-      od[1] <= (pd[0] - 1) * kPanel ||
+      pd[1] != panel_rows || od[0] != xd[0] || (gated && pd[0] % 2) ||
+      od[1] > blocks * kPanel || od[1] <= (blocks - 1) * kPanel ||
       scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0) ||
       (x.element_type() != ffi::DataType::F32 && !on_tiles)) {
     return ffi::Error::InvalidArgument(
         "packed_matmul: expected x [rows, k] (float32; bfloat16 for the tiles), panels [p, k, 48] "
         "(float32, int8) or [p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] "
-        "(int8 panels) or [0] (others) and out [rows, n] with 48 (p - 1) < n <= 48 p");
+        "(int8 panels) or [0] (others) and out [rows, n] with 48 (b - 1) < n <= 48 b, b = p "
+        "(gated: p / 2, p even)");
   }
   const int64_t rows = xd[0], num_panels = pd[0], n = od[1];
   float* out_data = out->typed_data();
@@ -292,7 +333,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
 #if FLOVER_TILES
     if (pairs && TilesPermitted()) {
       MultiplyOnTiles(pool, static_cast<const uint16_t*>(x.untyped_data()),
-                      static_cast<const uint16_t*>(data), rows, k, num_panels, n, out_data);
+                      static_cast<const uint16_t*>(data), rows, k, num_panels, gated, n,
+                      out_data);
       return ffi::Error::Success();
     }
 #endif
@@ -302,16 +344,16 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
   const float* x_data = static_cast<const float*>(x.untyped_data());
   switch (type) {
     case ffi::DataType::F32:
-      Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, n,
-               out_data);
+      Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, gated,
+               n, out_data);
       break;
     case ffi::DataType::BF16:
-      Multiply(pool, x_data, static_cast<const uint16_t*>(data), nullptr, rows, k, num_panels, n,
-               out_data);
+      Multiply(pool, x_data, static_cast<const uint16_t*>(data), nullptr, rows, k, num_panels,
+               gated, n, out_data);
       break;
     case ffi::DataType::S8:
       Multiply(pool, x_data, static_cast<const int8_t*>(data), scales.typed_data(), rows, k,
-               num_panels, n, out_data);
+               num_panels, gated, n, out_data);
       break;
     default:
       return ffi::Error::InvalidArgument("packed_matmul: panels must be float32, bfloat16 or int8");
@@ -327,6 +369,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
                                   .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::AnyBuffer>()          // panels
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
+                                  .Attr<bool>("gated")            // panels in (gate, up) pairs
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 // 1 where this build and process can multiply on AMX tiles (a bfloat16 x), else 0.

@@ -5,12 +5,14 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane indices
 
 // Loads and stores dereference the vector types rather than memcpy them: where GCC tunes for a
 // CPU it takes to prefer 256-bit moves (-march=native on some virtual Sapphire Rapids says
@@ -61,4 +63,43 @@ inline float ToFloat(uint16_t bits) {
   float x;
   std::memcpy(&x, &wide, sizeof x);
   return x;
+}
+
+// x's bits as a To: a vector by a cast between vector types (a memcpy of 64 bytes goes
+// through the stack where GCC tunes for 256-bit moves), a scalar by memcpy.
+template <typename To, typename From>
+inline To BitCast(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  if constexpr (std::is_arithmetic_v<From>) {
+    To y;
+    std::memcpy(&y, &x, sizeof y);
+    return y;
+  } else {
+    return (To)x;
+  }
+}
+
+// e^x for a float or 16 lanes (F = float, I = int32_t or F16, I16): std::exp does not
+// vectorize without -ffast-math. x = n ln2 + r with |r| <= ln2 / 2, e^r by the Cephes expf
+// polynomial, 2^n built in the exponent bits. At most 1.4 ulp from e^x; x is taken into
+// [-87, 88] (e^-87 is 1.6e-38, e^88 1.7e38: 2^n stays a normal float).
+template <typename F, typename I>
+inline F Exp(F x) {
+  const F lowest = F{} - 87.0f, highest = F{} + 88.0f;
+  x = x < lowest ? lowest : x;
+  x = x > highest ? highest : x;
+  const F shifter = F{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const F shifted = x * 1.44269504088896341f + shifter;
+  const F n = shifted - shifter;
+  const F r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // n sits in the low mantissa bits of `shifted`; 2^n is its exponent field.
+  const I scale_bits = (BitCast<I>(shifted) - 0x4B400000 + 127) << 23;
+  return p * BitCast<F>(scale_bits);
 }
