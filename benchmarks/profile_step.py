@@ -115,7 +115,8 @@ def main(argv):
         per_op = profile(ex, width, kv_len, FLAGS.steps)
         table = collections.Counter()
         for op, ms in per_op.items():
-            if op in scopes:
+            # A conditional's time is its branch's ops', traced on their own.
+            if op in scopes and not op.startswith(("cond", "conditional")):
                 table[(scopes[op], kind_of(op, reductions))] += ms
         total = sum(table.values())
         print(f"### {live} live slots, {context} tokens of context (window {width}, kv_len {kv_len})\n")

@@ -180,6 +180,27 @@ def report(logits: jax.Array, tokens: jax.Array, active: jax.Array,
                    token_logprobs(logits, tokens, active & params.logprobs), ids, values)
 
 
+def plain_greedy(params: SlotSampling, active: jax.Array) -> jax.Array:
+    """Whether every row takes the argmax of its logits as they are (no temperature, no
+    penalty) and no active row asks for log-probabilities: then a step needs only each row's
+    argmax (`greedy_report`), not the logits. A bool scalar."""
+    wants_logprobs = jnp.any(active & (params.logprobs | (params.top_logprobs > 0)))
+    return ~(_penalised(params) | jnp.any(params.temperature > 0) | wants_logprobs)
+
+
+def greedy_report(tokens: jax.Array, active: jax.Array) -> Sampled:
+    """`report` of rows that picked `tokens` greedily and asked for no log-probabilities."""
+    shape = (tokens.shape[0], MAX_TOP_LOGPROBS)
+    return Sampled(jnp.where(active, tokens, -1), jnp.zeros(tokens.shape, jnp.float32),
+                   jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32))
+
+
+def _penalised(params: SlotSampling) -> jax.Array:
+    """Whether any row uses a repetition, presence or frequency penalty (a bool scalar)."""
+    return (jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
+            | jnp.any(params.frequency_penalty != 0.0))
+
+
 def apply_penalties(
     logits: jax.Array, params: SlotSampling, seen: jax.Array, counts: jax.Array
 ) -> jax.Array:
@@ -362,8 +383,7 @@ def sample_tokens(
     """
     logits = logits.astype(jnp.float32)
     # Penalties read two [B, V] masks: skip them when no row uses one (the default).
-    penalised = (jnp.any(params.repetition_penalty != 1.0) | jnp.any(params.presence_penalty != 0.0)
-                 | jnp.any(params.frequency_penalty != 0.0))
+    penalised = _penalised(params)
 
     def penalise() -> jax.Array:
         def rows(mask: jax.Array) -> jax.Array:

@@ -29,7 +29,9 @@ from flover_jax.sampling import (
     Sampled,
     SlotSampling,
     count_tokens,
+    greedy_report,
     mark_tokens,
+    plain_greedy,
     report,
     sample_tokens,
 )
@@ -130,7 +132,7 @@ def decode_step(
         return jax.lax.dynamic_update_slice_in_dim(array, rows, start, axis=0)
 
     active, pos = window(state.active), window(state.pos)
-    logits, cache = transformer.decode(
+    hidden, cache = transformer.decode_hidden(
         params, cfg, state.cache, window(state.tokens), pos, active, start, kv_len, attention_kernel
     )
     # Finished rows sample greedily: their token is dropped, and a sampling row
@@ -139,10 +141,22 @@ def decode_step(
     sampling = dataclasses.replace(
         sampling, temperature=jnp.where(active, sampling.temperature, 0.0)
     )
-    with jax.named_scope("sampling"):
-        # The whole table's masks: the window's rows are read only if a row uses a penalty.
-        new = sample_tokens(logits, sampling, window(state.generated), state.seen,
-                            state.output_counts, mask_offset=start)
+
+    def sample() -> Sampled:
+        logits = transformer.logits(params, hidden, cfg)
+        with jax.named_scope("sampling"):
+            # The whole table's masks: the window's rows are read only if a row uses a penalty.
+            new = sample_tokens(logits, sampling, window(state.generated), state.seen,
+                                state.output_counts, mask_offset=start)
+            return report(logits, new, active, sampling)
+
+    if transformer.argmax_head(params, cfg):  # the same tokens, without the logits when greedy
+        sampled = jax.lax.cond(
+            plain_greedy(sampling, active),
+            lambda: greedy_report(transformer.greedy_tokens(params, hidden, cfg), active), sample)
+    else:
+        sampled = sample()
+    new = sampled.tokens  # -1 where inactive: those rows' tokens are dropped below
     remaining = window(state.remaining) - active
     stop = (remaining <= 0) | (_is_eos(new, eos_ids) & ~window(state.ignore_eos))
     stop = stop | (pos + 1 >= state.max_len)
@@ -156,7 +170,7 @@ def decode_step(
         seen=mark_tokens(state.seen, new, active, start),
         output_counts=count_tokens(state.output_counts, new, active, start),
     )
-    return state, report(logits, new, active, sampling)
+    return state, sampled
 
 
 # XLA:CPU allocates a program's temporaries on every call, and glibc maps an allocation over

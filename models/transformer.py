@@ -186,6 +186,23 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
     return x if cfg.embed_scale == 1.0 else x * jnp.asarray(cfg.embed_scale, cfg.activation_dtype)
 
 
+def argmax_head(params: Params, cfg: ModelConfig) -> bool:
+    """Whether `greedy_tokens` can pick tokens without the logits: the LM head is packed for the
+    CPU kernel and nothing follows its matmul (no bias, no soft cap)."""
+    return (isinstance(params.lm_head, kernels.PackedWeight) and params.lm_head_bias is None
+            and cfg.final_softcap is None)
+
+
+def greedy_tokens(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """argmax(logits(params, hidden, cfg)) per row (the first of equal maxima), int32 [...]:
+    the LM head kernel keeps each row's best as it goes (`kernels.packed_argmax`), so the
+    [..., vocab] logits are neither written nor read back. Where `argmax_head` holds."""
+    if not argmax_head(params, cfg):
+        raise ValueError("greedy_tokens: the LM head is not a packed weight alone (argmax_head)")
+    with jax.named_scope("lm_head"):
+        return kernels.packed_argmax(norm(hidden, params.final_norm, cfg), params.lm_head)
+
+
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and LM head: hidden [..., d] -> float32 logits [..., vocab]."""
     with jax.named_scope("lm_head"):
@@ -279,14 +296,31 @@ def decode(
     kv_len: int,
     attention_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """One token for each slot of the window [start, start + w).
+    """`decode_hidden` and the LM head: float32 logits [w, vocab] and the updated cache."""
+    hidden, cache = decode_hidden(params, cfg, cache, tokens, positions, writes, start, kv_len,
+                                  attention_kernel)
+    return logits(params, hidden, cfg), cache
+
+
+def decode_hidden(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    writes: jax.Array,
+    start: jax.Array,
+    kv_len: int,
+    attention_kernel: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """One token for each slot of the window [start, start + w), up to the LM head.
 
     tokens, positions [w]: the new token of each slot and its position (= the
     number of tokens already cached). writes [w]: rows whose K/V is stored;
     the others (free or finished slots) compute garbage the caller drops, and
     change nothing.
     kv_len (static) bounds the positions read; it must exceed max(positions).
-    Returns float32 logits [w, vocab] and the updated cache.
+    Returns the last layer's output [w, d] (`logits` takes it) and the updated cache.
 
     Attention reads either the window's first kv_len positions (a copy of that
     block) or, when the window covers enough of the cache, every slot's whole
@@ -339,7 +373,7 @@ def decode(
             return attend(q, k_all, v_all, mask, cfg)
 
         x = _block(x, layer, spec, positions[:, None], cfg, cached_attend)
-    return logits(params, x[:, 0], cfg), KVCache(tuple(k_cache), tuple(v_cache))
+    return x[:, 0], KVCache(tuple(k_cache), tuple(v_cache))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.05) -> Params:

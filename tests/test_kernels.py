@@ -270,6 +270,45 @@ def test_gated_pairs_give_silu_of_gate_times_up(weights, tiles):
                                       out[row])
 
 
+VALUES = [-np.inf, -1.5, -0.0, 0.0, 1.5, 2.0, np.inf, np.nan]  # ties, signed zeros, inf, NaN
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 150), st.data())
+def test_packed_argmax_takes_the_first_largest_product(n, data):
+    """packed_argmax is jnp.argmax of packed_matmul's products, bit for bit: the first of equal
+    maxima (+0 and -0 equal), the first NaN where there is one, across the 48-column blocks the
+    threads take in any order. One input, so each product is exactly its row's x times the
+    weight: ties, infinities and NaNs come through as drawn."""
+    w = np.array(data.draw(st.lists(st.sampled_from(VALUES), min_size=n, max_size=n)), np.float32)
+    x = np.array(data.draw(st.lists(st.sampled_from([1.0, -1.0, 0.5, 0.0]), min_size=1, max_size=9)),
+                 np.float32)[:, None]
+    packed = kernels.pack(jnp.asarray(w[None, :]))
+    products = np.asarray(kernels.packed_matmul(jnp.asarray(x), packed))
+    np.testing.assert_array_equal(np.asarray(kernels.packed_argmax(jnp.asarray(x), packed)),
+                                  np.asarray(jnp.argmax(jnp.asarray(products), axis=-1)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype, tiles", [("float32", False), ("bfloat16", True)])
+def test_greedy_tokens_are_the_argmax_of_the_logits(family, dtype, tiles):
+    """transformer.greedy_tokens (the LM head kernel's argmax) gives each row the argmax of
+    transformer.logits, whose [rows, vocab] it never writes; float32 and bfloat16 on AMX tiles
+    (LLaMA's gated MLP in pairs, Gemma 3's side by side), int32 [rows] for 1 to 70 rows."""
+    from models import transformer
+
+    cfg = tiny_config(family, dtype=dtype)
+    params = transformer.pack_weights(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg, tiles)
+    assert transformer.argmax_head(params, cfg)
+    rng = np.random.default_rng(9)
+    for rows in (1, 13, 70):
+        hidden = jnp.asarray(rng.standard_normal((rows, cfg.d_model)), cfg.dtype)
+        tokens = np.asarray(transformer.greedy_tokens(params, hidden, cfg))
+        logits = transformer.logits(params, hidden, cfg)
+        assert tokens.dtype == np.int32
+        np.testing.assert_array_equal(tokens, np.asarray(jnp.argmax(logits, axis=-1)))
+
+
 def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
     """A bfloat16 cache is widened as it is read: the same result as attending over its values
     in float32."""

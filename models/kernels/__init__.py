@@ -41,6 +41,7 @@ _SOURCES = tuple(Path(__file__).with_name(name) for name in ("cached_attention.c
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "prefetch.h", "vectors.h"))
 _ATTENTION_TARGET = "flover_cached_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
+_ARGMAX_TARGET = "flover_packed_argmax"
 _WRITE_TARGET = "flover_cache_write"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
@@ -120,6 +121,7 @@ def cpu_kernel_available() -> bool:
         return False
     for target, symbol in ((_ATTENTION_TARGET, library.FloverCachedAttention),
                            (_MATMUL_TARGET, library.FloverPackedMatmul),
+                           (_ARGMAX_TARGET, library.FloverPackedArgmax),
                            (_WRITE_TARGET, library.FloverCacheWrite)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     global _tiles
@@ -265,22 +267,38 @@ def pack_gated(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | None = Non
                                scales=pairs(gate.scales, up.scales), gated=True)
 
 
+def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[tuple[int, int, int], tuple]:
+    """(rows, k, n) of x @ w and the kernel's operands: x as [rows, k] in the dtype the kernel
+    takes (bfloat16 for panels on AMX tiles where this process has them, rounded by XLA where
+    it is made, in a fused producer; else float32), the panels, and the scales."""
+    if not cpu_kernel_available():
+        raise RuntimeError("the CPU matmul kernel is not available (see the log)")
+    lead = x.shape[: x.ndim - w.in_dims]
+    rows, k, n = math.prod(lead), math.prod(w.shape[: w.in_dims]), math.prod(w.shape[w.in_dims :])
+    x_dtype = jnp.bfloat16 if w.tiles and tiles_available() else jnp.float32
+    scales = np.zeros(0, np.float32) if w.scales is None else w.scales  # a constant: the kernel's [0]
+    return (rows, k, n), (x.reshape(rows, k).astype(x_dtype), w.panels, scales)
+
+
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32); for `gated`
     panels silu(x @ gate) * (x @ up). Panels packed with `tiles` are multiplied on AMX tiles
     where this process has them (x rounded to bfloat16, packed_matmul.cc says why), on the FMAs
     elsewhere."""
-    if not cpu_kernel_available():
-        raise RuntimeError("the CPU matmul kernel is not available (see the log)")
-    inputs, outputs = w.shape[: w.in_dims], w.shape[w.in_dims :]
-    lead = x.shape[: x.ndim - w.in_dims]
-    rows, k, n = math.prod(lead), math.prod(inputs), math.prod(outputs)
+    (rows, _, n), operands = _kernel_operands(x, w)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    # On the tiles x goes as bfloat16, rounded by XLA where it is made (in a fused producer).
-    x_dtype = jnp.bfloat16 if w.tiles and tiles_available() else jnp.float32
-    scales = np.zeros(0, np.float32) if w.scales is None else w.scales  # a constant: the kernel's [0]
-    return call(x.reshape(rows, k).astype(x_dtype), w.panels, scales,
-                gated=w.gated).reshape(*lead, *outputs)
+    return call(*operands, gated=w.gated).reshape(*x.shape[: x.ndim - w.in_dims], *w.shape[w.in_dims :])
+
+
+def packed_argmax(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """jnp.argmax(packed_matmul(x, w), axis=-1) for x [..., *inputs] (the first index of each
+    row's largest output, of the first NaN if any): int32 [...], the outputs never written out
+    (a greedy step's LM head: [rows, vocab] floats it would write and read back)."""
+    if w.gated:
+        raise ValueError("packed_argmax: gated panels; it takes a plain weight (an LM head)")
+    (rows, _, n), operands = _kernel_operands(x, w)
+    call = jax.ffi.ffi_call(_ARGMAX_TARGET, jax.ShapeDtypeStruct((rows,), jnp.int32))
+    return call(*operands, n=np.int64(n)).reshape(x.shape[: x.ndim - w.in_dims])
 
 
 def packed_matmul_parts(x: jax.Array, w: PackedWeight) -> list[jax.Array]:

@@ -233,61 +233,57 @@ struct Items {
   }
 };
 
-// silu(gate) * up = gate / (1 + e^-gate) * up for one row's 48 columns, `cols` of them into y.
-inline void SiluTimesUp(const float* gate, const float* up, float* y, int64_t cols) {
-  alignas(64) float row[kPanel];
+// gate = silu(gate) * up = gate / (1 + e^-gate) * up, over one row's 48 columns.
+inline void SiluTimesUp(float* gate, const float* up) {
   for (int c = 0; c < 3; ++c) {
     const F16 g = Load(gate + 16 * c);
-    Store(row + 16 * c, g / (1.0f + Exp<F16, I16>(-g)) * Load(up + 16 * c));
+    Store(gate + 16 * c, g / (1.0f + Exp<F16, I16>(-g)) * Load(up + 16 * c));
   }
-  std::memcpy(y, row, cols * sizeof(float));
 }
 
-// Every item into out [rows, n]: multiply(first_row, rows, panel, next_panel, sums) puts rows
-// [first_row, + rows) of x times panel `panel` into sums [rows, 48], prefetching next_panel
-// (null: none). A gated item's output is silu(its gate's sums) * its up's, per element, so a
-// row's result still depends on that row alone.
-template <typename W, typename MultiplyPanel>
-void RunItems(ffi::ThreadPool& pool, const Items<W>& items, float* out, int64_t n,
-              MultiplyPanel multiply) {
+// Every item: multiply(first_row, rows, panel, next_panel, sums) puts rows [first_row, + rows)
+// of x times panel `panel` into sums [rows, 48], prefetching next_panel (null: none); then
+// write(columns, first_row, rows, sums) takes the item's sums (of its 48 output columns, block
+// `columns`). A gated item's sums are silu(its gate's) * its up's, per element, so a row's
+// result still depends on that row alone.
+template <typename W, typename MultiplyPanel, typename Write>
+void RunItems(ffi::ThreadPool& pool, const Items<W>& items, MultiplyPanel multiply, Write write) {
   ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
     const int64_t first_row = items.first_row(item), rows = items.rows_of(item);
-    const int64_t p = items.panel(item), cols = std::min(kPanel, n - items.columns(item) * kPanel);
-    float* y = out + first_row * n + items.columns(item) * kPanel;
+    const int64_t p = items.panel(item);
     alignas(64) float sums[kRowBlock][kPanel];
     if (!items.gated) {
       multiply(first_row, rows, p, items.next_panel(item, next), sums);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * n, sums[r], cols * sizeof(float));
-      return;
+    } else {
+      alignas(64) float up[kRowBlock][kPanel];
+      multiply(first_row, rows, p, items.panels + (p + 1) * items.panel_size, sums);
+      multiply(first_row, rows, p + 1, items.next_panel(item, next), up);
+      for (int64_t r = 0; r < rows; ++r) SiluTimesUp(sums[r], up[r]);
     }
-    alignas(64) float up[kRowBlock][kPanel];
-    multiply(first_row, rows, p, items.panels + (p + 1) * items.panel_size, sums);
-    multiply(first_row, rows, p + 1, items.next_panel(item, next), up);
-    for (int64_t r = 0; r < rows; ++r) SiluTimesUp(sums[r], up[r], y + r * n, cols);
+    write(items.columns(item), first_row, rows, sums);
   });
 }
 
-// x [rows, k]; panels [p, ..] with n <= 48 p (columns past n are padding; gated: 2 panels per
-// 48 columns); scales [p, ceil(k / 64), 48] for int8 panels, [0] otherwise; out [rows, n]. On
-// the FMAs.
-template <typename W>
+// x [rows, k]; panels [p, ..] (gated: 2 per 48 output columns); scales [p, ceil(k / 64), 48]
+// for int8 panels, [0] otherwise. Each item's sums go to `write` (RunItems). On the FMAs.
+template <typename W, typename Write>
 void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const float* scales,
-              int64_t rows, int64_t k, int64_t num_panels, bool gated, int64_t n, float* out) {
+              int64_t rows, int64_t k, int64_t num_panels, bool gated, Write write) {
   const Items<W> items{panels, rows, num_panels, PanelSize<W>(k), gated};
   const int64_t groups = (k + kGroup - 1) / kGroup;
-  RunItems(pool, items, out, n, [=](int64_t first_row, int64_t rows, int64_t p, const W* next,
-                                    float (*sums)[kPanel]) {
+  RunItems(pool, items, [=](int64_t first_row, int64_t rows, int64_t p, const W* next,
+                            float (*sums)[kPanel]) {
     Panel(x + first_row * k, rows, panels + p * items.panel_size, next,
           scales ? scales + p * groups * kPanel : nullptr, k, sums);
-  });
+  }, write);
 }
 
 #if FLOVER_TILES
 // x [rows, k] bfloat16 against bfloat16 panels, on the tiles. Rows whose length is not a
 // multiple of 32 inputs, or that do not start on a cache line, are copied into ones that do.
+template <typename Write>
 void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* panels,
-                     int64_t rows, int64_t k, int64_t num_panels, bool gated, int64_t n,
-                     float* out) {
+                     int64_t rows, int64_t k, int64_t num_panels, bool gated, Write write) {
   const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k), gated};
   const int64_t k_pad = items.panel_size / kPanel;
   std::vector<uint16_t> storage;
@@ -299,42 +295,47 @@ void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* p
     }
     x = padded;
   }
-  RunItems(pool, items, out, n, [=](int64_t first_row, int64_t rows, int64_t p,
-                                    const uint16_t* next, float (*sums)[kPanel]) {
+  RunItems(pool, items, [=](int64_t first_row, int64_t rows, int64_t p, const uint16_t* next,
+                            float (*sums)[kPanel]) {
     TilePanel(x + first_row * k_pad, rows, panels + p * items.panel_size, next, k_pad, sums);
-  });
+  }, write);
 }
 #endif
 
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, bool gated, ffi::ResultBuffer<ffi::F32> out) {
-  const auto xd = x.dimensions(), pd = panels.dimensions(), od = out->dimensions();
+// Whether v displaces `best` in an argmax that keeps the first of equal values and takes the
+// first NaN (as jnp.argmax does).
+inline bool Displaces(float v, float best) { return best == best && (v != v || v > best); }
+
+// x @ the panels (x, panels and scales as PackedMatmul checks them), each item's sums handed
+// to write(columns, first_row, rows, sums) (RunItems). n: the output columns.
+template <typename Write>
+ffi::Error MultiplyAny(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
+                       ffi::Buffer<ffi::F32> scales, bool gated, int64_t n, Write write) {
+  const auto xd = x.dimensions(), pd = panels.dimensions();
   const auto type = panels.element_type();
   const bool int8 = type == ffi::DataType::S8, pairs = type == ffi::DataType::BF16;
   const bool on_tiles = x.element_type() == ffi::DataType::BF16;
   const int64_t k = xd.size() == 2 ? xd[1] : -1;
   const int64_t panel_rows = pairs ? PanelSize<uint16_t>(k) / kPanel / 2 : k;
   const int64_t blocks = pd.size() == 3 ? pd[0] / (gated ? 2 : 1) : 0;  // of 48 output columns
-  if (xd.size() != 2 || pd.size() != 3 || od.size() != 2 || pd[2] != (pairs ? 2 : 1) * kPanel ||
-      pd[1] != panel_rows || od[0] != xd[0] || (gated && pd[0] % 2) ||
-      od[1] > blocks * kPanel || od[1] <= (blocks - 1) * kPanel ||
+  if (xd.size() != 2 || pd.size() != 3 || pd[2] != (pairs ? 2 : 1) * kPanel ||
+      pd[1] != panel_rows || (gated && pd[0] % 2) || n > blocks * kPanel ||
+      n <= (blocks - 1) * kPanel ||
       scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0) ||
       (x.element_type() != ffi::DataType::F32 && !on_tiles)) {
     return ffi::Error::InvalidArgument(
         "packed_matmul: expected x [rows, k] (float32; bfloat16 for the tiles), panels [p, k, 48] "
         "(float32, int8) or [p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] "
-        "(int8 panels) or [0] (others) and out [rows, n] with 48 (b - 1) < n <= 48 b, b = p "
+        "(int8 panels) or [0] (others) and n outputs with 48 (b - 1) < n <= 48 b, b = p "
         "(gated: p / 2, p even)");
   }
-  const int64_t rows = xd[0], num_panels = pd[0], n = od[1];
-  float* out_data = out->typed_data();
+  const int64_t rows = xd[0], num_panels = pd[0];
   const void* data = panels.untyped_data();
   if (on_tiles) {
 #if FLOVER_TILES
     if (pairs && TilesPermitted()) {
       MultiplyOnTiles(pool, static_cast<const uint16_t*>(x.untyped_data()),
-                      static_cast<const uint16_t*>(data), rows, k, num_panels, gated, n,
-                      out_data);
+                      static_cast<const uint16_t*>(data), rows, k, num_panels, gated, write);
       return ffi::Error::Success();
     }
 #endif
@@ -345,18 +346,71 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
   switch (type) {
     case ffi::DataType::F32:
       Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, gated,
-               n, out_data);
+               write);
       break;
     case ffi::DataType::BF16:
       Multiply(pool, x_data, static_cast<const uint16_t*>(data), nullptr, rows, k, num_panels,
-               gated, n, out_data);
+               gated, write);
       break;
     case ffi::DataType::S8:
       Multiply(pool, x_data, static_cast<const int8_t*>(data), scales.typed_data(), rows, k,
-               num_panels, gated, n, out_data);
+               num_panels, gated, write);
       break;
     default:
       return ffi::Error::InvalidArgument("packed_matmul: panels must be float32, bfloat16 or int8");
+  }
+  return ffi::Error::Success();
+}
+
+// out [rows, n] = x @ the panels (for gated ones silu(x @ gate) * (x @ up)).
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
+                        ffi::Buffer<ffi::F32> scales, bool gated, ffi::ResultBuffer<ffi::F32> out) {
+  const auto od = out->dimensions();
+  if (od.size() != 2 || x.dimensions().size() != 2 || od[0] != x.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("packed_matmul: expected out [rows, n] for x [rows, k]");
+  }
+  const int64_t n = od[1];
+  float* y = out->typed_data();
+  return MultiplyAny(pool, x, panels, scales, gated, n,
+                     [=](int64_t columns, int64_t first_row, int64_t rows, float (*sums)[kPanel]) {
+    const int64_t cols = std::min(kPanel, n - columns * kPanel);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(y + (first_row + r) * n + columns * kPanel, sums[r], cols * sizeof(float));
+    }
+  });
+}
+
+// out [rows] = the first index of each row's largest value in x @ the panels (n columns; a NaN
+// counts as the largest), without writing the [rows, n] products: a greedy LM head's argmax.
+// Each item keeps its rows' best of its 48 columns; the blocks' bests are then taken in order,
+// so the result is jnp.argmax's over the same products, whatever the threads did first.
+ffi::Error PackedArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
+                        ffi::Buffer<ffi::F32> scales, int64_t n, ffi::ResultBuffer<ffi::S32> out) {
+  const int64_t rows = x.dimensions().size() == 2 ? x.dimensions()[0] : -1;
+  if (out->element_count() != rows) {
+    return ffi::Error::InvalidArgument("packed_argmax: expected out [rows] for x [rows, k]");
+  }
+  const int64_t blocks = (n + kPanel - 1) / kPanel;
+  std::vector<float> best(std::max<int64_t>(rows, 0) * blocks);
+  std::vector<int32_t> where(best.size());
+  float* best_data = best.data();
+  int32_t* where_data = where.data();
+  ffi::Error error = MultiplyAny(
+      pool, x, panels, scales, /*gated=*/false, n,
+      [=](int64_t columns, int64_t first_row, int64_t rows, float (*sums)[kPanel]) {
+        const int64_t cols = std::min(kPanel, n - columns * kPanel);
+        for (int64_t r = 0; r < rows; ++r) {
+          int64_t at = 0;
+          for (int64_t c = 1; c < cols; ++c) at = Displaces(sums[r][c], sums[r][at]) ? c : at;
+          best_data[(first_row + r) * blocks + columns] = sums[r][at];
+          where_data[(first_row + r) * blocks + columns] = static_cast<int32_t>(columns * kPanel + at);
+        }
+      });
+  if (error.failure()) return error;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t at = 0;
+    for (int64_t b = 1; b < blocks; ++b) at = Displaces(best[r * blocks + b], best[r * blocks + at]) ? b : at;
+    out->typed_data()[r] = where[r * blocks + at];
   }
   return ffi::Error::Success();
 }
@@ -371,6 +425,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
                                   .Attr<bool>("gated")            // panels in (gate, up) pairs
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedArgmax, PackedArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::AnyBuffer>()          // panels
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scales
+                                  .Attr<int64_t>("n")             // output columns
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // out
 
 // 1 where this build and process can multiply on AMX tiles (a bfloat16 x), else 0.
 extern "C" int FloverTilesAvailable() { return TilesPermitted() ? 1 : 0; }
