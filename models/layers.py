@@ -28,10 +28,15 @@ def pytree_dataclass(cls):
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
-@pytree_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scale", "bias"],
+                   meta_fields=["kernel"])
+@dataclasses.dataclass(frozen=True)
 class NormWeights:
     scale: jax.Array  # [d]
     bias: jax.Array | None = None  # [d]; LayerNorm only
+    # An RMSNorm of float32 activations runs in the CPU kernel (`kernels.rms_norm`): set with
+    # the matmul weights' packing for it (transformer.pack_weights).
+    kernel: bool = False
 
 
 @pytree_dataclass
@@ -151,6 +156,8 @@ def norm(x: jax.Array, w: NormWeights, cfg: ModelConfig, kind: Norm | None = Non
     implementations."""
     xf = x.astype(jnp.float32)
     if (kind or cfg.norm) == "rmsnorm":
+        if w.kernel and x.dtype == jnp.float32:
+            return kernels.rms_norm(x, w.scale, cfg.norm_eps).astype(jnp.result_type(w.scale, x))
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
         return w.scale * y.astype(x.dtype)
     mean = jnp.mean(xf, axis=-1, keepdims=True)

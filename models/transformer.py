@@ -503,7 +503,7 @@ def pack_weights(params: Params, cfg: ModelConfig, tiles: bool = False) -> Param
     side in one packed weight (in `wq`), and so do a gated MLP's gate and up (in `w_gate`): one
     kernel call each (`kernels.pack_side_by_side` says why). Where that MLP's activation is
     SiLU and it has no bias, gate and up go in pairs instead (`kernels.pack_gated`), and the
-    kernel applies the activation too."""
+    kernel applies the activation too. The norms are marked for the CPU RMSNorm kernel."""
     if not is_packed(params):
         def pack(w, in_dims: int) -> kernels.PackedWeight:
             if isinstance(w, kernels.PackedWeight):  # packed side by side (below)
@@ -533,8 +533,11 @@ def pack_weights(params: Params, cfg: ModelConfig, tiles: bool = False) -> Param
         params = map_matmul_weights(params, pack, experts=False)
 
     def tiled(w):
+        if isinstance(w, NormWeights):
+            return dataclasses.replace(w, kernel=True)
         if not isinstance(w, kernels.PackedWeight):
             return w
         return dataclasses.replace(w, tiles=tiles and w.panels.dtype == jnp.bfloat16)
 
-    return jax.tree.map(tiled, params, is_leaf=lambda x: isinstance(x, kernels.PackedWeight))
+    return jax.tree.map(tiled, params,
+                        is_leaf=lambda x: isinstance(x, (kernels.PackedWeight, NormWeights)))

@@ -309,6 +309,29 @@ def test_greedy_tokens_are_the_argmax_of_the_logits(family, dtype, tiles):
         np.testing.assert_array_equal(tokens, np.asarray(jnp.argmax(logits, axis=-1)))
 
 
+@pytest.mark.parametrize("d, scale_dtype", [(576, jnp.float32), (100, jnp.bfloat16), (7, jnp.float32)])
+def test_rms_norm_kernel_matches_the_xla_norm_row_by_row(d, scale_dtype):
+    """kernels.rms_norm against layers.norm's XLA RMSNorm (float32 and bfloat16 scales, widths
+    with and without a tail past 16 lanes, rows of very different sizes); a row alone gets
+    bitwise what it gets among others; pack_weights marks every norm for it."""
+    from models import transformer
+    from models.layers import NormWeights, norm
+
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.standard_normal((3, 23, d)) * np.logspace(-3, 3, 23)[:, None], jnp.float32)
+    weights = NormWeights(jnp.asarray(rng.standard_normal(d), scale_dtype))
+    cfg = tiny_config("llama", d_model=d)
+    out = np.asarray(norm(x, dataclasses.replace(weights, kernel=True), cfg))
+    np.testing.assert_allclose(out, np.asarray(norm(x, weights, cfg)), rtol=2e-6, atol=1e-30)
+    np.testing.assert_array_equal(np.asarray(kernels.rms_norm(x[1, 4:5], weights.scale, cfg.norm_eps)),
+                                  out[1, 4:5])
+    cfg = tiny_config("llama")
+    packed = transformer.pack_weights(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg)
+    norms = [n for n in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, NormWeights))
+             if isinstance(n, NormWeights)]
+    assert len(norms) == 2 * cfg.n_layers + 1 and all(n.kernel for n in norms)
+
+
 def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
     """A bfloat16 cache is widened as it is read: the same result as attending over its values
     in float32."""

@@ -37,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("cached_attention.cc", "packed_matmul.cc"))
+_SOURCES = tuple(Path(__file__).with_name(name)
+                 for name in ("cached_attention.cc", "packed_matmul.cc", "rms_norm.cc"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel_for.h", "prefetch.h", "vectors.h"))
 _ATTENTION_TARGET = "flover_cached_attention"
 _MATMUL_TARGET = "flover_packed_matmul"
 _ARGMAX_TARGET = "flover_packed_argmax"
+_NORM_TARGET = "flover_rms_norm"
 _WRITE_TARGET = "flover_cache_write"
 PANEL = 48  # columns per panel, as in packed_matmul.cc
 GROUP = 64  # inputs per int8 scale, as in packed_matmul.cc
@@ -122,6 +124,7 @@ def cpu_kernel_available() -> bool:
     for target, symbol in ((_ATTENTION_TARGET, library.FloverCachedAttention),
                            (_MATMUL_TARGET, library.FloverPackedMatmul),
                            (_ARGMAX_TARGET, library.FloverPackedArgmax),
+                           (_NORM_TARGET, library.FloverRmsNorm),
                            (_WRITE_TARGET, library.FloverCacheWrite)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     global _tiles
@@ -161,6 +164,16 @@ def cached_attention(
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(slots, jnp.int32), lengths,
                 firsts, scale=np.float32(scale))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """scale * x / sqrt(mean(x^2) + eps) over x's last dim, float32 [...] (x is taken as
+    float32; scale [d], float32 or bfloat16): the RMSNorm of `layers.norm`, each row's sum in
+    a fixed order, without XLA:CPU's slow row reduction."""
+    if not cpu_kernel_available():
+        raise RuntimeError("the CPU RMSNorm kernel is not available (see the log)")
+    call = jax.ffi.ffi_call(_NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return call(x.astype(jnp.float32), scale, eps=np.float32(eps))
 
 
 def write_cache(k_cache: jax.Array, v_cache: jax.Array, slots: jax.Array, positions: jax.Array,

@@ -1,0 +1,64 @@
+// RMSNorm for XLA:CPU: y = scale * x / sqrt(mean(x^2) + eps), row by row, in float32.
+//
+// Why a kernel: XLA:CPU reduces a row at decode widths (tens of rows of hundreds of values)
+// in tens of microseconds, many times what its bytes cost, and a step runs two per layer
+// (benchmarks/NOTES.md). One thread suffices here: a call is a few microseconds of work.
+//
+// Each row's sum of squares runs in a fixed order (16 lanes, then the lanes in order), so a
+// row's result does not depend on which other rows share the call (batch invariance).
+
+#include <cmath>
+#include <cstdint>
+
+#include "vectors.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Rows of x [rows, d] into y, the scale ([d]: float32, or bfloat16's bits) widened as read.
+template <typename S>
+void Normalize(const float* x, const S* scale, float eps, int64_t rows, int64_t d, float* y) {
+  const int64_t whole = d / 16 * 16;
+  for (int64_t r = 0; r < rows; ++r, x += d, y += d) {
+    F16 lanes = {};
+    for (int64_t i = 0; i < whole; i += 16) lanes += Load(x + i) * Load(x + i);
+    float sum = 0.0f;
+    for (int j = 0; j < 16; ++j) sum += lanes[j];
+    for (int64_t i = whole; i < d; ++i) sum += x[i] * x[i];
+    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < whole; i += 16) Store(y + i, Widen(scale + i) * (Load(x + i) * inverse));
+    for (int64_t i = whole; i < d; ++i) y[i] = ToFloat(scale[i]) * (x[i] * inverse);
+  }
+}
+
+ffi::Error RmsNorm(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer scale, float eps,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto type = scale.element_type();
+  const int64_t d = xd.size() ? xd[xd.size() - 1] : 0;
+  if (!xd.size() || scale.element_count() != d || y->element_count() != x.element_count() ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument(
+        "rms_norm: expected x [..., d] (float32), scale [d] (float32 or bfloat16), y like x");
+  }
+  const int64_t rows = d ? x.element_count() / d : 0;
+  if (type == ffi::DataType::F32) {
+    Normalize(x.typed_data(), static_cast<const float*>(scale.untyped_data()), eps, rows, d,
+              y->typed_data());
+  } else {
+    Normalize(x.typed_data(), static_cast<const uint16_t*>(scale.untyped_data()), eps, rows, d,
+              y->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverRmsNorm, RmsNorm,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // scale
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
