@@ -4,8 +4,10 @@
 // in tens of microseconds, many times what its bytes cost, and a step runs two per layer
 // (benchmarks/NOTES.md). One thread suffices here: a call is a few microseconds of work.
 //
-// Each row's sum of squares runs in a fixed order (16 lanes, then the lanes in order), so a
-// row's result does not depend on which other rows share the call (batch invariance).
+// Each row's sum of squares runs in float64 (as accurate as XLA's float32 reduction or more:
+// the next op may round the output to bfloat16) and in a fixed order (8 lanes, then the
+// lanes in order), so a row's result does not depend on which other rows share the call
+// (batch invariance).
 
 #include <cmath>
 #include <cstdint>
@@ -17,17 +19,23 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+typedef float F8 __attribute__((vector_size(32), aligned(4)));
+typedef double D8 __attribute__((vector_size(64)));
+
 // Rows of x [rows, d] into y, the scale ([d]: float32, or bfloat16's bits) widened as read.
 template <typename S>
 void Normalize(const float* x, const S* scale, float eps, int64_t rows, int64_t d, float* y) {
-  const int64_t whole = d / 16 * 16;
+  const int64_t whole = d / 16 * 16, eights = d / 8 * 8;
   for (int64_t r = 0; r < rows; ++r, x += d, y += d) {
-    F16 lanes = {};
-    for (int64_t i = 0; i < whole; i += 16) lanes += Load(x + i) * Load(x + i);
-    float sum = 0.0f;
-    for (int j = 0; j < 16; ++j) sum += lanes[j];
-    for (int64_t i = whole; i < d; ++i) sum += x[i] * x[i];
-    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+    D8 lanes = {};
+    for (int64_t i = 0; i < eights; i += 8) {
+      const D8 wide = __builtin_convertvector(*reinterpret_cast<const F8*>(x + i), D8);
+      lanes += wide * wide;
+    }
+    double sum = 0.0;
+    for (int j = 0; j < 8; ++j) sum += lanes[j];
+    for (int64_t i = eights; i < d; ++i) sum += double{x[i]} * x[i];
+    const float inverse = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(d) + eps));
     for (int64_t i = 0; i < whole; i += 16) Store(y + i, Widen(scale + i) * (Load(x + i) * inverse));
     for (int64_t i = whole; i < d; ++i) y[i] = ToFloat(scale[i]) * (x[i] * inverse);
   }
