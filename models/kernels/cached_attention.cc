@@ -190,15 +190,16 @@ struct NextItem {
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
 template <int C, typename KV>
-void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out,
-                      int64_t length, int64_t group, float scale, float* scores, LiveRows<KV> next) {
+void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out, int64_t length,
+                      int64_t group, float scale, float* scores, LiveRows<KV> next) {
   constexpr int64_t dim = 16 * C;
-  constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: their sums fit in registers
+  constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: sums in registers
   // The next item's K and V rows come into L2 over this item's steps: one per K block, one per
   // V row and pass.
   const int64_t blocks = length / 16, steps = blocks + (group + kRows - 1) / kRows * length;
   const int64_t next_bytes = next.length * dim * sizeof(KV);
-  NextItem ahead{Prefetcher::Over(next.k, next_bytes, steps), Prefetcher::Over(next.v, next_bytes, steps)};
+  NextItem ahead{Prefetcher::Over(next.k, next_bytes, steps),
+                 Prefetcher::Over(next.v, next_bytes, steps)};
   // The first V rows are read last; fetch them now so their stream starts warm.
   for (int64_t i = 0; i < std::min<int64_t>(length, 16) * dim; i += 16) __builtin_prefetch(v + i);
   // Scores 16 positions at a time, every query row while the block's K rows are in L1, up to

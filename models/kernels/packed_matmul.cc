@@ -116,11 +116,11 @@ void Tile(const float* x, const W* panel, const float* scales, int64_t k, int64_
 }
 
 // Rows [0, rows) (at most kRowBlock) of x against one panel, 8 at a time, then 4, 2, 1, into
-// sums [rows, 48], prefetching `next_panel` (null: none) over the tiles. Where several tiles of rows read the
-// panel, they take its inputs a chunk at a time (kChunk), each tile's sums put aside between
-// chunks: every tile but the first reads the chunk from L1, where a whole panel (tens to
-// hundreds of kB) would come from L2. Each sum still runs over k in order, so the chunks
-// change no bit of the result.
+// sums [rows, 48], prefetching `next_panel` (null: none) over the tiles. Where several tiles
+// of rows read the panel, they take its inputs a chunk at a time (kChunk), each tile's sums
+// put aside between chunks: every tile but the first reads the chunk from L1, where a whole
+// panel (tens to hundreds of kB) would come from L2. Each sum still runs over k in order, so
+// the chunks change no bit of the result.
 template <typename W>
 void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
            const float* scales, int64_t k, float (*sums)[kPanel]) {
