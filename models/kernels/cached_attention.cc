@@ -7,7 +7,8 @@
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
 // each (slot, KV head) reads its live K rows once for the scores and its live
-// V rows once for the output, so a step reads exactly the live KV bytes. In a decode step
+// V rows once for the output, so a step reads the live KV bytes (and the K rows that fill
+// out a last block of 16 positions) once. In a decode step
 // those come from memory, (slot, KV head) after (slot, KV head): while a thread computes one,
 // it fetches the next one it will take into L2, paced over its work.
 //
@@ -41,6 +42,9 @@ namespace {
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
 
+// A row of scores is padded to whole blocks of 16 positions.
+constexpr int64_t Padded(int64_t length) { return (length + 15) / 16 * 16; }
+
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
 template <typename KV>
 inline float Dot(const KV* a, const float* b, int64_t n) {
@@ -54,45 +58,46 @@ inline float Dot(const KV* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Softmax over row[0, length), in place, in float32, 16 positions at a time.
+// Softmax over row[0, length), in place, in float32, 16 positions at a time: the row has room
+// for a whole last block (Padded(length) floats), whose lanes past length are scratch.
 inline void Softmax(float* row, int64_t length) {
-  const int64_t whole = length / 16 * 16;
-  float max = row[0];
-  if (whole) {
-    F16 lanes = Load(row);
-    for (int64_t t = 16; t < whole; t += 16) {
-      const F16 x = Load(row + t);
-      lanes = x > lanes ? x : lanes;
-    }
-    for (int j = 0; j < 16; ++j) max = std::max(max, lanes[j]);
+  const int64_t padded = Padded(length);
+  std::fill(row + length, row + padded, -INFINITY);
+  F16 lanes = Load(row);
+  for (int64_t t = 16; t < padded; t += 16) {
+    const F16 x = Load(row + t);
+    lanes = x > lanes ? x : lanes;
   }
-  for (int64_t t = whole; t < length; ++t) max = std::max(max, row[t]);
+  float max = lanes[0];
+  for (int j = 1; j < 16; ++j) max = std::max(max, lanes[j]);
+  const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   F16 sums = {};
-  for (int64_t t = 0; t < whole; t += 16) {
-    const F16 e = Exp<F16, I16>(Load(row + t) - max);
+  for (int64_t t = 0; t < padded; t += 16) {
+    F16 e = Exp<F16, I16>(Load(row + t) - max);
+    e = lane < static_cast<int32_t>(length - t) ? e : F16{};  // Exp clamps: -inf is not 0
     Store(row + t, e);
     sums += e;
   }
   float sum = 0.0f;
-  for (int64_t t = whole; t < length; ++t) sum += (row[t] = Exp<float, int32_t>(row[t] - max));
   for (int j = 0; j < 16; ++j) sum += sums[j];
-  const float inverse = 1.0f / sum;
-  for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
+  const F16 inverse = Broadcast(1.0f / sum);
+  for (int64_t t = 0; t < padded; t += 16) Store(row + t, Load(row + t) * inverse);
 }
 
 // The `group` query rows sharing one KV head against positions [0, length), length >= 1,
-// adding to out (zeros). scores: scratch of group * length floats.
+// adding to out (zeros). scores: scratch of group * Padded(length) floats.
 template <typename KV>
 void AttendOneHead(const float* q, const KV* k, const KV* v, float* out,
                    int64_t length, int64_t group, int64_t dim, float scale, float* scores) {
+  const int64_t stride = Padded(length);
   for (int64_t t = 0; t < length; ++t)
     for (int64_t g = 0; g < group; ++g)
-      scores[g * length + t] = Dot(k + t * dim, q + g * dim, dim) * scale;
-  for (int64_t g = 0; g < group; ++g) Softmax(scores + g * length, length);
+      scores[g * stride + t] = Dot(k + t * dim, q + g * dim, dim) * scale;
+  for (int64_t g = 0; g < group; ++g) Softmax(scores + g * stride, length);
   for (int64_t t = 0; t < length; ++t) {
     const KV* v_row = v + t * dim;
     for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * length + t];
+      const float p = scores[g * stride + t];
       float* o = out + g * dim;
       for (int64_t e = 0; e < dim; ++e) o[e] += p * ToFloat(v_row[e]);
     }
@@ -133,9 +138,9 @@ inline F16 RowProducts(const KV* k_row, const float* q_row) {
 }
 
 // The scaled scores of R query rows (q, row stride 16 C) against 16 K rows, into scores[r *
-// length, + 16): each K row widened once; each score's sum in RowProducts' order.
+// stride, + 16): each K row widened once; each score's sum in RowProducts' order.
 template <int C, int R, typename KV>
-inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t length,
+inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t stride,
                         float scale) {
   constexpr int64_t dim = 16 * C;
   F16 q_rows[R][C], products[R][16];
@@ -150,12 +155,14 @@ inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_
       products[r][t] = acc;
     }
   }
-  for (int r = 0; r < R; ++r) Store(scores + r * length, SumEach(products[r]) * scale);
+  for (int r = 0; r < R; ++r) Store(scores + r * stride, SumEach(products[r]) * scale);
 }
 
-// out[r] = sum over t of p[r * length + t] v[t] for R query rows, the sums held in registers.
+// out[r] = sum over t < length of p[r * stride + t] v[t] for R query rows, the sums held in
+// registers.
 template <int C, int R, typename KV, typename Ahead>
-void WeightedSum(const float* p, const KV* v, float* out, int64_t length, Ahead& ahead) {
+void WeightedSum(const float* p, const KV* v, float* out, int64_t length, int64_t stride,
+                 Ahead& ahead) {
   constexpr int64_t dim = 16 * C;
   F16 acc[R][C] = {};
   for (int64_t t = 0; t < length; ++t) {
@@ -163,7 +170,7 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length, Ahead&
     for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
     if (t + 16 < length) __builtin_prefetch(v + (t + 16) * dim);
     for (int r = 0; r < R; ++r) {
-      const F16 weight = Broadcast(p[r * length + t]);
+      const F16 weight = Broadcast(p[r * stride + t]);
       for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
     }
     ahead.Step();
@@ -172,12 +179,13 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length, Ahead&
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
-// One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
+// One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null), and how
+// many rows from k may be read (those past length are other positions of the cache).
 template <typename KV>
 struct LiveRows {
   const KV* k = nullptr;
   const KV* v = nullptr;
-  int64_t length = 0;
+  int64_t length = 0, readable = 0;
 };
 
 // What AttendOneHeadVec fetches of the next item as it goes.
@@ -190,13 +198,18 @@ struct NextItem {
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
 template <int C, typename KV>
-void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out, int64_t length,
-                      int64_t group, float scale, float* scores, LiveRows<KV> next) {
+void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t group, float scale,
+                      float* scores, LiveRows<KV> next) {
   constexpr int64_t dim = 16 * C;
   constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: sums in registers
+  const KV *k = live.k, *v = live.v;
+  const int64_t length = live.length, stride = Padded(length);
+  // A last, partial block of positions is scored as a whole one where its K rows may be read
+  // (the softmax drops the positions past length): a position at a time costs more than 16.
+  const int64_t blocks = (stride <= live.readable ? stride : length) / 16;
   // The next item's K and V rows come into L2 over this item's steps: one per K block, one per
   // V row and pass.
-  const int64_t blocks = length / 16, steps = blocks + (group + kRows - 1) / kRows * length;
+  const int64_t steps = blocks + (group + kRows - 1) / kRows * length;
   const int64_t next_bytes = next.length * dim * sizeof(KV);
   NextItem ahead{Prefetcher::Over(next.k, next_bytes, steps),
                  Prefetcher::Over(next.v, next_bytes, steps)};
@@ -210,16 +223,16 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out, int6
       for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
     for (int64_t g = 0; g < group; g += 4) {
       switch (std::min<int64_t>(4, group - g)) {
-        case 1: BlockScores<C, 1>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
-        case 2: BlockScores<C, 2>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
-        case 3: BlockScores<C, 3>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale); break;
-        default: BlockScores<C, 4>(k_block, q + g * dim, scores + g * length + 16 * b, length, scale);
+        case 1: BlockScores<C, 1>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
+        case 2: BlockScores<C, 2>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
+        case 3: BlockScores<C, 3>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
+        default: BlockScores<C, 4>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale);
       }
     }
     ahead.Step();
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * length;
+    float* row = scores + g * stride;
     for (int64_t t = 16 * blocks; t < length; ++t) {
       const F16 products = RowProducts<C>(k + t * dim, q + g * dim);
       float sum = 0.0f;
@@ -229,13 +242,13 @@ void AttendOneHeadVec(const float* q, const KV* k, const KV* v, float* out, int6
     Softmax(row, length);
   }
   for (int64_t g = 0; g < group; g += kRows) {
-    const float* p = scores + g * length;
+    const float* p = scores + g * stride;
     float* o = out + g * dim;
     switch (std::min(kRows, group - g)) {
-      case 1: WeightedSum<C, 1>(p, v, o, length, ahead); break;
-      case 2: WeightedSum<C, 2>(p, v, o, length, ahead); break;
-      case 3: WeightedSum<C, 3>(p, v, o, length, ahead); break;
-      default: WeightedSum<C, 4>(p, v, o, length, ahead); break;
+      case 1: WeightedSum<C, 1>(p, v, o, length, stride, ahead); break;
+      case 2: WeightedSum<C, 2>(p, v, o, length, stride, ahead); break;
+      case 3: WeightedSum<C, 3>(p, v, o, length, stride, ahead); break;
+      default: WeightedSum<C, 4>(p, v, o, length, stride, ahead); break;
     }
   }
 }
@@ -256,13 +269,13 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
     const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
     const int64_t slot = std::clamp<int64_t>(slot_data[row], 0, slots - 1);
     const int64_t offset = ((slot * heads + head) * max_len + begin) * dim;
-    return LiveRows<KV>{k_data + offset, v_data + offset, end - begin};
+    return LiveRows<KV>{k_data + offset, v_data + offset, end - begin, max_len - begin};
   };
   auto attend = [=](int64_t item, int64_t next) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const LiveRows<KV> rows = live_rows(item);
     const int64_t length = rows.length;
-    scores.resize(group * length);
+    scores.resize(group * Padded(length));
     const float* q_item = q_data + item * group * dim;
     float* out_item = out_data + item * group * dim;
     std::fill(out_item, out_item + group * dim, 0.0f);
@@ -276,10 +289,10 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
     const LiveRows<KV> ahead = fetch ? live_rows(next) : LiveRows<KV>{};
     float* scratch = scores.data();
     switch (dim) {
-      case 16: AttendOneHeadVec<1>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
-      case 32: AttendOneHeadVec<2>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
-      case 64: AttendOneHeadVec<4>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
-      case 128: AttendOneHeadVec<8>(q_item, rows.k, rows.v, out_item, length, group, scale, scratch, ahead); break;
+      case 16: AttendOneHeadVec<1>(q_item, rows, out_item, group, scale, scratch, ahead); break;
+      case 32: AttendOneHeadVec<2>(q_item, rows, out_item, group, scale, scratch, ahead); break;
+      case 64: AttendOneHeadVec<4>(q_item, rows, out_item, group, scale, scratch, ahead); break;
+      case 128: AttendOneHeadVec<8>(q_item, rows, out_item, group, scale, scratch, ahead); break;
       default: AttendOneHead(q_item, rows.k, rows.v, out_item, length, group, dim, scale, scratch);
     }
   };
