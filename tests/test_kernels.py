@@ -383,6 +383,26 @@ def test_narrow_panels_match_their_xla_reference(weights, tiles, rows, shape, in
     np.testing.assert_array_equal(np.asarray(kernels.packed_matmul(x[-1:], packed))[0], out[-1])
 
 
+@pytest.mark.skipif(not kernels.tiles_available(), reason="needs AMX tiles (Sapphire Rapids or later)")
+def test_tiles_round_x_to_bfloat16_as_xla_converts_it():
+    """On the tiles the kernel rounds x to bfloat16 itself (to nearest even): the products of x
+    and of x already rounded by XLA's convert are bitwise the same, ties, subnormals, signed
+    zeros and infinities included, in rows of 17 inputs (not a whole block of 16 or 32)."""
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((17, 50), np.float32), jnp.bfloat16)
+    packed = kernels.pack(w, tiles=True)
+    base = rng.standard_normal((40, 17)).astype(np.float32)
+    bits = base.view(np.uint32)
+    bits[:10] = (bits[:10] & 0xFFFF0000) | 0x8000  # exact ties: half way between two bfloat16s
+    bits[10:20] = (bits[10:20] & 0xFFFF0000) | 0x8001  # just past half way
+    base[20, :] = [0.0, -0.0, np.inf, -np.inf, 1e-39, -1e-39, 3e-41, 1.17e-38, 3.4e38, -3.4e38,
+                   1.0, 1.00390625, 1.01171875, -1.00390625, 0.5, 2.0, 65504.0]
+    x = jnp.asarray(base)
+    out = np.asarray(kernels.packed_matmul(x, packed))
+    prerounded = np.asarray(kernels.packed_matmul(x.astype(jnp.bfloat16).astype(jnp.float32), packed))
+    np.testing.assert_array_equal(out, prerounded)
+
+
 def test_panels_of_an_unsupported_kind_are_refused():
     with pytest.raises(ValueError, match="int8 with scales"):
         kernels.pack(jnp.zeros((4, 48), jnp.int8))  # int8 without its scales

@@ -280,17 +280,17 @@ def pack_gated(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | None = Non
                                scales=pairs(gate.scales, up.scales), gated=True)
 
 
-def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[int, int, tuple]:
-    """The rows and outputs (n) of x @ w, and the kernel's operands: x as [rows, k] in the dtype the kernel
-    takes (bfloat16 for panels on AMX tiles where this process has them, rounded by XLA where
-    it is made, in a fused producer; else float32), the panels, and the scales."""
+def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[int, int, tuple, bool]:
+    """The rows and outputs (n) of x @ w, the kernel's operands (x as float32 [rows, k], the
+    panels, the scales) and whether it multiplies on AMX tiles (panels packed for them, where
+    this process has them; the kernel rounds x to bfloat16 then)."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU matmul kernel is not available (see the log)")
     lead = x.shape[: x.ndim - w.in_dims]
     rows, k, n = math.prod(lead), math.prod(w.shape[: w.in_dims]), math.prod(w.shape[w.in_dims :])
-    x_dtype = jnp.bfloat16 if w.tiles and tiles_available() else jnp.float32
     scales = np.zeros(0, np.float32) if w.scales is None else w.scales  # a constant: the kernel's [0]
-    return rows, n, (x.reshape(rows, k).astype(x_dtype), w.panels, scales)
+    operands = (x.reshape(rows, k).astype(jnp.float32), w.panels, scales)
+    return rows, n, operands, w.tiles and tiles_available()
 
 
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
@@ -298,9 +298,10 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     panels silu(x @ gate) * (x @ up). Panels packed with `tiles` are multiplied on AMX tiles
     where this process has them (x rounded to bfloat16, packed_matmul.cc says why), on the FMAs
     elsewhere."""
-    rows, n, operands = _kernel_operands(x, w)
+    rows, n, operands, tiles = _kernel_operands(x, w)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    return call(*operands, gated=w.gated).reshape(*x.shape[: x.ndim - w.in_dims], *w.shape[w.in_dims :])
+    y = call(*operands, gated=w.gated, tiles=tiles)
+    return y.reshape(*x.shape[: x.ndim - w.in_dims], *w.shape[w.in_dims :])
 
 
 def packed_argmax(x: jax.Array, w: PackedWeight) -> jax.Array:
@@ -309,9 +310,9 @@ def packed_argmax(x: jax.Array, w: PackedWeight) -> jax.Array:
     (a greedy step's LM head: [rows, vocab] floats it would write and read back)."""
     if w.gated:
         raise ValueError("packed_argmax: gated panels; it takes a plain weight (an LM head)")
-    rows, n, operands = _kernel_operands(x, w)
+    rows, n, operands, tiles = _kernel_operands(x, w)
     call = jax.ffi.ffi_call(_ARGMAX_TARGET, jax.ShapeDtypeStruct((rows,), jnp.int32))
-    return call(*operands, n=np.int64(n)).reshape(x.shape[: x.ndim - w.in_dims])
+    return call(*operands, tiles=tiles, n=np.int64(n)).reshape(x.shape[: x.ndim - w.in_dims])
 
 
 def packed_matmul_parts(x: jax.Array, w: PackedWeight) -> list[jax.Array]:

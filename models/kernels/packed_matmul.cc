@@ -31,12 +31,14 @@
 // column side by side (the order AMX tiles take; widening a pair costs one
 // shift and one mask), zeros past k.
 //
-// Where the CPU has AMX tiles (Sapphire Rapids and later) and x comes as
-// bfloat16 (the caller rounded it), bfloat16 panels are multiplied on the tiles
-// instead (TilePanel), 16 rows at a time, several times the FMAs' rate: the
-// tiles multiply bfloat16 by bfloat16, as vLLM's and oneDNN's bfloat16 matmuls
-// do, and the exact products are summed in float32. Again one fixed order per
-// output element whatever the rows, so batch invariance holds.
+// Where the CPU has AMX tiles (Sapphire Rapids and later) and the caller asks for
+// them, bfloat16 panels are multiplied on the tiles instead (TilePanel), 16 rows
+// at a time, several times the FMAs' rate: the tiles multiply bfloat16 by
+// bfloat16, as vLLM's and oneDNN's bfloat16 matmuls do, so x is rounded to
+// bfloat16 here (to nearest even, as XLA's convert does; in XLA it would be an op
+// of its own before every matmul) and the exact products are summed in float32.
+// Again one fixed order per output element whatever the rows, so batch
+// invariance holds.
 
 #include <algorithm>
 #include <cstdint>
@@ -279,21 +281,37 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const floa
 }
 
 #if FLOVER_TILES
-// x [rows, k] bfloat16 against bfloat16 panels, on the tiles. Rows whose length is not a
-// multiple of 32 inputs, or that do not start on a cache line, are copied into ones that do.
+// n floats rounded to bfloat16's bits, to nearest even (a NaN stays a NaN), as XLA's convert
+// rounds; 16 at a time.
+inline void RoundToBfloat16(const float* x, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const F16 v = Load(x + i);
+    const U32x16 bits = BitCast<U32x16>(v);
+    const U32x16 nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    const U32x16 rounded = v == v ? nearest : (bits >> 16) | 0x40;
+    *reinterpret_cast<Bf16x16*>(out + i) = __builtin_convertvector(rounded, Bf16x16);
+  }
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    out[i] = static_cast<uint16_t>(x[i] == x[i] ? (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                                                : (bits >> 16) | 0x40);
+  }
+}
+
+// x [rows, k] float32 against bfloat16 panels, on the tiles: x's rows rounded to bfloat16 into
+// rows of a multiple of 32 inputs (zeros past k), each starting on a cache line.
 template <typename Write>
-void MultiplyOnTiles(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* panels,
+void MultiplyOnTiles(ffi::ThreadPool& pool, const float* x_data, const uint16_t* panels,
                      int64_t rows, int64_t k, int64_t num_panels, bool gated, Write write) {
   const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k), gated};
   const int64_t k_pad = items.panel_size / kPanel;
-  std::vector<uint16_t> storage;
-  if (k_pad != k || reinterpret_cast<uintptr_t>(x) % 64) {
-    uint16_t* padded = CacheAligned(storage, rows * k_pad);
-    for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(padded + r * k_pad, x + r * k, k * sizeof(uint16_t));
-      std::fill(padded + r * k_pad + k, padded + (r + 1) * k_pad, uint16_t{0});
-    }
-    x = padded;
+  thread_local std::vector<uint16_t> storage;  // kept across calls: no pages to fault in each time
+  uint16_t* x = CacheAligned(storage, rows * k_pad);
+  for (int64_t r = 0; r < rows; ++r) {
+    RoundToBfloat16(x_data + r * k, x + r * k_pad, k);
+    std::fill(x + r * k_pad + k, x + (r + 1) * k_pad, uint16_t{0});
   }
   RunItems(pool, items, [=](int64_t first_row, int64_t rows, int64_t p, const uint16_t* next,
                             float (*sums)[kPanel]) {
@@ -309,40 +327,39 @@ inline bool Displaces(float v, float best) { return best == best && (v != v || v
 // x @ the panels (x, panels and scales as PackedMatmul checks them), each item's sums handed
 // to write(columns, first_row, rows, sums) (RunItems). n: the output columns.
 template <typename Write>
-ffi::Error MultiplyAny(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
-                       ffi::Buffer<ffi::F32> scales, bool gated, int64_t n, Write write) {
+ffi::Error MultiplyAny(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                       ffi::Buffer<ffi::F32> scales, bool gated, bool on_tiles, int64_t n,
+                       Write write) {
   const auto xd = x.dimensions(), pd = panels.dimensions();
   const auto type = panels.element_type();
   const bool int8 = type == ffi::DataType::S8, pairs = type == ffi::DataType::BF16;
-  const bool on_tiles = x.element_type() == ffi::DataType::BF16;
   const int64_t k = xd.size() == 2 ? xd[1] : -1;
   const int64_t panel_rows = pairs ? PanelSize<uint16_t>(k) / kPanel / 2 : k;
   const int64_t blocks = pd.size() == 3 ? pd[0] / (gated ? 2 : 1) : 0;  // of 48 output columns
   if (xd.size() != 2 || pd.size() != 3 || pd[2] != (pairs ? 2 : 1) * kPanel ||
       pd[1] != panel_rows || (gated && pd[0] % 2) || n > blocks * kPanel ||
       n <= (blocks - 1) * kPanel ||
-      scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0) ||
-      (x.element_type() != ffi::DataType::F32 && !on_tiles)) {
+      scales.element_count() != (int8 ? pd[0] * ((k + kGroup - 1) / kGroup) * kPanel : 0)) {
     return ffi::Error::InvalidArgument(
-        "packed_matmul: expected x [rows, k] (float32; bfloat16 for the tiles), panels [p, k, 48] "
+        "packed_matmul: expected x [rows, k], panels [p, k, 48] "
         "(float32, int8) or [p, ceil(k / 32) * 16, 96] (bfloat16), scales [p, ceil(k / 64), 48] "
         "(int8 panels) or [0] (others) and n outputs with 48 (b - 1) < n <= 48 b, b = p "
         "(gated: p / 2, p even)");
   }
   const int64_t rows = xd[0], num_panels = pd[0];
   const void* data = panels.untyped_data();
+  const float* x_data = x.typed_data();
   if (on_tiles) {
 #if FLOVER_TILES
     if (pairs && TilesPermitted()) {
-      MultiplyOnTiles(pool, static_cast<const uint16_t*>(x.untyped_data()),
-                      static_cast<const uint16_t*>(data), rows, k, num_panels, gated, write);
+      MultiplyOnTiles(pool, x_data, static_cast<const uint16_t*>(data), rows, k, num_panels,
+                      gated, write);
       return ffi::Error::Success();
     }
 #endif
     return ffi::Error::InvalidArgument(
-        "packed_matmul: a bfloat16 x runs on AMX tiles, with bfloat16 panels, where the CPU has them");
+        "packed_matmul: tiles are for bfloat16 panels, where the CPU has AMX tiles");
   }
-  const float* x_data = static_cast<const float*>(x.untyped_data());
   switch (type) {
     case ffi::DataType::F32:
       Multiply(pool, x_data, static_cast<const float*>(data), nullptr, rows, k, num_panels, gated,
@@ -363,15 +380,16 @@ ffi::Error MultiplyAny(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer p
 }
 
 // out [rows, n] = x @ the panels (for gated ones silu(x @ gate) * (x @ up)).
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, bool gated, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                        ffi::Buffer<ffi::F32> scales, bool gated, bool tiles,
+                        ffi::ResultBuffer<ffi::F32> out) {
   const auto od = out->dimensions();
   if (od.size() != 2 || x.dimensions().size() != 2 || od[0] != x.dimensions()[0]) {
     return ffi::Error::InvalidArgument("packed_matmul: expected out [rows, n] for x [rows, k]");
   }
   const int64_t n = od[1];
   float* y = out->typed_data();
-  return MultiplyAny(pool, x, panels, scales, gated, n,
+  return MultiplyAny(pool, x, panels, scales, gated, tiles, n,
                      [=](int64_t columns, int64_t first_row, int64_t rows, float (*sums)[kPanel]) {
     const int64_t cols = std::min(kPanel, n - columns * kPanel);
     for (int64_t r = 0; r < rows; ++r) {
@@ -384,8 +402,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
 // counts as the largest), without writing the [rows, n] products: a greedy LM head's argmax.
 // Each item keeps its rows' best of its 48 columns; the blocks' bests are then taken in order,
 // so the result is jnp.argmax's over the same products, whatever the threads did first.
-ffi::Error PackedArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer panels,
-                        ffi::Buffer<ffi::F32> scales, int64_t n, ffi::ResultBuffer<ffi::S32> out) {
+ffi::Error PackedArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                        ffi::Buffer<ffi::F32> scales, bool tiles, int64_t n,
+                        ffi::ResultBuffer<ffi::S32> out) {
   const int64_t rows = x.dimensions().size() == 2 ? x.dimensions()[0] : -1;
   if (out->element_count() != rows) {
     return ffi::Error::InvalidArgument("packed_argmax: expected out [rows] for x [rows, k]");
@@ -396,7 +415,7 @@ ffi::Error PackedArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
   float* best_data = best.data();
   int32_t* where_data = where.data();
   ffi::Error error = MultiplyAny(
-      pool, x, panels, scales, /*gated=*/false, n,
+      pool, x, panels, scales, /*gated=*/false, tiles, n,
       [=](int64_t columns, int64_t first_row, int64_t rows, float (*sums)[kPanel]) {
         const int64_t cols = std::min(kPanel, n - columns * kPanel);
         for (int64_t r = 0; r < rows; ++r) {
@@ -420,20 +439,22 @@ ffi::Error PackedArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer p
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::AnyBuffer>()          // panels
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
                                   .Attr<bool>("gated")            // panels in (gate, up) pairs
+                                  .Attr<bool>("tiles")            // bfloat16 panels on AMX tiles
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloverPackedArgmax, PackedArgmax,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::AnyBuffer>()          // panels
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scales
+                                  .Attr<bool>("tiles")            // bfloat16 panels on AMX tiles
                                   .Attr<int64_t>("n")             // output columns
                                   .Ret<ffi::Buffer<ffi::S32>>());  // out
 
-// 1 where this build and process can multiply on AMX tiles (a bfloat16 x), else 0.
+// 1 where this build and process can multiply on AMX tiles, else 0.
 extern "C" int FloverTilesAvailable() { return TilesPermitted() ? 1 : 0; }
