@@ -138,10 +138,12 @@ def compute_config(cfg: ModelConfig, on_cpu: bool) -> ModelConfig:
     return cfg
 
 
-def _tiles_misfit(cfg: ModelConfig) -> str | None:
-    """Why the matmul kernel cannot run this model on AMX tiles (None: it can)."""
-    if cfg.dtype != "bfloat16" or cfg.quantize:
-        return f"AMX tiles multiply bfloat16 weights, this model's are {cfg.quantize or cfg.dtype}"
+def _tiles_misfit(cfg: ModelConfig, float32: bool = False) -> str | None:
+    """Why the matmul kernel cannot run this model on AMX tiles (None: it can); `float32`: the
+    float32 weights, as bfloat16 parts (prompts' matmuls), instead of bfloat16 ones."""
+    dtype = "float32" if float32 else "bfloat16"
+    if cfg.dtype != dtype or cfg.quantize:
+        return f"AMX tiles multiply {dtype} weights here, this model's are {cfg.quantize or cfg.dtype}"
     if not kernels.tiles_available():
         return "this CPU (or this process) has no AMX tiles"
     return None
@@ -241,10 +243,11 @@ class DeviceExecutor:
             weights[which] = built.params
             return built
 
+        identity = {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
+                    "batch_invariant": batch_invariant}
         self.op_choice = op_choice.choose(
             op_choice.candidates(attention, _kernel_applies("attention", attention, cfg, self.mesh, on_cpu)),
-            matmuls, candidate, {"model": repr(cfg), "num_slots": num_slots, "max_len": max_len,
-                                 "batch_invariant": batch_invariant})
+            matmuls, candidate, identity)
         weights.clear()  # the candidates' packed copy goes before this engine packs its own
         self.attention_kernel = self.op_choice.attention_kernel
         self.matmul_kernel = self.op_choice.matmul_kernel
@@ -267,12 +270,24 @@ class DeviceExecutor:
         else:
             params_sharding = sharding.param_shardings(params, cfg, self.mesh)
         self.params = jax.tree.map(sharding.place, params, params_sharding)
+        # The prompts' matmuls may take the AMX tiles where decode steps take the FMAs
+        # (`op_choice.choose_prompt_matmul`): the same arrays, marked for the tiles.
+        self.prompt_params, prompt_sharding = self.params, None
+        if matmul == "auto" and self.op_choice.matmul == "cpu_kernel" and _tiles_misfit(
+                cfg, float32=True) is None:
+            self.op_choice = op_choice.choose_prompt_matmul(
+                self.op_choice, self.params, transformer.prompt_tiles, identity)
+            if self.op_choice.prompt_tiles:
+                self.prompt_params = transformer.prompt_tiles(self.params)
+                prompt_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
+                                               self.prompt_params)
         self.state = jax.jit(empty, out_shardings=state_sharding)()
         if on_cpu:
             _back_with_huge_pages((self.params, self.state))
         self.verbs = step.Verbs(
             cfg, self.eos_ids, params_sharding, state_sharding, sharding.replicated(self.mesh),
             self.attention_kernel, step.CPU_COMPACT_PIECE_BYTES if on_cpu else None,
+            prompt_sharding,
         )
 
     def _pad_slots(self, slots: Sequence[int], size: int) -> np.ndarray:
@@ -304,7 +319,7 @@ class DeviceExecutor:
                  params: Sequence[SamplingParams], kv_len: int) -> Sampled:
         sampling = SlotSampling.from_params(list(params), len(slots))
         self.state, first = self.verbs.prefill(
-            self.params, self.state, slots, tokens, starts, lengths, finals, max_new, ignore_eos,
+            self.prompt_params, self.state, slots, tokens, starts, lengths, finals, max_new, ignore_eos,
             sampling, kv_len)
         return first
 

@@ -6,6 +6,12 @@ shape (the choice is cached beside the compiled kernels).
 One path per op for every width: a request's rows then come out the same whatever runs beside
 it, so fused stays equal to solo. The pick is the pair of paths whose worst width, against the
 fastest pair at that width, is least slow.
+
+Prompts may take a path of their own: a prefill call's rows are a prompt's tokens, computed the
+same way whatever call they share, and many rows to a weight favour the AMX tiles, which
+multiply float32 weights as bfloat16 parts (`models/kernels/packed_matmul.cc`). Where the matmul
+kernel computes float32 weights on a CPU with the tiles, the prompts' matmuls are timed both
+ways at the rows of a full prefill call and take the faster.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax
 import numpy as np
 
 from flover_jax.buckets import bucket
-from models import kernels
+from models import kernels, transformer
 
 # "measure" (the default) times the candidates; "rule" takes the CPU kernels wherever they
 # apply, without timing: for test suites and throwaway engines, which would spend more on
@@ -32,6 +38,7 @@ MODE_ENV = "FLOVER_AUTO_OPS"
 MODES = ("measure", "rule")
 REPEATS = 5  # timed decode steps per candidate and width (the median counts)
 RECIPE = 7  # part of the cache key: a change to how the candidates are timed times them again
+PROMPT_ROWS = 512  # rows of a full prefill call: 8 pieces of 64 tokens (the default chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,10 @@ class OpChoice:
     how: str
     # "attention/matmul" -> decode width -> median step time in ms, when timed.
     step_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    # The prompts' (prefill calls') matmuls: as `matmul`, or "amx" where they take the tiles
+    # (`choose_prompt_matmul`); with their times in ms, when timed.
+    prompt_matmul: str = ""
+    prompt_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def attention_kernel(self) -> bool:
@@ -56,11 +67,17 @@ class OpChoice:
     def matmul_tiles(self) -> bool:
         return self.matmul == "amx"
 
+    @property
+    def prompt_tiles(self) -> bool:
+        return (self.prompt_matmul or self.matmul) == "amx"
+
     def summary(self) -> dict:
         """What the bench JSON and the run summary say of the choice."""
         return {"attention": self.attention, "matmul": self.matmul, "chosen_by": self.how,
                 "step_ms": {pair: {str(w): round(ms, 3) for w, ms in by_width.items()}
-                            for pair, by_width in self.step_ms.items()}}
+                            for pair, by_width in self.step_ms.items()},
+                "prompt_matmul": self.prompt_matmul or self.matmul,
+                "prompt_ms": {path: round(ms, 3) for path, ms in self.prompt_ms.items()}}
 
 
 def candidates(asked: str, applies: bool, tiles_apply: bool = False) -> list[str]:
@@ -127,6 +144,43 @@ def choose(
                                    "identity": identity}, indent=1))
     os.replace(scratch, path)
     return choice
+
+
+def choose_prompt_matmul(choice: OpChoice, params, tiled: Callable[[object], object],
+                         identity: dict) -> OpChoice:
+    """`choice` with the prompts' matmul path: "cpu_kernel" (the FMAs, as decode steps) or
+    "amx" (float32 weights on the tiles as bfloat16 parts), whichever computes the layers'
+    matmuls of a full prefill call (PROMPT_ROWS rows) faster here; `params`: packed for the
+    kernel, `tiled(params)`: the same marked for the tiles. Cached as `choose`'s is; MODE_ENV's
+    "rule" takes the tiles."""
+    mode = os.environ.get(MODE_ENV, "measure")
+    if mode == "rule":
+        return dataclasses.replace(choice, prompt_matmul="amx")
+    path = cache_path({**identity, "prompt_rows": PROMPT_ROWS})
+    try:
+        prompt_ms = {str(p): float(ms) for p, ms in json.loads(path.read_text())["prompt_ms"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        prompt_ms = prompt_matmul_ms({"cpu_kernel": params, "amx": tiled(params)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps({"prompt_ms": prompt_ms, "identity": identity}, indent=1))
+        os.replace(scratch, path)
+    return dataclasses.replace(choice, prompt_matmul=min(prompt_ms, key=prompt_ms.get),
+                               prompt_ms=prompt_ms)
+
+
+def prompt_matmul_ms(candidates: dict[str, object], repeats: int = REPEATS) -> dict[str, float]:
+    """Median ms of every layer's matmuls (`models.transformer.layer_matmuls`) at PROMPT_ROWS
+    rows, for each candidate's params, taking turns."""
+    timed = jax.jit(transformer.layer_matmuls, static_argnums=1)
+    programs = {name: timed.lower(params, PROMPT_ROWS).compile() for name, params in candidates.items()}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats + 1):
+        for name, program in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(program(candidates[name]))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t[1:])) * 1e3 for name, t in times.items()}  # the first warms
 
 
 def timing_widths(num_slots: int, windows: Sequence[int]) -> list[int]:

@@ -271,12 +271,16 @@ class Verbs:
         replicated,
         attention_kernel: bool = False,
         compact_piece_bytes: int | None = None,
+        prompt_params_sharding=None,
     ) -> None:
+        """prompt_params_sharding: that of the params prefill takes, where they differ from the
+        decode step's (None: params_sharding)."""
         sampled = Sampled(replicated, replicated, replicated, replicated)
         self.prefill = jax.jit(
             partial(prefill, cfg=cfg, eos_ids=eos_ids, attention_kernel=attention_kernel),
             static_argnums=10,  # kv_len
-            in_shardings=(params_sharding, state_sharding) + (replicated,) * 8,
+            in_shardings=(prompt_params_sharding or params_sharding, state_sharding)
+            + (replicated,) * 8,
             out_shardings=(state_sharding, sampled),
             donate_argnums=1,
         )

@@ -494,6 +494,33 @@ def quantize_weights(params: Params) -> Params:
     return map_matmul_weights(params, lambda w, in_dims: quantize(w, in_dims))
 
 
+def prompt_tiles(params: Params) -> Params:
+    """Packed params with their float32 layer weights marked for AMX tiles, which multiply them
+    as bfloat16 parts (`kernels.PackedWeight`): the prompts' matmuls where many rows share each
+    weight (`flover_jax.op_choice.choose_prompt_matmul`). The same arrays; the LM head as it is."""
+    def tiled(w):
+        if isinstance(w, kernels.PackedWeight) and w.panels.dtype == jnp.float32:
+            return dataclasses.replace(w, tiles=True)
+        return w
+
+    layers = jax.tree.map(tiled, params.layers, is_leaf=lambda x: isinstance(x, kernels.PackedWeight))
+    return dataclasses.replace(params, layers=layers)
+
+
+def layer_matmuls(params: Params, rows: int) -> jax.Array:
+    """Every packed layer weight of `params` times a [rows, inputs] activation, one after
+    another (each input depends on the product before it, so XLA neither skips nor overlaps
+    one): what a prefill call of `rows` prompt tokens spends in the matmul kernel, to time."""
+    weights = [w for w in jax.tree.leaves(params.layers,
+                                          is_leaf=lambda x: isinstance(x, kernels.PackedWeight))
+               if isinstance(w, kernels.PackedWeight)]
+    carry = jnp.zeros((), jnp.float32)
+    for w in weights:
+        x = jnp.full((rows, *w.shape[: w.in_dims]), 0.01, jnp.float32) + carry
+        carry = kernels.packed_matmul(x, w).reshape(rows, -1)[0, 0] * 0.0
+    return carry
+
+
 def pack_weights(params: Params, cfg: ModelConfig, tiles: bool = False) -> Params:
     """The same params with every matmul weight packed for the CPU matmul kernel
     (`kernels.pack`; XLA:CPU, one device): float32 and bfloat16 weights as they are, int8 ones

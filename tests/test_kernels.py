@@ -403,6 +403,45 @@ def test_tiles_round_x_to_bfloat16_as_xla_converts_it():
     np.testing.assert_array_equal(out, prerounded)
 
 
+@pytest.mark.skipif(not kernels.tiles_available(), reason="needs AMX tiles (Sapphire Rapids or later)")
+@pytest.mark.parametrize("rows, k, n, in_dims", [
+    (1, 64, 48, 1), (16, 100, 50, 1), (17, 37, 96, 1),  # 37 inputs: a lone last one in its pair
+    (300, 576, 200, 1),  # two items of rows (256 and 44) per panel
+    (6, (3, 32), 64, 2)])
+def test_float32_panels_on_tiles_keep_float32s_precision(rows, k, n, in_dims):
+    """float32 panels marked for the tiles are multiplied as three bfloat16 parts of each value
+    (six products): every output is within float32's bound for a sum of k products, (k + 6)
+    2^-24 sum |x_i w_i| (the FMAs' is k 2^-24), the argmax twin picks the same columns, and
+    each row comes out bitwise the same alone as with the others (batch invariance)."""
+    rng = np.random.default_rng(11)
+    shape = (k, n) if in_dims == 1 else (*k, n)
+    w = rng.standard_normal(shape).astype(np.float32)
+    tiles = dataclasses.replace(kernels.pack(jnp.asarray(w), in_dims), tiles=True)
+    x = rng.standard_normal((rows, *shape[:in_dims])).astype(np.float32)
+    x2, w2 = x.reshape(rows, -1).astype(np.float64), w.reshape(-1, n).astype(np.float64)
+    bound = (x2.shape[1] + 6) * 2.0 ** -24 * (np.abs(x2) @ np.abs(w2))
+    out = np.asarray(kernels.packed_matmul(jnp.asarray(x), tiles)).reshape(rows, n)
+    assert np.all(np.abs(out - x2 @ w2) <= bound)
+    alone = np.asarray(kernels.packed_matmul(jnp.asarray(x[-1:]), tiles)).reshape(1, n)
+    np.testing.assert_array_equal(alone[0], out[-1])
+    np.testing.assert_array_equal(np.asarray(kernels.packed_argmax(jnp.asarray(x), tiles)),
+                                  out.argmax(axis=1))
+
+
+@pytest.mark.skipif(not kernels.tiles_available(), reason="needs AMX tiles (Sapphire Rapids or later)")
+def test_float32_gated_pairs_on_tiles_give_silu_of_gate_times_up():
+    """A gated MLP's float32 gate and up on the tiles: each product bitwise the one its own
+    weight gives on the tiles, then silu(gate) * up (SiLU within XLA's error)."""
+    rng = np.random.default_rng(12)
+    gate, up = (jnp.asarray(rng.standard_normal((576, 200)), jnp.float32) for _ in range(2))
+    x = jnp.asarray(rng.standard_normal((70, 576)), jnp.float32)
+    on_tiles = [dataclasses.replace(kernels.pack(w), tiles=True) for w in (gate, up)]
+    g, u = (np.asarray(kernels.packed_matmul(x, w)) for w in on_tiles)
+    gated = dataclasses.replace(kernels.pack_gated([gate, up]), tiles=True)
+    np.testing.assert_allclose(np.asarray(kernels.packed_matmul(x, gated)),
+                               np.asarray(jax.nn.silu(jnp.asarray(g))) * u, rtol=2e-6, atol=1e-6)
+
+
 def test_panels_of_an_unsupported_kind_are_refused():
     with pytest.raises(ValueError, match="int8 with scales"):
         kernels.pack(jnp.zeros((4, 48), jnp.int8))  # int8 without its scales

@@ -78,16 +78,21 @@ def test_the_fastest_pair_runs_fused_equal_to_solo_and_the_bench_says_so(tiny, m
                 for pair, ex in executors.items()}
 
     monkeypatch.setattr(op_choice, "decode_step_ms", fake_times)
+    prompt_ms = {"cpu_kernel": 3.0, "amx": 5.0}  # where the CPU has AMX tiles: the FMAs win
+    monkeypatch.setattr(op_choice, "prompt_matmul_ms", lambda candidates: prompt_ms)
     engine = Engine(cfg, params, max_slots=4, max_len=64)
     assert set(engine.executor.op_choice.step_ms["xla/xla"]) == {1, 4}
     assert (engine.executor.attention_kernel, engine.executor.matmul_kernel) == (False, True)
+    prompt_timed = kernels.tiles_available()
     requests = [TimedRequest(list(range(3 + i, 9 + 2 * i)),
                              SamplingParams(max_new_tokens=6 + 3 * i, ignore_eos=True), 0.0)
                 for i in range(6)]
     summary = bench_run(engine, requests, warmup=False, solo_samples=0)
     assert summary["ops"] == {"attention": "xla", "matmul": "cpu_kernel", "chosen_by": "measured",
                               "step_ms": {pair: {"1": 2.0, "4": 8.0} for pair in PAIRS - {"xla/cpu_kernel"}}
-                              | {"xla/cpu_kernel": {"1": 1.0, "4": 4.0}}}
+                              | {"xla/cpu_kernel": {"1": 1.0, "4": 4.0}},
+                              "prompt_matmul": "cpu_kernel",
+                              "prompt_ms": prompt_ms if prompt_timed else {}}
     for request, output in zip(requests, engine.run(requests).outputs):
         assert output.token_ids == engine.generate([request.prompt], request.params)[0].token_ids
 
@@ -120,5 +125,38 @@ def test_a_bfloat16_model_times_the_amx_tiles_where_the_cpu_has_them(tiny, measu
     requests = [TimedRequest(list(range(3 + i, 9 + 2 * i)),
                              SamplingParams(max_new_tokens=6 + 3 * i, ignore_eos=True), 0.0)
                 for i in range(6)]
+    for request, output in zip(requests, engine.run(requests).outputs):
+        assert output.token_ids == engine.generate([request.prompt], request.params)[0].token_ids
+
+
+@pytest.mark.parametrize("tiles_faster", [True, False])
+def test_prompts_take_the_amx_tiles_for_float32_weights_where_faster(tiny, measuring, monkeypatch,
+                                                                    tiles_faster):
+    """With float32 weights on the matmul kernel, the prompts' matmuls are timed on the FMAs and
+    on AMX tiles (as bfloat16 parts), where the CPU has the tiles, and the faster computes every
+    prefill while decode steps keep the FMAs; requests with prompts of several pieces still get
+    their solo tokens. Without the tiles nothing is timed and prompts take the FMAs."""
+    cfg, params = tiny
+    timed = []
+
+    def fake_prompt_times(candidates):
+        timed.append(set(candidates))
+        tiles = candidates["amx"].layers[0].mlp.w_out
+        assert tiles.tiles and not candidates["cpu_kernel"].layers[0].mlp.w_out.tiles
+        return {"cpu_kernel": 2.0, "amx": 1.0 if tiles_faster else 3.0}
+
+    monkeypatch.setattr(op_choice, "decode_step_ms", lambda executors: {
+        pair: {1: 1.0 if pair == "cpu_kernel/cpu_kernel" else 2.0} for pair in executors})
+    monkeypatch.setattr(op_choice, "prompt_matmul_ms", fake_prompt_times)
+    engine = Engine(cfg, params, max_slots=1, max_len=64, prefill_chunk=8)
+    ex = engine.executor
+    on_tiles = kernels.tiles_available() and tiles_faster
+    assert timed == ([{"cpu_kernel", "amx"}] if kernels.tiles_available() else [])
+    assert ex.op_choice.summary()["prompt_matmul"] == ("amx" if on_tiles else "cpu_kernel")
+    assert ex.prompt_params.layers[0].mlp.w_out.tiles == on_tiles
+    assert not ex.params.layers[0].mlp.w_out.tiles and not ex.prompt_params.lm_head.tiles
+    requests = [TimedRequest(list(range(3 + i, 20 + 5 * i)),  # 17-37 tokens: 3-5 pieces of 8
+                             SamplingParams(max_new_tokens=5 + 2 * i, ignore_eos=True), 0.1 * i)
+                for i in range(5)]
     for request, output in zip(requests, engine.run(requests).outputs):
         assert output.token_ids == engine.generate([request.prompt], request.params)[0].token_ids

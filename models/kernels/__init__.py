@@ -206,7 +206,9 @@ class PackedWeight:
     layout AMX tiles read. int8 panels come with `scales` [ceil(n / 48), ceil(k / 64), 48],
     one per column and group of 64 inputs (the weight is panels * scales); other panels with
     None (not an empty array: a step dispatches every array it takes, some 120 of them would
-    be empty). `tiles`: bfloat16 panels multiplied on AMX tiles (`packed_matmul`).
+    be empty). `tiles`: panels multiplied on AMX tiles (`packed_matmul`): bfloat16 ones as they
+    are, float32 ones as three bfloat16 parts each, x too (six products: float32's precision,
+    worth it where many rows share a weight, `models.transformer.prompt_tiles`).
     `parts`: for weights packed side by side (`pack_side_by_side`), each one's output shape.
     `gated`: a gated MLP's gate and up weights, each 48 columns of the one then of the other
     (`pack_gated`), so that `packed_matmul` gives silu(x @ gate) * (x @ up) of `shape`."""
@@ -296,8 +298,8 @@ def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[int, int, tuple, bo
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32); for `gated`
     panels silu(x @ gate) * (x @ up). Panels packed with `tiles` are multiplied on AMX tiles
-    where this process has them (x rounded to bfloat16, packed_matmul.cc says why), on the FMAs
-    elsewhere."""
+    where this process has them (x rounded to bfloat16 for bfloat16 panels, split into three
+    bfloat16 parts for float32 ones: packed_matmul.cc says why), on the FMAs elsewhere."""
     rows, n, operands, tiles = _kernel_operands(x, w)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     y = call(*operands, gated=w.gated, tiles=tiles)

@@ -37,6 +37,8 @@
 // bfloat16, as vLLM's and oneDNN's bfloat16 matmuls do, so x is rounded to
 // bfloat16 here (to nearest even, as XLA's convert does; in XLA it would be an op
 // of its own before every matmul) and the exact products are summed in float32.
+// float32 panels can go on the tiles too, each value as three bfloat16 parts
+// (MultiplySplitOnTiles): where many rows share a panel, as a prompt's do.
 // Again one fixed order per output element whatever the rows, so batch
 // invariance holds.
 
@@ -51,7 +53,7 @@
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define FLOVER_TILES 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -220,14 +222,15 @@ struct Items {
   const W* panels;
   int64_t rows, num_panels, panel_size;
   bool gated;
+  int64_t row_block = kRowBlock;  // rows per item
 
   int64_t per_item() const { return gated ? 2 : 1; }
-  int64_t row_blocks() const { return (rows + kRowBlock - 1) / kRowBlock; }
+  int64_t row_blocks() const { return (rows + row_block - 1) / row_block; }
   int64_t count() const { return num_panels / per_item() * row_blocks(); }
   int64_t columns(int64_t item) const { return item / row_blocks(); }  // which 48 of the outputs
   int64_t panel(int64_t item) const { return columns(item) * per_item(); }  // its (first) panel
-  int64_t first_row(int64_t item) const { return item % row_blocks() * kRowBlock; }
-  int64_t rows_of(int64_t item) const { return std::min(kRowBlock, rows - first_row(item)); }
+  int64_t first_row(int64_t item) const { return item % row_blocks() * row_block; }
+  int64_t rows_of(int64_t item) const { return std::min(row_block, rows - first_row(item)); }
   // The panel to prefetch: null where the next item reads this one.
   const W* next_panel(int64_t item, int64_t next) const {
     return next < count() && columns(next) != columns(item) ? panels + panel(next) * panel_size
@@ -320,6 +323,162 @@ void MultiplyOnTiles(ffi::ThreadPool& pool, const float* x_data, const uint16_t*
 }
 #endif
 
+#if FLOVER_TILES
+// float32 on the tiles: each value v is split into three bfloat16 parts, v = hi + mid + lo
+// exactly (each part rounds what the ones before left; 3 x 8 bits of mantissa hold float32's
+// 24), and x @ W sums the six products of parts whose size reaches float32's precision (hi hi,
+// hi mid, mid hi, mid mid, hi lo, lo hi: what TPUs do for float32 at HIGHEST). Each product of
+// parts is exact in float32, so against the FMAs this changes the order of the sums only: the
+// error stays within float32's bound for a sum (tests/test_kernels.py). Worth it where many
+// rows share a panel (a prompt's): a panel is split once per item, its tiles then serve every
+// 16 rows of the item; at a few rows the split costs more than the tiles save.
+
+constexpr int64_t kSplitRowBlock = 256;  // rows per item: the panel's split serves all of them
+
+// 32 float32 values (low: the first 16) as their three bfloat16 parts, in the same order.
+inline void SplitParts(__m512 low, __m512 high, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+  uint16_t* parts[2] = {hi, mid};
+  for (int part = 0; part < 2; ++part) {
+    const __m512i bits = (__m512i)_mm512_cvtne2ps_pbh(high, low);  // lanes 0-15 from `low`
+    _mm512_store_si512(parts[part], bits);
+    const __m512 low_part = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits)), 16));
+    const __m512 high_part = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bits, 1)), 16));
+    low = _mm512_sub_ps(low, low_part), high = _mm512_sub_ps(high, high_part);
+  }
+  _mm512_store_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(high, low));  // what is left fits exactly
+}
+
+// x [rows, k] float32 as its parts [3][rows rounded up to 16][k_pad] bfloat16, zeros past rows
+// and k; returns the first part (the others follow, `part_size` apart).
+uint16_t* SplitRows(const float* x, int64_t rows, int64_t k, int64_t k_pad, int64_t part_size,
+                    std::vector<uint16_t>& storage) {
+  uint16_t* parts = CacheAligned(storage, 3 * part_size);
+  for (int64_t r = 0; r < part_size / k_pad; ++r) {
+    for (int64_t i = 0; i < k_pad; i += 32) {
+      __m512 half[2];
+      for (int h = 0; h < 2; ++h) {  // 16 values, zeros past k and past the rows
+        const int64_t at = i + 16 * h, live = r < rows ? std::clamp<int64_t>(k - at, 0, 16) : 0;
+        half[h] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << live) - 1), x + r * k + at);
+      }
+      uint16_t* out = parts + r * k_pad + i;
+      SplitParts(half[0], half[1], out, out + part_size, out + 2 * part_size);
+    }
+  }
+  return parts;
+}
+
+// One float32 panel [k, 48] as its parts' B tiles: [3][k_pad / 32][3][16][32] bfloat16, each
+// tile (16 pairs of inputs x 16 columns, a pair's two side by side) a contiguous 1 kB.
+void SplitPanel(const float* panel, int64_t k, int64_t k_pad, uint16_t* tiles) {
+  const int64_t part_size = k_pad * kPanel;
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                          24, 8);
+  for (int64_t i = 0; i < k_pad; i += 2) {
+    for (int c = 0; c < 3; ++c) {
+      const __m512 even = i < k ? _mm512_loadu_ps(panel + i * kPanel + 16 * c) : _mm512_setzero_ps();
+      const __m512 odd = i + 1 < k ? _mm512_loadu_ps(panel + (i + 1) * kPanel + 16 * c)
+                                   : _mm512_setzero_ps();
+      uint16_t* out = tiles + (((i / 32) * 3 + c) * 16 + (i % 32) / 2) * 32;
+      SplitParts(_mm512_permutex2var_ps(even, first, odd), _mm512_permutex2var_ps(even, second, odd),
+                 out, out + part_size, out + 2 * part_size);
+    }
+  }
+}
+
+// Rows [0, rows) of x's parts (row stride k_pad, parts `x_part` apart) against one panel's
+// parts' tiles (SplitPanel), 16 rows at a time, each 16 rows' sums [16, 48] handed to
+// done(first row, rows, sums). C 0-2: the sums; A 3-5: the rows' parts; B 6-7: the panel's.
+template <typename Done>
+void SplitTilePanel(const uint16_t* x, int64_t x_part, int64_t rows, const uint16_t* b_tiles,
+                    int64_t k_pad, Prefetcher& ahead, Done done) {
+  const int64_t steps = k_pad / kPairBlock, b_part = k_pad * kPanel;
+  const int64_t a_stride = k_pad * sizeof(uint16_t);
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint16_t* a = x + r0 * k_pad + s * kPairBlock;
+      _tile_loadd(3, a, a_stride);
+      _tile_loadd(4, a + x_part, a_stride);
+      _tile_loadd(5, a + 2 * x_part, a_stride);
+      const uint16_t* b = b_tiles + s * 3 * 512;
+      // Per 16 columns: x hi, mid, lo times W hi; x hi, mid times W mid; x hi times W lo.
+#define FLOVER_SIX_PRODUCTS(c, X, Y)          \
+  _tile_loadd(X, b + (c) * 512, 64);          \
+  _tile_dpbf16ps(c, 3, X);                    \
+  _tile_dpbf16ps(c, 4, X);                    \
+  _tile_loadd(Y, b + b_part + (c) * 512, 64); \
+  _tile_dpbf16ps(c, 5, X);                    \
+  _tile_dpbf16ps(c, 3, Y);                    \
+  _tile_dpbf16ps(c, 4, Y);                    \
+  _tile_loadd(X, b + 2 * b_part + (c) * 512, 64); \
+  _tile_dpbf16ps(c, 3, X);
+      FLOVER_SIX_PRODUCTS(0, 6, 7)
+      FLOVER_SIX_PRODUCTS(1, 7, 6)
+      FLOVER_SIX_PRODUCTS(2, 6, 7)
+#undef FLOVER_SIX_PRODUCTS
+      ahead.Step();
+    }
+    alignas(64) float sums[16][kPanel];
+    _tile_stored(0, sums[0], kPanel * sizeof(float));
+    _tile_stored(1, sums[0] + 16, kPanel * sizeof(float));
+    _tile_stored(2, sums[0] + 32, kPanel * sizeof(float));
+    done(r0, std::min<int64_t>(16, rows - r0), sums);
+  }
+  _tile_release();
+}
+
+// x [rows, k] float32 against float32 panels [p, k, 48] (gated: in pairs), on the tiles as
+// bfloat16 parts; each 16 rows' sums go to write(columns, first_row, rows, sums) (a gated
+// item's as silu(gate) * up).
+template <typename Write>
+void MultiplySplitOnTiles(ffi::ThreadPool& pool, const float* x, const float* panels,
+                          int64_t rows, int64_t k, int64_t num_panels, bool gated, Write write) {
+  Items<float> items{panels, rows, num_panels, PanelSize<float>(k), gated, kSplitRowBlock};
+  const int64_t k_pad = (k + kPairBlock - 1) / kPairBlock * kPairBlock;
+  const int64_t x_part = (rows + 15) / 16 * 16 * k_pad, b_part = k_pad * kPanel;
+  thread_local std::vector<uint16_t> storage;  // kept across calls: no pages to fault in each time
+  const uint16_t* parts = SplitRows(x, rows, k, k_pad, x_part, storage);
+  ParallelFor(pool, items.count(), [=](int64_t item, int64_t next) {
+    thread_local std::vector<uint16_t> scratch;
+    uint16_t* b_tiles = CacheAligned(scratch, 3 * b_part * items.per_item());
+    const int64_t first_row = items.first_row(item), item_rows = items.rows_of(item);
+    const int64_t p = items.panel(item), columns = items.columns(item);
+    for (int64_t i = 0; i < items.per_item(); ++i)
+      SplitPanel(panels + (p + i) * items.panel_size, k, k_pad, b_tiles + 3 * b_part * i);
+    const float* next_panel = items.next_panel(item, next);
+    Prefetcher ahead = Prefetcher::Over(next_panel, items.per_item() * items.panel_size * sizeof(float),
+                                        items.per_item() * k_pad / kPairBlock * ((item_rows + 15) / 16));
+    const uint16_t* x_rows = parts + first_row * k_pad;
+    if (!gated) {
+      SplitTilePanel(x_rows, x_part, item_rows, b_tiles, k_pad, ahead,
+                     [&](int64_t r0, int64_t m, float (*sums)[kPanel]) {
+        write(columns, first_row + r0, m, sums);
+      });
+      return;
+    }
+    // A gated item: every 16 rows' gate sums, then their up sums (the tiles hold one panel's).
+    alignas(64) float gate[kSplitRowBlock][kPanel];
+    SplitTilePanel(x_rows, x_part, item_rows, b_tiles, k_pad, ahead,
+                   [&](int64_t r0, int64_t m, float (*sums)[kPanel]) {
+      std::memcpy(gate[r0], sums[0], m * kPanel * sizeof(float));
+    });
+    SplitTilePanel(x_rows, x_part, item_rows, b_tiles + 3 * b_part, k_pad, ahead,
+                   [&](int64_t r0, int64_t m, float (*sums)[kPanel]) {
+      for (int64_t r = 0; r < m; ++r) SiluTimesUp(gate[r0 + r], sums[r]);
+      write(columns, first_row + r0, m, &gate[r0]);
+    });
+  });
+}
+#endif  // FLOVER_TILES
+
 // Whether v displaces `best` in an argmax that keeps the first of equal values and takes the
 // first NaN (as jnp.argmax does).
 inline bool Displaces(float v, float best) { return best == best && (v != v || v > best); }
@@ -356,9 +515,14 @@ ffi::Error MultiplyAny(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
                       gated, write);
       return ffi::Error::Success();
     }
+    if (type == ffi::DataType::F32 && TilesPermitted()) {
+      MultiplySplitOnTiles(pool, x_data, static_cast<const float*>(data), rows, k, num_panels,
+                           gated, write);
+      return ffi::Error::Success();
+    }
 #endif
     return ffi::Error::InvalidArgument(
-        "packed_matmul: tiles are for bfloat16 panels, where the CPU has AMX tiles");
+        "packed_matmul: tiles are for bfloat16 and float32 panels, where the CPU has AMX tiles");
   }
   switch (type) {
     case ffi::DataType::F32:
