@@ -143,7 +143,7 @@ def _tiles_misfit(cfg: ModelConfig, float32: bool = False) -> str | None:
     float32 weights, as bfloat16 parts (prompts' matmuls), instead of bfloat16 ones."""
     dtype = "float32" if float32 else "bfloat16"
     if cfg.dtype != dtype or cfg.quantize:
-        return f"AMX tiles multiply {dtype} weights here, this model's are {cfg.quantize or cfg.dtype}"
+        return f"AMX tiles multiply {dtype} weights, this model's are {cfg.quantize or cfg.dtype}"
     if not kernels.tiles_available():
         return "this CPU (or this process) has no AMX tiles"
     return None
