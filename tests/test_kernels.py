@@ -24,9 +24,9 @@ from models.presets import tiny_config
 ])
 def test_kernel_matches_masked_attention_over_the_window(kv_heads, group, head_dim, q_scale):
     """Rows read their own slot's first lengths[i] positions, from the window's start on;
-    a row of length 0 gets zeros; what lies beyond a row's length does not matter (NaNs there:
-    a last partial block of 16 positions is scored whole where the cache has its rows, else
-    position by position, as at length 40 here)."""
+    a row of length 0 gets zeros; positions beyond a row's length are never read (NaNs there).
+    A last, partial block of 8 or more positions is scored as a block (length 40), a shorter one
+    position by position (1, 17)."""
     assert kernels.cpu_kernel_available()
     slots, max_len, start, width = 7, 40, 2, 5
     cfg = tiny_config("llama", n_heads=kv_heads * group, n_kv_heads=kv_heads, head_dim=head_dim)

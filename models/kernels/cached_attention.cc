@@ -7,8 +7,7 @@
 // Why a kernel: XLA:CPU copies any slice of a bigger buffer before a dot reads
 // it, and a dot over the whole cache reads every position, live or not. Here
 // each (slot, KV head) reads its live K rows once for the scores and its live
-// V rows once for the output, so a step reads the live KV bytes (and the K rows that fill
-// out a last block of 16 positions) once. In a decode step
+// V rows once for the output, so a step reads exactly the live KV bytes. In a decode step
 // those come from memory, (slot, KV head) after (slot, KV head): while a thread computes one,
 // it fetches the next one it will take into L2, paced over its work.
 //
@@ -44,6 +43,10 @@ namespace {
 
 // A row of scores is padded to whole blocks of 16 positions.
 constexpr int64_t Padded(int64_t length) { return (length + 15) / 16 * 16; }
+
+// Positions in a last, partial block from which it is scored as a block rather than position
+// by position: a block's sums cost about as much as 8 positions' (benchmarks/NOTES.md).
+constexpr int64_t kBlockTail = 8;
 
 // 16 independent partial sums: the compiler vectorizes this without reassociating.
 template <typename KV>
@@ -129,24 +132,19 @@ inline F16 SumEach(const F16* a) {
                                  1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// The products of one K row and one query row, summed lane-wise over the head's C chunks.
-template <int C, typename KV>
-inline F16 RowProducts(const KV* k_row, const float* q_row) {
-  F16 acc = Widen(k_row) * Load(q_row);
-  for (int c = 1; c < C; ++c) acc += Widen(k_row + 16 * c) * Load(q_row + 16 * c);
-  return acc;
-}
-
-// The scaled scores of R query rows (q, row stride 16 C) against 16 K rows, into scores[r *
-// stride, + 16): each K row widened once; each score's sum in RowProducts' order.
+// The scaled scores of R query rows (q, row stride 16 C) against `count` (at most 16) K rows,
+// into scores[r * stride, + 16) (lanes past count: scratch): each K row widened once; each
+// score summed lane-wise over the head's C chunks, then over the lanes by SumEach.
 template <int C, int R, typename KV>
 inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t stride,
-                        float scale) {
+                        float scale, int count = 16) {
   constexpr int64_t dim = 16 * C;
   F16 q_rows[R][C], products[R][16];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) q_rows[r][c] = Load(q + r * dim + 16 * c);
-  for (int t = 0; t < 16; ++t) {
+  for (int t = count; t < 16; ++t)
+    for (int r = 0; r < R; ++r) products[r][t] = F16{};
+  for (int t = 0; t < count; ++t) {
     F16 k_row[C];
     for (int c = 0; c < C; ++c) k_row[c] = Widen(k_block + t * dim + 16 * c);
     for (int r = 0; r < R; ++r) {
@@ -179,13 +177,12 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length, int64_
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
-// One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null), and how
-// many rows from k may be read (those past length are other positions of the cache).
+// One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
 template <typename KV>
 struct LiveRows {
   const KV* k = nullptr;
   const KV* v = nullptr;
-  int64_t length = 0, readable = 0;
+  int64_t length = 0;
 };
 
 // What AttendOneHeadVec fetches of the next item as it goes.
@@ -204,9 +201,9 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: sums in registers
   const KV *k = live.k, *v = live.v;
   const int64_t length = live.length, stride = Padded(length);
-  // A last, partial block of positions is scored as a whole one where its K rows may be read
-  // (the softmax drops the positions past length): a position at a time costs more than 16.
-  const int64_t blocks = (stride <= live.readable ? stride : length) / 16;
+  // A last, partial block of at least kBlockTail positions is scored as a block, its other
+  // products zeros (the softmax drops those positions); a shorter one position by position.
+  const int64_t tail = length % 16, blocks = length / 16 + (tail >= kBlockTail);
   // The next item's K and V rows come into L2 over this item's steps: one per K block, one per
   // V row and pass.
   const int64_t steps = blocks + (group + kRows - 1) / kRows * length;
@@ -219,14 +216,21 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   // 4 query rows per pass over them: each K row is widened once per pass.
   for (int64_t b = 0; b < blocks; ++b) {
     const KV* k_block = k + 16 * b * dim;
+    const int count = static_cast<int>(std::min<int64_t>(16, length - 16 * b));
     if (b + 1 < blocks)
       for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
     for (int64_t g = 0; g < group; g += 4) {
-      switch (std::min<int64_t>(4, group - g)) {
-        case 1: BlockScores<C, 1>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
-        case 2: BlockScores<C, 2>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
-        case 3: BlockScores<C, 3>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale); break;
-        default: BlockScores<C, 4>(k_block, q + g * dim, scores + g * stride + 16 * b, stride, scale);
+      float* block_scores = scores + g * stride + 16 * b;
+      const float* q_rows = q + g * dim;
+      switch (std::min<int64_t>(4, group - g) + (count < 16 ? 4 : 0)) {
+        case 1: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale); break;
+        case 2: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale); break;
+        case 3: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale); break;
+        case 4: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale); break;
+        case 5: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale, count); break;
+        case 6: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale, count); break;
+        case 7: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale, count); break;
+        default: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale, count);
       }
     }
     ahead.Step();
@@ -234,7 +238,8 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * stride;
     for (int64_t t = 16 * blocks; t < length; ++t) {
-      const F16 products = RowProducts<C>(k + t * dim, q + g * dim);
+      F16 products = Widen(k + t * dim) * Load(q + g * dim);
+      for (int c = 1; c < C; ++c) products += Widen(k + t * dim + 16 * c) * Load(q + g * dim + 16 * c);
       float sum = 0.0f;
       for (int j = 0; j < 16; ++j) sum += products[j];
       row[t] = sum * scale;
@@ -269,7 +274,7 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
     const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
     const int64_t slot = std::clamp<int64_t>(slot_data[row], 0, slots - 1);
     const int64_t offset = ((slot * heads + head) * max_len + begin) * dim;
-    return LiveRows<KV>{k_data + offset, v_data + offset, end - begin, max_len - begin};
+    return LiveRows<KV>{k_data + offset, v_data + offset, end - begin};
   };
   auto attend = [=](int64_t item, int64_t next) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
