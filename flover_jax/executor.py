@@ -319,8 +319,8 @@ class DeviceExecutor:
                  params: Sequence[SamplingParams], kv_len: int) -> Sampled:
         sampling = SlotSampling.from_params(list(params), len(slots))
         self.state, first = self.verbs.prefill(
-            self.prompt_params, self.state, slots, tokens, starts, lengths, finals, max_new, ignore_eos,
-            sampling, kv_len)
+            self.prompt_params, self.state, slots, tokens, starts, lengths, finals, max_new,
+            ignore_eos, sampling, kv_len)
         return first
 
     def decode(self, start: int, width: int, kv_len: int) -> Sampled:

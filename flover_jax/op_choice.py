@@ -138,12 +138,16 @@ def choose(
     gc.collect()
     a, m = pick(step_ms).split("/")
     choice = OpChoice(a, m, "measured", step_ms)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent starts never read half a file
-    scratch.write_text(json.dumps({"attention": a, "matmul": m, "step_ms": step_ms,
-                                   "identity": identity}, indent=1))
-    os.replace(scratch, path)
+    _keep(path, {"attention": a, "matmul": m, "step_ms": step_ms, "identity": identity})
     return choice
+
+
+def _keep(path: Path, record: dict) -> None:
+    """Writes a measured choice's record to `path` whole: concurrent starts never read half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(record, indent=1))
+    os.replace(scratch, path)
 
 
 def choose_prompt_matmul(choice: OpChoice, params, tiled: Callable[[object], object],
@@ -161,10 +165,7 @@ def choose_prompt_matmul(choice: OpChoice, params, tiled: Callable[[object], obj
         prompt_ms = {str(p): float(ms) for p, ms in json.loads(path.read_text())["prompt_ms"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         prompt_ms = prompt_matmul_ms({"cpu_kernel": params, "amx": tiled(params)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps({"prompt_ms": prompt_ms, "identity": identity}, indent=1))
-        os.replace(scratch, path)
+        _keep(path, {"prompt_ms": prompt_ms, "identity": identity})
     return dataclasses.replace(choice, prompt_matmul=min(prompt_ms, key=prompt_ms.get),
                                prompt_ms=prompt_ms)
 
