@@ -132,9 +132,18 @@ inline F16 SumEach(const F16* a) {
                                  1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+// The products of one K row and one query row, summed lane-wise over the head's C chunks.
+template <int C, typename KV>
+inline F16 RowProducts(const KV* k_row, const float* q_row) {
+  F16 acc = Widen(k_row) * Load(q_row);
+  for (int c = 1; c < C; ++c) acc += Widen(k_row + 16 * c) * Load(q_row + 16 * c);
+  return acc;
+}
+
 // The scaled scores of R query rows (q, row stride 16 C) against `count` (at most 16) K rows,
 // into scores[r * stride, + 16) (lanes past count: scratch): each K row widened once; each
-// score summed lane-wise over the head's C chunks, then over the lanes by SumEach.
+// score summed lane-wise over the head's C chunks (RowProducts' order), then over the lanes by
+// SumEach.
 template <int C, int R, typename KV>
 inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t stride,
                         float scale, int count = 16) {
@@ -238,8 +247,7 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * stride;
     for (int64_t t = 16 * blocks; t < length; ++t) {
-      F16 products = Widen(k + t * dim) * Load(q + g * dim);
-      for (int c = 1; c < C; ++c) products += Widen(k + t * dim + 16 * c) * Load(q + g * dim + 16 * c);
+      const F16 products = RowProducts<C>(k + t * dim, q + g * dim);
       float sum = 0.0f;
       for (int j = 0; j < 16; ++j) sum += products[j];
       row[t] = sum * scale;

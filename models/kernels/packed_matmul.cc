@@ -153,9 +153,10 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-void ConfigureTiles(int rows) {
+// Tiles 0 to count - 1, 64 bytes a row: B tiles 3-5 of 16 rows, the others of `rows`.
+void ConfigureTiles(int rows, int count = 7) {
   TileConfig config;
-  for (int t = 0; t < 7; ++t) {
+  for (int t = 0; t < count; ++t) {
     config.bytes_per_row[t] = 64;
     config.rows[t] = (t >= 3 && t <= 5) ? 16 : rows;
   }
@@ -396,9 +397,7 @@ void SplitTilePanel(const uint16_t* x, int64_t x_part, int64_t rows, const uint1
                     int64_t k_pad, Prefetcher& ahead, Done done) {
   const int64_t steps = k_pad / kPairBlock, b_part = k_pad * kPanel;
   const int64_t a_stride = k_pad * sizeof(uint16_t);
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
+  ConfigureTiles(16, 8);
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     _tile_zero(0);
     _tile_zero(1);
