@@ -45,8 +45,8 @@ class Buckets:
 
     def prefill_batches(self, piece_len: int) -> tuple[int, ...]:
         """Pieces per prefill call, for pieces padded to `piece_len` tokens: up to
-        max_prefill_batch, or where more fit `prefill_rows` rows, that many (at most a piece per
-        slot). A call costs about its padded rows, and one call of many short pieces less than
+        max_prefill_batch, or where more fit `prefill_rows` rows, that many (no more than there
+        are slots). A call costs about its padded rows, and one call of many short pieces less than
         several calls of a few (benchmarks/NOTES.md)."""
         most = max(self.max_prefill_batch, self.prefill_rows // piece_len)
         return powers_of_two(1, min(most, self.windows[-1]))

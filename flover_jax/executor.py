@@ -299,7 +299,7 @@ class DeviceExecutor:
     def prefill(self, pieces: Sequence[PromptPiece]) -> Sampled:
         """Pieces whose lengths share a prompt-length bucket and whose ends share a kv_len
         bucket (the scheduler groups them so: a piece's shapes are its own, whoever it
-        shares the call with)."""
+        shares the call with). A slot's consecutive pieces may share a call, in order."""
         t = bucket(max(len(p.tokens) for p in pieces), self.buckets.prompt_lengths)
         b = bucket(len(pieces), self.buckets.prefill_batches(t))
         kv_len = self.buckets.prefill_kv_len(max(p.end for p in pieces))

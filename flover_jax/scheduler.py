@@ -435,10 +435,11 @@ class Scheduler:
     def _prefill(self) -> list[tuple[Any, list[Request | None]]]:
         """Admit queued requests into free slots and dispatch this iteration's prompt pieces,
         up to `prefill_budget` tokens (with none decoding, pieces that complete their prompts
-        go in beyond it): in passes of at most one piece per prompt (a prompt's pieces follow
-        each other, each in its own call), first the prompts already in slots, then (in the
-        first pass) new ones, first come first served. A piece that does not fit leaves room
-        for shorter ones behind it; a request joins only when its first piece is dispatched.
+        go in beyond it): in passes of at most one piece per prompt, first the prompts already
+        in slots, then (in the first pass) new ones, first come first served. A piece that
+        does not fit leaves room for shorter ones behind it; a request joins only when its
+        first piece is dispatched. The passes' pieces then go out together, several per call:
+        a lone long prompt's pieces share a call as readily as different prompts' do.
         Returns (handle, the request whose prompt each row's piece ends, else None) per call."""
         chunk = self.executor.buckets.prefill_chunk
         budget = self.prefill_budget if chunk else math.inf
@@ -446,37 +447,41 @@ class Scheduler:
         room = self.table.num_free if self.policy.admit_while_running or not others_running else 0
         if self.policy.max_batch is not None:
             room = min(room, self.policy.max_batch - len(self._running))
-        calls, used, first_pass = [], 0, True
+        hits: dict[int, list[tuple[int, int, list[int]]]] = collections.defaultdict(list)
+        groups: dict[tuple[int, int], list] = collections.defaultdict(list)  # by shape
+        used = 0
+
+        def dispatch(request: Request, cached: tuple[CachedPrefix, int] | None = None) -> bool:
+            nonlocal used
+            begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
+            prompt = request.prompt_ids
+            end = piece_end(begin, len(prompt), chunk)
+            # The budget bounds how long decoders wait for their next token. With none
+            # decoding, a prompt that this piece completes goes in beyond it: it delays
+            # nobody, and decodes from the next step with the others.
+            beyond_budget_ok = end == len(prompt) and not others_running
+            if used and used + end - begin > budget and not beyond_budget_ok:
+                return False
+            used += end - begin
+            if request.request_id not in self._running:
+                self._join(request, others_running)
+                self._reuse_prefix(request, cached, hits)
+            slot = self.table.slot_of(request.request_id)
+            piece = PromptPiece(slot, prompt[begin:end], begin, end == len(prompt),
+                                request.params)
+            buckets = self.executor.buckets
+            groups[bucket(end - begin, buckets.prompt_lengths),
+                   buckets.prefill_kv_len(end)].append((piece, request))
+            self._prefilling[request.request_id] = self._positions[request.request_id] = end
+            return True
+
+        first_pass = True
         while used < budget:
-            hits: dict[int, list[tuple[int, int, list[int]]]] = collections.defaultdict(list)
-            groups: dict[tuple[int, int], list] = collections.defaultdict(list)  # by shape
-
-            def dispatch(request: Request, cached: tuple[CachedPrefix, int] | None = None) -> bool:
-                nonlocal used
-                begin = self._prefilling.get(request.request_id, cached[1] if cached else 0)
-                prompt = request.prompt_ids
-                end = piece_end(begin, len(prompt), chunk)
-                # The budget bounds how long decoders wait for their next token. With none
-                # decoding, a prompt that this piece completes goes in beyond it: it delays
-                # nobody, and decodes from the next step with the others.
-                beyond_budget_ok = end == len(prompt) and not others_running
-                if used and used + end - begin > budget and not beyond_budget_ok:
-                    return False
-                used += end - begin
-                if request.request_id not in self._running:
-                    self._join(request, others_running)
-                    self._reuse_prefix(request, cached, hits)
-                slot = self.table.slot_of(request.request_id)
-                piece = PromptPiece(slot, prompt[begin:end], begin, end == len(prompt),
-                                    request.params)
-                buckets = self.executor.buckets
-                groups[bucket(end - begin, buckets.prompt_lengths),
-                       buckets.prefill_kv_len(end)].append((piece, request))
-                self._prefilling[request.request_id] = self._positions[request.request_id] = end
-                return True
-
-            for request_id in list(self._prefilling):
-                dispatch(self._running[request_id])
+            used_before = used
+            for request_id, position in list(self._prefilling.items()):
+                request = self._running[request_id]
+                if position < len(request.prompt_ids):  # else its last piece is out already
+                    dispatch(request)
             for request in list(self._queue) if first_pass else ():
                 if room <= 0 or (used >= budget and others_running):
                     break
@@ -486,22 +491,28 @@ class Scheduler:
                 if dispatch(request, cached):
                     self._queue.remove(request)
                     room -= 1
-            if not groups:
+            if used == used_before:
                 break
-            calls += self._dispatch_pieces(hits, groups)
             first_pass = False
-        return calls
+        return self._dispatch_pieces(hits, groups)
 
     def _dispatch_pieces(self, hits, groups) -> list[tuple[Any, list[Request | None]]]:
-        """One pass's device work, in order: cached openings into their slots, the pieces
-        (several per call), then the openings their pieces completed into the prefix cache."""
+        """The iteration's device work, in order: cached openings into their slots, the pieces
+        (several per call), then the openings their pieces completed into the prefix cache.
+        A prompt's pieces must go in in order, and a call computes its pieces' K/V before any
+        attends, so a slot's consecutive pieces may share a call. Only a prompt's last piece
+        can be shorter than a chunk, and a later piece never ends in a smaller kv_len bucket:
+        calls of the longest pieces first, then by kv_len, keep every prompt's order."""
         for copies in hits.values():
             self.executor.copy_prefix(copies)
         calls, stored = [], collections.defaultdict(list)
-        for (piece_len, _), group in groups.items():
+        for (piece_len, _), group in sorted(groups.items(), key=lambda g: (-g[0][0], g[0][1])):
             most = self.executor.buckets.prefill_batches(piece_len)[-1]
             for i in range(0, len(group), most):
-                batch = group[i : i + most]
+                # A request whose earlier piece's call failed has ended: its later pieces go too.
+                batch = [(p, r) for p, r in group[i : i + most] if not r.finished]
+                if not batch:
+                    continue
                 try:
                     handle = self.executor.prefill([piece for piece, _ in batch])
                 except Exception as e:  # a bad batch ends with the error; the others go on

@@ -74,10 +74,13 @@ def prefill(
                                        kv_len, attention_kernel)
     last = hidden[jnp.arange(b), lengths - 1]  # [b, d]: only the last real position matters
     logits = transformer.logits(params, last, cfg)
-    # The prompt's marks (repetition penalty) grow piece by piece from the piece at 0.
+    # The prompt's marks (repetition penalty) grow piece by piece from the piece at 0. A slot
+    # may take consecutive pieces in one call: its marks gather all of them.
     real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    earlier = state.seen.at[slots].get(mode="fill", fill_value=False) & (starts > 0)[:, None]
-    seen = earlier.at[jnp.arange(b)[:, None], jnp.where(real, tokens, 0)].max(real)
+    restarted = jnp.zeros(state.num_slots, bool).at[slots].max(starts == 0, mode="drop")
+    marks = (state.seen & ~restarted[:, None]).at[slots[:, None], jnp.where(real, tokens, 0)].max(
+        real, mode="drop")
+    seen = marks.at[slots].get(mode="fill", fill_value=False)  # [b, vocab]: each row's prompt
     no_output = jnp.zeros(seen.shape, jnp.int32)
     first = sample_tokens(logits, sampling, jnp.zeros((b,), jnp.int32), seen, no_output)
     first = report(logits, first, finals, sampling)
@@ -86,7 +89,6 @@ def prefill(
     done = (max_new_tokens <= 1) | (_is_eos(tokens_first, eos_ids) & ~ignore_eos)
     done = done | (prompt_len >= state.max_len)
     everyone = jnp.ones_like(finals)
-    first_seen = mark_tokens(jnp.zeros_like(seen), tokens_first, finals)
     first_counts = count_tokens(no_output, tokens_first, everyone)
     starting = jnp.where(finals, slots, state.num_slots)  # rows that start decoding
 
@@ -102,7 +104,7 @@ def prefill(
         generated=put(state.generated, jnp.ones_like(tokens_first)),
         ignore_eos=put(state.ignore_eos, ignore_eos),
         sampling=jax.tree.map(put, state.sampling, sampling),
-        seen=put(state.seen, seen | first_seen, slots),
+        seen=marks.at[starting, tokens_first].set(True, mode="drop"),
         output_counts=put(state.output_counts, first_counts),
     )
     return state, first

@@ -14,9 +14,9 @@ relies on and raises `DeviceContractError` when the host breaks it:
 - decode: the window lies in [0, num_slots), width is a window bucket, kv_len is a kv bucket
   and exceeds the position of every active slot in the window, and (by default) no active
   slot lies outside the window (it would never progress);
-- prefill: pieces target distinct slots, never a live one; a piece that starts past 0
-  continues exactly where its slot's prompt stands (after earlier pieces or a copied
-  prefix); a piece never crosses a chunk boundary and shares its call's shape buckets;
+- prefill: pieces never target a live slot; a piece that starts past 0 continues exactly
+  where its slot's prompt stands (after earlier pieces, also earlier in the same call, or a
+  copied prefix); a piece never crosses a chunk boundary and shares its call's shape buckets;
   tokens are in-vocab, params validate;
 - copy_prefix: sources hold at least `length` positions of a prompt (a prefix row, or a
   slot whose prompt is that far in), targets are prefix rows or slots not yet begun;
@@ -159,7 +159,7 @@ class FakeExecutor:
         self.prefix_rows = range(num_slots, num_slots + prefix_rows)
         s = num_slots + prefix_rows
         self.cache = np.full((s, max_len), STALE, np.int64)  # token id at each cache position
-        self.filled = np.zeros(s, np.int64)  # prompt positions in the cache while prefilling
+        self.filled = np.zeros(s, np.int64)  # prompt positions in the cache (kept as it decodes)
         self.since = np.zeros(s, np.int64)  # the mark at which the slot's request came in
         self.copied_in = np.zeros(s, bool)  # holds a copied prefix and no piece yet
         self.tokens = np.zeros(s, np.int64)  # last sampled token = next step's input
@@ -215,14 +215,20 @@ class FakeExecutor:
         shapes = {(bucket(len(p.tokens), b.prompt_lengths), b.prefill_kv_len(p.end)) for p in pieces}
         _check(len(shapes) == 1, f"prefill: pieces of several shapes {sorted(shapes)} in one call")
         slots = [p.slot for p in pieces]
-        _check(len(set(int(s) for s in slots)) == len(slots), f"prefill: repeated slot {slots}")
+        stands: dict[int, int] = {}  # where each slot's prompt stands after its pieces so far
         for p in pieces:
             slot = p.slot
             _check(self._slot_ok(slot), f"prefill: slot {slot!r} out of range")
             _check(not self.active[slot], f"prefill: slot {slot} is active (a live request)")
-            _check(p.start == 0 or (self.filled[slot] == p.start and self.occupied[slot]),
-                   f"prefill: a piece at {p.start} into slot {slot}, whose prompt stands at "
-                   f"{self.filled[slot] if self.occupied[slot] else 'nothing'}")
+            if slot in stands:  # a later piece of the same prompt, in the same call
+                _check(p.start == stands[slot] and p.start > 0,
+                       f"prefill: slot {slot}'s pieces in one call do not follow each other")
+            else:
+                _check(p.start == 0 or (self.filled[slot] == p.start and self.occupied[slot]
+                                        and not self.generated[slot]),
+                       f"prefill: a piece at {p.start} into slot {slot}, whose prompt stands at "
+                       f"{self.filled[slot] if self.occupied[slot] else 'nothing'}")
+            stands[slot] = -1 if p.final else p.end  # nothing follows a prompt's last piece
             chunk = b.prefill_chunk
             _check(not chunk or (len(p.tokens) <= chunk and p.start // chunk == (p.end - 1) // chunk),
                    f"prefill: piece [{p.start}, {p.end}) crosses a boundary of chunk {chunk}")
@@ -231,7 +237,8 @@ class FakeExecutor:
                    f"prefill: piece [{p.start}, {p.end})")
             _check(all(0 <= t < self.vocab_size for t in p.tokens), f"prefill: bad ids {p.tokens}")
         before = int((self.occupied & (self.since < self.mark)).sum())
-        new = sum(p.start == 0 or bool(self.copied_in[p.slot]) for p in pieces)
+        new = sum(p.start == 0 or bool(self.copied_in[p.slot])
+                  for p in {p.slot: p for p in reversed(pieces)}.values())  # each slot's first
         self.prefills.append(PrefillLog([int(s) for s in slots], before, self.mark, new,
                                         sum(p.final for p in pieces)))
         first = np.full(len(pieces), -1, np.int64)
@@ -242,7 +249,7 @@ class FakeExecutor:
             padded = p.start + bucket(len(p.tokens), b.prompt_lengths)
             self.cache[slot, length:padded] = STALE  # the padding's K/V: garbage
             if p.start == 0:
-                self.since[slot] = self.mark
+                self.since[slot], self.generated[slot] = self.mark, 0
             self.occupied[slot], self.filled[slot], self.copied_in[slot] = True, length, False
             if not p.final:
                 continue
@@ -260,7 +267,6 @@ class FakeExecutor:
             self.remaining[slot], self.generated[slot] = p.params.max_new_tokens - 1, 1
             self.ignore_eos[slot], self.seed[slot] = p.params.ignore_eos, p.params.seed
             self.logprobs[slot] = p.params.logprobs
-            self.filled[slot] = 0
         self._check_invariants()
         return self._handle("prefill", first, first_logprobs)
 
@@ -284,7 +290,7 @@ class FakeExecutor:
                 _check(dst not in self.prefix_rows and not self.occupied[dst],
                        f"copy_prefix: target slot {dst} is in use")
             else:
-                _check(self.occupied[src] and not self.active[src] and self.filled[src] >= length,
+                _check(self.occupied[src] and self.filled[src] >= length,
                        f"copy_prefix: source slot {src} holds no prompt of {length} positions")
                 _check(dst in self.prefix_rows, f"copy_prefix: {src}->{dst}: slot to slot")
         for src, dst, length in copies:
@@ -295,6 +301,7 @@ class FakeExecutor:
             self.filled[dst] = length
             if dst not in self.prefix_rows:
                 self.occupied[dst], self.copied_in[dst], self.since[dst] = True, True, self.mark
+                self.generated[dst] = 0
 
     def decode(self, start: int, width: int, kv_len: int) -> Handle:
         self.calls["decode"] += 1

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flover_jax import executor, step
+from flover_jax.chunks import PromptPiece
 from flover_jax.engine import Engine, TimedRequest
 from flover_jax.sampling_params import SamplingParams
 from flover_jax.state import DecodeState
@@ -152,13 +153,18 @@ def test_fused_equals_solo_greedy_for_every_family(family):
 
 
 def test_chunked_prefill_and_prefix_hits_give_each_request_its_solo_tokens(tiny):
-    """Long prompts go in pieces of 16 between decode steps, compacted mid-prompt, and
-    requests that open with a cached system prompt copy its K/V instead of computing it: each
-    request's tokens (penalties included, which read the prompt's marks) are the ones it gets
-    alone on an engine with no prefix cache."""
+    """Long prompts go in pieces of 16 between decode steps, compacted mid-prompt, a prompt's
+    consecutive pieces share a call, and requests that open with a cached system prompt copy
+    its K/V instead of computing it: each request's tokens (penalties included, which read the
+    prompt's marks) are the ones it gets alone on an engine with no prefix cache that computes
+    one piece per iteration."""
     cfg, params = tiny
     engine = Engine(cfg, params, max_slots=4, max_len=128, prefill_chunk=16, prefix_cache_rows=2)
-    alone = Engine(cfg, params, max_slots=4, max_len=128, prefill_chunk=16, prefix_cache_rows=0)
+    alone = Engine(cfg, params, max_slots=4, max_len=128, prefill_chunk=16, prefix_cache_rows=0,
+                   prefill_budget=16)
+    calls = []
+    prefill = engine.executor.prefill
+    engine.executor.prefill = lambda pieces: calls.append([p.slot for p in pieces]) or prefill(pieces)
     rng = np.random.default_rng(3)
     systems = [rng.integers(3, 256, 40).tolist(), rng.integers(3, 256, 21).tolist()]
     workload = []
@@ -173,10 +179,35 @@ def test_chunked_prefill_and_prefix_hits_give_each_request_its_solo_tokens(tiny)
     stats = result.stats
     assert stats.prefix_hits > 0 and stats.prefixes_stored > 0
     assert stats.prompt_pieces > stats.admitted and stats.compactions > 0
+    assert any(len(set(slots)) < len(slots) for slots in calls)  # a slot's pieces shared a call
     assert engine.prefix_cache.referenced == 0
     for request, output in zip(workload, result.outputs):
         assert output.finish_reason in ("stop", "length")
         assert output.token_ids == solo_tokens(alone, request), f"request {output.request_id}"
+
+
+def test_a_slots_consecutive_pieces_in_one_call_fill_it_as_calls_of_one_piece_do(engine):
+    """Two pieces of one prompt in one prefill call leave the slot's K/V, its prompt marks and
+    its first token bitwise as two calls do, the second piece reading the first's K/V and
+    marks within the call."""
+    ex = engine.executor
+    prompt = np.random.default_rng(9).integers(3, 256, 100).tolist()
+    params = SamplingParams(max_new_tokens=4, repetition_penalty=1.5)
+
+    def pieces(slot):
+        return [PromptPiece(slot, prompt[:64], 0, False, params),
+                PromptPiece(slot, prompt[64:], 64, True, params)]
+
+    together = ex.read(ex.prefill(pieces(0)))
+    apart = [ex.read(ex.prefill([piece])) for piece in pieces(1)]
+    assert together.tokens.tolist() == [-1, apart[1].tokens[0]]  # only the last piece samples
+    seen = np.asarray(ex.state.seen)
+    assert np.array_equal(seen[0], seen[1])
+    assert set(np.flatnonzero(seen[0])) == {*prompt, int(apart[1].tokens[0])}
+    for k, v in zip(ex.state.cache.k, ex.state.cache.v):
+        for array in (np.asarray(k), np.asarray(v)):
+            assert np.array_equal(array[0, :, :100], array[1, :, :100])
+    ex.release([0, 1])
 
 
 def test_penalties_follow_each_request_through_fused_steps(engine):

@@ -351,7 +351,7 @@ def check_run(sc: Scenario, policy: str, run: Run) -> None:
         assert all(group[0].occupied_before == 0 for group in by_iteration.values()
                    if any(p.new for p in group))
     if policy == "sequential":
-        assert all(len(p.slots) == 1 and (p.occupied_before == 0 or not p.new)
+        assert all(len(set(p.slots)) == 1 and (p.occupied_before == 0 or not p.new)
                    for p in ex.prefills)
         assert all(d.occupied <= 1 for d in ex.decodes)
 
