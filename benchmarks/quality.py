@@ -8,7 +8,7 @@ both, each computed as an engine on this machine computes it (on CPU: float32 ac
 Each variant runs the forward pass the engine serves with: on one CPU device the matmul
 kernel's packed panels (float32, bfloat16 or int8), as `auto` may pick them (held to XLA's dot
 in tests/test_kernels.py); where the CPU has AMX tiles, bfloat16 also on the tiles (`--matmul=amx`:
-activations rounded to bfloat16 at each matmul's input).
+activations as two bfloat16 parts at each matmul's input).
 """
 
 from __future__ import annotations

@@ -653,7 +653,7 @@ def quality_section(record: dict) -> str:
         f"{predictions} next-token predictions, each weight format as an engine here computes "
         f"it ({record['cpu']}; on CPU bfloat16 weights and KV cache with float32 activations, "
         "int8 weights with a float32 scale per output channel and group of 64 inputs; on AMX "
-        "tiles, `--matmul=amx`, each matmul's input is rounded to bfloat16 too). Top-1 "
+        "tiles, `--matmul=amx`, each matmul's input as two bfloat16 parts). Top-1 "
         "agreement: how often its likeliest next token is float32's.\n\n"
         + _table(["weights", "perplexity", "vs float32", "top-1 agreement with float32"], rows)
         + "\n")

@@ -369,28 +369,34 @@ def _narrow(w: np.ndarray, weights: str, in_dims: int, tiles: bool = False):
 def test_narrow_panels_match_their_xla_reference(weights, tiles, rows, shape, in_dims):
     """bfloat16 and int8 panels (widened as they stream, int8 scaled per column and group) compute what
     `layers.dense` computes on the same stored weight with XLA's dot, and rows stay
-    independent of their neighbours. On AMX tiles (where the CPU has them) x is rounded to
-    bfloat16 first: XLA's dot of the rounded x is their reference."""
+    independent of their neighbours. On AMX tiles (where the CPU has them) x goes in as two
+    bfloat16 parts, hi (x rounded) and lo (what hi leaves, rounded): the sum of XLA's dots of
+    the parts is their reference."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal(shape, np.float32)
     x = jnp.asarray(rng.standard_normal((rows, *shape[:in_dims]), np.float32))
     stored, packed = _narrow(w, weights, in_dims, tiles)
     assert packed.panels.dtype == jnp.dtype(weights)
     out = np.asarray(jax.jit(kernels.packed_matmul)(x, packed))
-    rounded = x.astype(jnp.bfloat16) if tiles and kernels.tiles_available() else x
-    reference = np.asarray(dense(rounded, stored, in_dims, preferred_element_type=jnp.float32))
+    parts = [x]
+    if tiles and kernels.tiles_available():
+        hi = x.astype(jnp.bfloat16)
+        parts = [hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
+    reference = sum(np.asarray(dense(part, stored, in_dims, preferred_element_type=jnp.float32))
+                    for part in parts)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(kernels.packed_matmul(x[-1:], packed))[0], out[-1])
 
 
 @pytest.mark.skipif(not kernels.tiles_available(), reason="needs AMX tiles (Sapphire Rapids or later)")
-def test_tiles_round_x_to_bfloat16_as_xla_converts_it():
-    """On the tiles the kernel rounds x to bfloat16 itself (to nearest even): the products of x
-    and of x already rounded by XLA's convert are bitwise the same, ties, subnormals, signed
-    zeros and infinities included, in rows of 17 inputs (not a whole block of 16 or 32)."""
+def test_tiles_take_x_as_two_bfloat16_parts_as_xla_converts_them():
+    """On the tiles the kernel splits x itself: hi, x rounded to bfloat16 to nearest even as
+    XLA's convert rounds, and lo, what hi leaves rounded so (0 where hi is infinite). Against
+    the identity each output is one input's hi + lo: bitwise what the tiles give for XLA's
+    parts fed one at a time, ties, subnormals, signed zeros and infinities included, in rows
+    of 17 inputs (not a whole block of 16 or 32); and within 2^-17 of x where x is normal."""
     rng = np.random.default_rng(7)
-    w = jnp.asarray(rng.standard_normal((17, 50), np.float32), jnp.bfloat16)
-    packed = kernels.pack(w, tiles=True)
+    packed = kernels.pack(jnp.eye(17, 50, dtype=jnp.bfloat16), tiles=True)
     base = rng.standard_normal((40, 17)).astype(np.float32)
     bits = base.view(np.uint32)
     bits[:10] = (bits[:10] & 0xFFFF0000) | 0x8000  # exact ties: half way between two bfloat16s
@@ -398,9 +404,13 @@ def test_tiles_round_x_to_bfloat16_as_xla_converts_it():
     base[20, :] = [0.0, -0.0, np.inf, -np.inf, 1e-39, -1e-39, 3e-41, 1.17e-38, 3.4e38, -3.4e38,
                    1.0, 1.00390625, 1.01171875, -1.00390625, 0.5, 2.0, 65504.0]
     x = jnp.asarray(base)
+    hi = x.astype(jnp.bfloat16).astype(jnp.float32)
+    lo = jnp.where(jnp.isfinite(hi), x - hi, 0.0).astype(jnp.bfloat16).astype(jnp.float32)
     out = np.asarray(kernels.packed_matmul(x, packed))
-    prerounded = np.asarray(kernels.packed_matmul(x.astype(jnp.bfloat16).astype(jnp.float32), packed))
-    np.testing.assert_array_equal(out, prerounded)
+    parts = np.asarray(kernels.packed_matmul(hi, packed)) + np.asarray(kernels.packed_matmul(lo, packed))
+    np.testing.assert_array_equal(out, parts)
+    normal = np.abs(base[:20]) > 1e-30
+    np.testing.assert_allclose(out[:20, :17][normal], base[:20][normal], rtol=2.0**-17, atol=0)
 
 
 @pytest.mark.skipif(not kernels.tiles_available(), reason="needs AMX tiles (Sapphire Rapids or later)")

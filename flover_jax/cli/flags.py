@@ -24,7 +24,7 @@ flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cpu_kernel"],
 flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "cpu_kernel", "amx"],
                   "Weight matmuls: auto = the fastest of XLA's, the CPU kernel (one CPU device, "
                   "float32, bfloat16 or int8 weights) and the kernel on AMX tiles (amx: bfloat16 "
-                  "weights, activations rounded to bfloat16 at the dot), as timed on this machine.")
+                  "weights, activations as two bfloat16 parts at the dot), as timed on this machine.")
 flags.DEFINE_bool("batch_invariant", False, "One decode program and prompts prefilled alone: "
                   "each request gets its solo tokens even in bfloat16 on a GPU, at the cost "
                   "of computing every slot every step.")

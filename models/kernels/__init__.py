@@ -285,7 +285,7 @@ def pack_gated(ws: Sequence[jax.Array], scales: Sequence[jax.Array] | None = Non
 def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[int, int, tuple, bool]:
     """The rows and outputs (n) of x @ w, the kernel's operands (x as float32 [rows, k], the
     panels, the scales) and whether it multiplies on AMX tiles (panels packed for them, where
-    this process has them; the kernel rounds x to bfloat16 then)."""
+    this process has them; the kernel splits x into bfloat16 parts then)."""
     if not cpu_kernel_available():
         raise RuntimeError("the CPU matmul kernel is not available (see the log)")
     lead = x.shape[: x.ndim - w.in_dims]
@@ -298,8 +298,8 @@ def _kernel_operands(x: jax.Array, w: PackedWeight) -> tuple[int, int, tuple, bo
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., *inputs] @ w -> [..., *outputs], float32 (x is taken as float32); for `gated`
     panels silu(x @ gate) * (x @ up). Panels packed with `tiles` are multiplied on AMX tiles
-    where this process has them (x rounded to bfloat16 for bfloat16 panels, split into three
-    bfloat16 parts for float32 ones: packed_matmul.cc says why), on the FMAs elsewhere."""
+    where this process has them (x split into two bfloat16 parts for bfloat16 panels, into three
+    for float32 ones: packed_matmul.cc says why), on the FMAs elsewhere."""
     rows, n, operands, tiles = _kernel_operands(x, w)
     call = jax.ffi.ffi_call(_MATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     y = call(*operands, gated=w.gated, tiles=tiles)

@@ -34,9 +34,11 @@
 // Where the CPU has AMX tiles (Sapphire Rapids and later) and the caller asks for
 // them, bfloat16 panels are multiplied on the tiles instead (TilePanel), 16 rows
 // at a time, several times the FMAs' rate: the tiles multiply bfloat16 by
-// bfloat16, as vLLM's and oneDNN's bfloat16 matmuls do, so x is rounded to
-// bfloat16 here (to nearest even, as XLA's convert does; in XLA it would be an op
-// of its own before every matmul) and the exact products are summed in float32.
+// bfloat16, so x goes in as two bfloat16 parts (hi rounded to nearest even as
+// XLA's convert rounds, lo what hi leaves; SplitBfloat16), and the exact products
+// of both are summed in float32: x keeps 16 bits of mantissa, where rounding it
+// to bfloat16 alone (as oneDNN's bfloat16 matmuls do) cost a measurable share of
+// the tokens' agreement with float32 (benchmarks/NOTES.md).
 // float32 panels can go on the tiles too, each value as three bfloat16 parts
 // (MultiplySplitOnTiles): where many rows share a panel, as a prompt's do.
 // Again one fixed order per output element whatever the rows, so batch
@@ -153,21 +155,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0 to count - 1, 64 bytes a row: B tiles 3-5 of 16 rows, the others of `rows`.
-void ConfigureTiles(int rows, int count = 7) {
+// All 8 tiles, 64 bytes a row: B tiles 3-5 of 16 rows, the others of `rows`.
+void ConfigureTiles(int rows) {
   TileConfig config;
-  for (int t = 0; t < count; ++t) {
+  for (int t = 0; t < 8; ++t) {
     config.bytes_per_row[t] = 64;
     config.rows[t] = (t >= 3 && t <= 5) ? 16 : rows;
   }
   _tile_loadconfig(&config);
 }
 
-// Rows [0, rows) (at most kRowBlock) of x (bfloat16 [rows, k_pad], row stride k_pad) against
-// one bfloat16 panel on the tiles, 16 rows at a time, into sums [rows, 48], prefetching
-// `next_panel` (null: none) over all of them.
-void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uint16_t* next_panel,
-               int64_t k_pad, float (*sums)[kPanel]) {
+// Rows [0, rows) (at most kRowBlock) of x (two bfloat16 parts [rows, k_pad], row stride k_pad,
+// `x_part` apart) against one bfloat16 panel on the tiles, 16 rows at a time, into sums
+// [rows, 48], prefetching `next_panel` (null: none) over all of them.
+void TilePanel(const uint16_t* x, int64_t x_part, int64_t rows, const uint16_t* panel,
+               const uint16_t* next_panel, int64_t k_pad, float (*sums)[kPanel]) {
   const int64_t steps = k_pad / kPairBlock;
   Prefetcher ahead = Prefetcher::Over(next_panel, k_pad * kPanel * sizeof(uint16_t),
                                       steps * ((rows + 15) / 16));
@@ -181,13 +183,18 @@ void TilePanel(const uint16_t* x, int64_t rows, const uint16_t* panel, const uin
     _tile_zero(2);
     for (int64_t s = 0; s < steps; ++s) {
       const uint16_t* b = panel + s * kPairBlock * kPanel;
+      const uint16_t* a = x + r0 * k_pad + s * kPairBlock;
       _tile_loadd(3, b, b_stride);
       _tile_loadd(4, b + 32, b_stride);
       _tile_loadd(5, b + 64, b_stride);
-      _tile_loadd(6, x + r0 * k_pad + s * kPairBlock, k_pad * sizeof(uint16_t));
+      _tile_loadd(6, a, k_pad * sizeof(uint16_t));
+      _tile_loadd(7, a + x_part, k_pad * sizeof(uint16_t));
       _tile_dpbf16ps(0, 6, 3);
       _tile_dpbf16ps(1, 6, 4);
       _tile_dpbf16ps(2, 6, 5);
+      _tile_dpbf16ps(0, 7, 3);
+      _tile_dpbf16ps(1, 7, 4);
+      _tile_dpbf16ps(2, 7, 5);
       ahead.Step();
     }
     _tile_stored(0, sums[r0], kPanel * sizeof(float));
@@ -285,41 +292,63 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const floa
 }
 
 #if FLOVER_TILES
-// n floats rounded to bfloat16's bits, to nearest even (a NaN stays a NaN), as XLA's convert
-// rounds; 16 at a time.
-inline void RoundToBfloat16(const float* x, uint16_t* out, int64_t n) {
+// float32 bits rounded to bfloat16's, to nearest even (a NaN stays a NaN), as XLA's convert
+// rounds: one value's or 16 lanes'.
+template <typename U>
+inline U NearestBfloat16(U bits, U is_nan) {
+  const U nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return is_nan ? (bits >> 16) | 0x40 : nearest;
+}
+
+// n floats as two bfloat16 parts: hi, each rounded to nearest even as XLA's convert rounds, and
+// lo, what hi leaves (x - hi is exact) rounded so; 0 where hi is not finite. hi + lo keeps 16 of
+// x's 24 bits of mantissa: on the tiles x loses next to nothing, and the sums' error is the
+// weights' bfloat16 rounding, as on the FMAs.
+inline void SplitBfloat16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const F16 v = Load(x + i);
-    const U32x16 bits = BitCast<U32x16>(v);
-    const U32x16 nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-    const U32x16 rounded = v == v ? nearest : (bits >> 16) | 0x40;
-    *reinterpret_cast<Bf16x16*>(out + i) = __builtin_convertvector(rounded, Bf16x16);
+    const U32x16 top = NearestBfloat16<U32x16>(BitCast<U32x16>(v), (U32x16)(v != v));
+    const F16 rest = v - BitCast<F16>(top << 16);
+    const U32x16 bottom = NearestBfloat16<U32x16>(BitCast<U32x16>(rest), (U32x16)(rest != rest));
+    const U32x16 finite = (U32x16)((top & 0x7F80) != 0x7F80);
+    *reinterpret_cast<Bf16x16*>(hi + i) = __builtin_convertvector(top, Bf16x16);
+    *reinterpret_cast<Bf16x16*>(lo + i) = __builtin_convertvector(bottom & finite, Bf16x16);
   }
   for (; i < n; ++i) {
-    uint32_t bits;
+    uint32_t bits, rest_bits;
     std::memcpy(&bits, x + i, sizeof(bits));
-    out[i] = static_cast<uint16_t>(x[i] == x[i] ? (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                                                : (bits >> 16) | 0x40);
+    const uint32_t top = NearestBfloat16<uint32_t>(bits, x[i] != x[i]), top_bits = top << 16;
+    float top_value;
+    std::memcpy(&top_value, &top_bits, sizeof(top_value));
+    const float rest = x[i] - top_value;
+    std::memcpy(&rest_bits, &rest, sizeof(rest_bits));
+    hi[i] = static_cast<uint16_t>(top);
+    lo[i] = (top & 0x7F80) == 0x7F80 ? 0 : static_cast<uint16_t>(
+        NearestBfloat16<uint32_t>(rest_bits, rest != rest));
   }
 }
 
-// x [rows, k] float32 against bfloat16 panels, on the tiles: x's rows rounded to bfloat16 into
-// rows of a multiple of 32 inputs (zeros past k), each starting on a cache line.
+// x [rows, k] float32 against bfloat16 panels, on the tiles: x's rows as their two bfloat16
+// parts (SplitBfloat16), each in rows of a multiple of 32 inputs (zeros past k) that start on a
+// cache line, the lo parts `rows * k_pad` after the hi ones.
 template <typename Write>
 void MultiplyOnTiles(ffi::ThreadPool& pool, const float* x_data, const uint16_t* panels,
                      int64_t rows, int64_t k, int64_t num_panels, bool gated, Write write) {
   const Items<uint16_t> items{panels, rows, num_panels, PanelSize<uint16_t>(k), gated};
-  const int64_t k_pad = items.panel_size / kPanel;
+  const int64_t k_pad = items.panel_size / kPanel, x_part = rows * k_pad;
   thread_local std::vector<uint16_t> storage;  // kept across calls: no pages to fault in each time
-  uint16_t* x = CacheAligned(storage, rows * k_pad);
+  uint16_t* x = CacheAligned(storage, 2 * x_part);
   for (int64_t r = 0; r < rows; ++r) {
-    RoundToBfloat16(x_data + r * k, x + r * k_pad, k);
-    std::fill(x + r * k_pad + k, x + (r + 1) * k_pad, uint16_t{0});
+    uint16_t *hi = x + r * k_pad, *lo = hi + x_part;
+    SplitBfloat16(x_data + r * k, hi, lo, k);
+    std::fill(hi + k, hi + k_pad, uint16_t{0});
+    std::fill(lo + k, lo + k_pad, uint16_t{0});
   }
   RunItems(pool, items, [=](int64_t first_row, int64_t rows, int64_t p, const uint16_t* next,
                             float (*sums)[kPanel]) {
-    TilePanel(x + first_row * k_pad, rows, panels + p * items.panel_size, next, k_pad, sums);
+    TilePanel(x + first_row * k_pad, x_part, rows, panels + p * items.panel_size, next, k_pad,
+              sums);
   }, write);
 }
 #endif
@@ -397,7 +426,7 @@ void SplitTilePanel(const uint16_t* x, int64_t x_part, int64_t rows, const uint1
                     int64_t k_pad, Prefetcher& ahead, Done done) {
   const int64_t steps = k_pad / kPairBlock, b_part = k_pad * kPanel;
   const int64_t a_stride = k_pad * sizeof(uint16_t);
-  ConfigureTiles(16, 8);
+  ConfigureTiles(16);
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     _tile_zero(0);
     _tile_zero(1);
