@@ -516,8 +516,12 @@ class Scheduler:
                 try:
                     handle = self.executor.prefill([piece for piece, _ in batch])
                 except Exception as e:  # a bad batch ends with the error; the others go on
-                    self._fail([r for _, r in batch], f"prefill failed: {type(e).__name__}: {e}")
-                    begun = [piece.slot for piece, _ in batch if piece.start > 0]
+                    firsts = {}  # each slot's first piece here (a slot may have several)
+                    for piece, request in batch:
+                        firsts.setdefault(piece.slot, (piece, request))
+                    self._fail([r for _, r in firsts.values()],
+                               f"prefill failed: {type(e).__name__}: {e}")
+                    begun = [slot for slot, (piece, _) in firsts.items() if piece.start > 0]
                     if begun:  # earlier pieces or a copied prefix are in those slots
                         self.executor.release(begun)
                     continue

@@ -790,6 +790,25 @@ def test_a_failed_prefill_ends_its_requests_and_spares_the_others():
     assert len(sched.table) == 0 and not ex.occupied.any()
 
 
+def test_a_failed_call_of_a_prompts_consecutive_pieces_ends_it_once():
+    """A prompt's first pieces share a call that fails: the request ends once, with the error;
+    its last piece (a shorter one, in a later call) is never sent; the slot is free again."""
+    clock = FakeClock()
+    buckets = Buckets.for_engine(4, 64, prefill_chunk=16)
+    ex = FailingPrefill(num_slots=4, max_len=64, vocab_size=50, buckets=buckets)
+    sched = Scheduler(ex, "flover", clock=clock, prefill_budget=64)
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    ends = []
+    sched.on_event = lambda kind, request: ends.append(request.request_id) if kind == "finished" else None
+    bad = sched.submit([13, *range(1, 40)], sp)  # pieces [0, 16), [16, 32) and [32, 40)
+    sched.iteration()
+    assert ends == [bad] and ex.calls["prefill"] == 0
+    good = sched.submit([1, 2, 3, 4, 5, 6], sp)
+    outputs = _drive(sched, clock, ex)
+    assert outputs[good].token_ids == _solo([1, 2, 3, 4, 5, 6], sp, ex)[0]
+    assert ends.count(bad) == 1 and len(sched.table) == 0 and not ex.occupied.any()
+
+
 def test_cancel_from_a_finished_handler_applies_next_iteration():
     clock = FakeClock()
     ex = FakeExecutor(num_slots=4, max_len=32, vocab_size=50)
