@@ -334,6 +334,37 @@ def test_rms_norm_kernel_matches_the_xla_norm_row_by_row(d, scale_dtype):
     assert len(norms) == 2 * cfg.n_layers + 1 and all(n.kernel for n in norms)
 
 
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kv_heads, group, head_dim", [(3, 3, 64), (2, 5, 32), (1, 2, 128)])
+def test_a_pieces_rows_taken_together_give_bitwise_what_each_gives_alone(
+        cache_dtype, kv_heads, group, head_dim):
+    """A prompt piece's consecutive rows on one slot are attended together (each K and V block
+    read once for several rows); every row gets bitwise what it gets in a call of its own, so
+    a piece computes the same whatever shares its call. Rows reach full blocks and partial
+    last blocks of every kind (scored as a block from 8 positions, one by one below), runs
+    break at a slot or a window's first position, and a row that attends nowhere gets zeros."""
+    slots, max_len = 3, 80
+    rng = np.random.default_rng(9)
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((slots, kv_heads, max_len, head_dim)),
+                                    cache_dtype) for _ in range(2))
+    piece = np.arange(19, 40, dtype=np.int32)  # lengths 19..39: 21 rows, runs of 8, 8 and 5
+    row_slots = np.concatenate([np.full(piece.size, 1), [1, 1, 2, 2, 2, 0],
+                                np.full(12, 2)]).astype(np.int32)
+    lengths = np.concatenate([piece, [3, 0, 60, 61, 62, 1], np.arange(66, 78)]).astype(np.int32)
+    firsts = np.zeros_like(lengths)
+    firsts[-12:] = [0, 0, 0, 0, 0, 5, 5, 5, 5, 5, 5, 5]  # a window moving past position 0
+    q = jnp.asarray(rng.standard_normal((lengths.size, kv_heads, group, head_dim)), jnp.float32)
+    together = np.asarray(kernels.cached_attention(
+        q, k_cache, v_cache, jnp.asarray(row_slots), jnp.asarray(lengths), jnp.asarray(firsts)))
+    for row in range(lengths.size):
+        alone = kernels.cached_attention(q[row:row + 1], k_cache, v_cache,
+                                         jnp.asarray(row_slots[row:row + 1]),
+                                         jnp.asarray(lengths[row:row + 1]),
+                                         jnp.asarray(firsts[row:row + 1]))
+        np.testing.assert_array_equal(together[row], np.asarray(alone)[0], err_msg=f"row {row}")
+    assert not together[lengths == 0].any()
+
+
 def test_kernel_reads_a_bfloat16_cache_as_the_xla_attention_does():
     """A bfloat16 cache is widened as it is read: the same result as attending over its values
     in float32."""

@@ -186,6 +186,28 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length, int64_
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
+// WeightedSum over positions [t0, t1) only, the R rows' sums taken from `out` and put back:
+// called over consecutive ranges from t0 = 0 (out zeros), it adds the same products in the same
+// order as one WeightedSum over them all, so the result is bitwise the same.
+template <int C, int R, typename KV>
+void WeightedSumPart(const float* p, const KV* v, float* out, int64_t t0, int64_t t1,
+                     int64_t stride) {
+  constexpr int64_t dim = 16 * C;
+  F16 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Load(out + r * dim + 16 * c);
+  for (int64_t t = t0; t < t1; ++t) {
+    F16 v_row[C];
+    for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const F16 weight = Broadcast(p[r * stride + t]);
+      for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
+}
+
 // One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
 template <typename KV>
 struct LiveRows {
@@ -200,6 +222,50 @@ struct NextItem {
   void Step() { k.Step(), v.Step(); }
 };
 
+// The scores of `group` query rows (q, row stride 16 C) against one block of `count` K rows,
+// into scores[g * stride, + 16), up to 4 query rows per pass over the block.
+template <int C, typename KV>
+inline void GroupScores(const KV* k_block, const float* q, float* scores, int64_t stride,
+                        int64_t group, float scale, int count) {
+  constexpr int64_t dim = 16 * C;
+  for (int64_t g = 0; g < group; g += 4) {
+    float* block_scores = scores + g * stride;
+    const float* q_rows = q + g * dim;
+    switch (std::min<int64_t>(4, group - g) + (count < 16 ? 4 : 0)) {
+      case 1: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale); break;
+      case 2: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale); break;
+      case 3: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale); break;
+      case 4: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale); break;
+      case 5: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale, count); break;
+      case 6: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale, count); break;
+      case 7: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale, count); break;
+      default: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale, count);
+    }
+  }
+}
+
+// One query row's scores at positions [from, length) (past its last scored block), one
+// position at a time, then its softmax over [0, length).
+template <int C, typename KV>
+inline void ScoreTailAndSoftmax(const KV* k, const float* q_row, float* row, int64_t from,
+                                int64_t length, float scale) {
+  constexpr int64_t dim = 16 * C;
+  for (int64_t t = from; t < length; ++t) {
+    const F16 products = RowProducts<C>(k + t * dim, q_row);
+    float sum = 0.0f;
+    for (int j = 0; j < 16; ++j) sum += products[j];
+    row[t] = sum * scale;
+  }
+  Softmax(row, length);
+}
+
+// Scored K blocks of a row of `length` positions: a last, partial block of at least
+// kBlockTail positions is scored as a block, its other products zeros (the softmax drops those
+// positions); a shorter one position by position.
+constexpr int64_t ScoredBlocks(int64_t length) {
+  return length / 16 + (length % 16 >= kBlockTail);
+}
+
 // AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16 positions at a time, a vector
 // softmax, and the V sums of several query rows in registers. Against the scalar path it ran
 // 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
@@ -210,9 +276,7 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: sums in registers
   const KV *k = live.k, *v = live.v;
   const int64_t length = live.length, stride = Padded(length);
-  // A last, partial block of at least kBlockTail positions is scored as a block, its other
-  // products zeros (the softmax drops those positions); a shorter one position by position.
-  const int64_t tail = length % 16, blocks = length / 16 + (tail >= kBlockTail);
+  const int64_t blocks = ScoredBlocks(length);
   // The next item's K and V rows come into L2 over this item's steps: one per K block, one per
   // V row and pass.
   const int64_t steps = blocks + (group + kRows - 1) / kRows * length;
@@ -228,32 +292,10 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
     const int count = static_cast<int>(std::min<int64_t>(16, length - 16 * b));
     if (b + 1 < blocks)
       for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
-    for (int64_t g = 0; g < group; g += 4) {
-      float* block_scores = scores + g * stride + 16 * b;
-      const float* q_rows = q + g * dim;
-      switch (std::min<int64_t>(4, group - g) + (count < 16 ? 4 : 0)) {
-        case 1: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale); break;
-        case 2: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale); break;
-        case 3: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale); break;
-        case 4: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale); break;
-        case 5: BlockScores<C, 1>(k_block, q_rows, block_scores, stride, scale, count); break;
-        case 6: BlockScores<C, 2>(k_block, q_rows, block_scores, stride, scale, count); break;
-        case 7: BlockScores<C, 3>(k_block, q_rows, block_scores, stride, scale, count); break;
-        default: BlockScores<C, 4>(k_block, q_rows, block_scores, stride, scale, count);
-      }
-    }
+    GroupScores<C>(k_block, q, scores + 16 * b, stride, group, scale, count);
     ahead.Step();
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * stride;
-    for (int64_t t = 16 * blocks; t < length; ++t) {
-      const F16 products = RowProducts<C>(k + t * dim, q + g * dim);
-      float sum = 0.0f;
-      for (int j = 0; j < 16; ++j) sum += products[j];
-      row[t] = sum * scale;
-    }
-    Softmax(row, length);
-  }
+  for (int64_t g = 0; g < group; ++g) ScoreTailAndSoftmax<C>(k, q + g * dim, scores + g * stride, 16 * blocks, length, scale);
   for (int64_t g = 0; g < group; g += kRows) {
     const float* p = scores + g * stride;
     float* o = out + g * dim;
@@ -266,50 +308,154 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
   }
 }
 
+// A prompt piece's rows on one slot read the same K and V rows, each up to its own position.
+// AttendRunVec takes up to kRunRows of them at once: each K block, and each block of kVBlock V
+// rows, comes from L2 once for all of them and from L1 for the rest (one row at a time, every
+// row read all of its slot's rows from L2: a 64-token piece at position 512 spent over a
+// quarter of its call in attention).
+constexpr int64_t kRunRows = 8;
+constexpr int64_t kVBlock = 16;
+
+// One row of a run: its `group` queries, output and scores (scratch of group * Padded(length)).
+struct RunRow {
+  const float* q;
+  float* out;
+  float* scores;
+  int64_t length;
+};
+
+// AttendOneHeadVec for the `count` rows of a run, all reading from k and v (outs zeros). Each
+// row's scores, softmax and sums are AttendOneHeadVec's operations in its order (the V sums
+// kept in `out` between blocks of positions: WeightedSumPart), so each row's result is bitwise
+// what AttendOneHeadVec gives it alone.
+template <int C, typename KV>
+void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, int64_t group,
+                  float scale, LiveRows<KV> next) {
+  constexpr int64_t dim = 16 * C;
+  constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V, as AttendOneHeadVec
+  int64_t longest = 0, blocks = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    longest = std::max(longest, rows[r].length);
+    blocks = std::max(blocks, ScoredBlocks(rows[r].length));
+  }
+  const int64_t v_blocks = (longest + kVBlock - 1) / kVBlock;
+  const int64_t next_bytes = next.length * dim * sizeof(KV);
+  NextItem ahead{Prefetcher::Over(next.k, next_bytes, blocks + v_blocks),
+                 Prefetcher::Over(next.v, next_bytes, blocks + v_blocks)};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const KV* k_block = k + 16 * b * dim;
+    if (b + 1 < blocks)
+      for (int64_t i = 0; i < 16 * dim; i += 16) __builtin_prefetch(k_block + 16 * dim + i);
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t length = rows[r].length;
+      if (b >= ScoredBlocks(length)) continue;
+      GroupScores<C>(k_block, rows[r].q, rows[r].scores + 16 * b, Padded(length), group, scale,
+                     static_cast<int>(std::min<int64_t>(16, length - 16 * b)));
+    }
+    ahead.Step();
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t length = rows[r].length, stride = Padded(length);
+    for (int64_t g = 0; g < group; ++g)
+      ScoreTailAndSoftmax<C>(k, rows[r].q + g * dim, rows[r].scores + g * stride,
+                             16 * ScoredBlocks(length), length, scale);
+  }
+  for (int64_t t0 = 0; t0 < longest; t0 += kVBlock) {
+    for (int64_t i = 0; i < kVBlock * dim; i += 16) __builtin_prefetch(v + (t0 + kVBlock) * dim + i);
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t t1 = std::min(t0 + kVBlock, rows[r].length), stride = Padded(rows[r].length);
+      for (int64_t g = 0; g < group && t0 < t1; g += kRows) {
+        const float* p = rows[r].scores + g * stride;
+        float* o = rows[r].out + g * dim;
+        switch (std::min(kRows, group - g)) {
+          case 1: WeightedSumPart<C, 1>(p, v, o, t0, t1, stride); break;
+          case 2: WeightedSumPart<C, 2>(p, v, o, t0, t1, stride); break;
+          case 3: WeightedSumPart<C, 3>(p, v, o, t0, t1, stride); break;
+          default: WeightedSumPart<C, 4>(p, v, o, t0, t1, stride); break;
+        }
+      }
+    }
+    ahead.Step();
+  }
+}
+
 // q [w, kv_heads, group, dim]: the rows' queries; k_cache, v_cache
 // [slots, kv_heads, max_len, dim]; slot_data [w]: the slot each row reads; lengths [w]:
 // each row reads positions [firsts[i], lengths[i]) (a sliding window starts past 0;
 // an empty range: the row attends nowhere and gets zeros); scale: the scores' factor.
+// Work items are (run, KV head), a run being consecutive rows on one slot from one first
+// position (a prompt piece's, up to kRunRows of them; in a decode step, one row).
 template <typename KV>
 void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const KV* v_data,
             const int32_t* slot_data, const int32_t* length_data, const int32_t* first_data,
             float* out_data, int64_t width, int64_t heads, int64_t group, int64_t dim,
             int64_t slots, int64_t max_len, float scale) {
-  // The K and V rows item (row, head) reads: positions [firsts, lengths) of its slot's head.
-  auto live_rows = [=](int64_t item) {
-    const int64_t row = item / heads, head = item % heads;
+  // The K and V rows (row, head) reads: positions [firsts, lengths) of its slot's head. Rows
+  // of a run read from the same place (those that read anything).
+  auto live_rows = [=](int64_t row, int64_t head) {
     const int64_t end = std::clamp<int64_t>(length_data[row], 0, max_len);
     const int64_t begin = std::clamp<int64_t>(first_data[row], 0, end);
     const int64_t slot = std::clamp<int64_t>(slot_data[row], 0, slots - 1);
     const int64_t offset = ((slot * heads + head) * max_len + begin) * dim;
     return LiveRows<KV>{k_data + offset, v_data + offset, end - begin};
   };
-  auto attend = [=](int64_t item, int64_t next) {
+  const bool vectorized = dim == 16 || dim == 32 || dim == 64 || dim == 128;
+  std::vector<int64_t> runs;  // each run's first row, then width
+  for (int64_t row = 0; row < width; ++row) {
+    if (runs.empty() || !vectorized || row - runs.back() == kRunRows ||
+        slot_data[row] != slot_data[row - 1] || first_data[row] != first_data[row - 1])
+      runs.push_back(row);
+  }
+  runs.push_back(width);
+  const int64_t items = (static_cast<int64_t>(runs.size()) - 1) * heads;
+  auto attend = [=, &runs](int64_t item, int64_t next) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
-    const LiveRows<KV> rows = live_rows(item);
-    const int64_t length = rows.length;
-    scores.resize(group * Padded(length));
-    const float* q_item = q_data + item * group * dim;
-    float* out_item = out_data + item * group * dim;
-    std::fill(out_item, out_item + group * dim, 0.0f);
-    if (length == 0) return;  // a row that attends nowhere gets zeros
+    const int64_t run = item / heads, head = item % heads;
+    const int64_t first_row = runs[run], count = runs[run + 1] - first_row;
     // A decode step's items each read other rows, mostly from memory: the next one's are
     // fetched while this one computes. Not where the row before the next one read its slot
     // too (a prompt piece's tokens: the same rows, in cache already), nor past the last item.
-    const int64_t next_row = next / heads;
-    const bool fetch = next < width * heads &&
+    const int64_t next_row = next < items ? runs[next / heads] : 0;
+    const bool fetch = next < items &&
                        (next_row == 0 || slot_data[next_row - 1] != slot_data[next_row]);
-    const LiveRows<KV> ahead = fetch ? live_rows(next) : LiveRows<KV>{};
-    float* scratch = scores.data();
-    switch (dim) {
-      case 16: AttendOneHeadVec<1>(q_item, rows, out_item, group, scale, scratch, ahead); break;
-      case 32: AttendOneHeadVec<2>(q_item, rows, out_item, group, scale, scratch, ahead); break;
-      case 64: AttendOneHeadVec<4>(q_item, rows, out_item, group, scale, scratch, ahead); break;
-      case 128: AttendOneHeadVec<8>(q_item, rows, out_item, group, scale, scratch, ahead); break;
-      default: AttendOneHead(q_item, rows.k, rows.v, out_item, length, group, dim, scale, scratch);
+    const LiveRows<KV> ahead = fetch ? live_rows(next_row, next % heads) : LiveRows<KV>{};
+    RunRow rows[kRunRows];
+    LiveRows<KV> live;
+    int64_t live_count = 0, scratch = 0;
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t row = first_row + r, at = (row * heads + head) * group * dim;
+      std::fill(out_data + at, out_data + at + group * dim, 0.0f);
+      const LiveRows<KV> row_live = live_rows(row, head);
+      if (row_live.length == 0) continue;  // a row that attends nowhere gets zeros
+      live = row_live;
+      rows[live_count++] = {q_data + at, out_data + at, nullptr, row_live.length};
+      scratch += group * Padded(row_live.length);
+    }
+    if (live_count == 0) return;
+    scores.resize(scratch);
+    for (int64_t r = 0, used = 0; r < live_count; used += group * Padded(rows[r].length), ++r)
+      rows[r].scores = scores.data() + used;
+    if (live_count == 1) {
+      live.length = rows[0].length;
+      const float* q = rows[0].q;
+      float *out = rows[0].out, *s = rows[0].scores;
+      switch (dim) {
+        case 16: AttendOneHeadVec<1>(q, live, out, group, scale, s, ahead); break;
+        case 32: AttendOneHeadVec<2>(q, live, out, group, scale, s, ahead); break;
+        case 64: AttendOneHeadVec<4>(q, live, out, group, scale, s, ahead); break;
+        case 128: AttendOneHeadVec<8>(q, live, out, group, scale, s, ahead); break;
+        default: AttendOneHead(q, live.k, live.v, out, live.length, group, dim, scale, s);
+      }
+      return;
+    }
+    switch (dim) {  // runs of several rows have one of these head sizes
+      case 16: AttendRunVec<1>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      case 32: AttendRunVec<2>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      case 64: AttendRunVec<4>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      default: AttendRunVec<8>(rows, live_count, live.k, live.v, group, scale, ahead); break;
     }
   };
-  ParallelFor(pool, width * heads, attend);
+  ParallelFor(pool, items, attend);
 }
 
 ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
