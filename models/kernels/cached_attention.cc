@@ -266,9 +266,10 @@ constexpr int64_t ScoredBlocks(int64_t length) {
   return length / 16 + (length % 16 >= kBlockTail);
 }
 
-// AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16 positions at a time, a vector
-// softmax, and the V sums of several query rows in registers. Against the scalar path it ran
-// 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory (benchmarks/NOTES.md).
+// AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16
+// positions at a time, a vector softmax, and the V sums of several query rows in registers.
+// Against the scalar path it ran 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory
+// (benchmarks/NOTES.md).
 template <int C, typename KV>
 void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t group, float scale,
                       float* scores, LiveRows<KV> next) {
@@ -295,7 +296,8 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
     GroupScores<C>(k_block, q, scores + 16 * b, stride, group, scale, count);
     ahead.Step();
   }
-  for (int64_t g = 0; g < group; ++g) ScoreTailAndSoftmax<C>(k, q + g * dim, scores + g * stride, 16 * blocks, length, scale);
+  for (int64_t g = 0; g < group; ++g)
+    ScoreTailAndSoftmax<C>(k, q + g * dim, scores + g * stride, 16 * blocks, length, scale);
   for (int64_t g = 0; g < group; g += kRows) {
     const float* p = scores + g * stride;
     float* o = out + g * dim;
@@ -361,7 +363,8 @@ void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, i
                              16 * ScoredBlocks(length), length, scale);
   }
   for (int64_t t0 = 0; t0 < longest; t0 += kVBlock) {
-    for (int64_t i = 0; i < kVBlock * dim; i += 16) __builtin_prefetch(v + (t0 + kVBlock) * dim + i);
+    for (int64_t i = 0; i < kVBlock * dim; i += 16)
+      __builtin_prefetch(v + (t0 + kVBlock) * dim + i);
     for (int64_t r = 0; r < count; ++r) {
       const int64_t t1 = std::min(t0 + kVBlock, rows[r].length), stride = Padded(rows[r].length);
       for (int64_t g = 0; g < group && t0 < t1; g += kRows) {
