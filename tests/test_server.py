@@ -124,6 +124,20 @@ def test_completion_streamed_equals_completion_whole(client):
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
 
+def test_echo_puts_the_prompt_before_the_completion_whole_and_streamed(client):
+    """`echo`: the prompt's text opens the answer, whole or streamed (and only where asked)."""
+    prompt = "Once upon a time"
+    plain = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, **GREEDY)
+    whole = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, echo=True,
+                                      **GREEDY)
+    assert whole.choices[0].text == prompt + plain.choices[0].text
+    assert not plain.choices[0].text.startswith(prompt)
+    chunks = list(client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6,
+                                            echo=True, stream=True, **GREEDY))
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
 def test_chat_streamed_equals_chat_whole_with_logprobs(client):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     whole = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10,

@@ -436,8 +436,8 @@ def create_app(state: ServerState) -> FastAPI:
                                  body.logprobs or 0)
         calls = _Calls(state, jobs)
         reply = _Reply("cmpl", "text_completion", "text_completion", state.model_name)
-        echoed = [state.engine.tokenizer.decode(ids) if state.engine.tokenizer else ""
-                  for ids in prompt_ids]
+        echoed = [state.engine.tokenizer.decode(ids) if state.engine.tokenizer and body.echo
+                  else "" for ids in prompt_ids]  # a long prompt's text only where asked for
 
         def logprobs(item: RequestOutput | StreamDelta | None, start: int) -> dict | None:
             if item is None or item.logprobs is None:
