@@ -63,10 +63,18 @@ def softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def random_logits(seed: int, rows: int) -> np.ndarray:
-    """Rows of distinct (tie-free) logits with varied sharpness (scale 0.3 to 6)."""
+    """Rows of distinct (tie-free) logits with varied sharpness (scale 0.3 to 6). Drawn values
+    can tie in float32 (seed 130 has one at a top-k boundary, where either token is right), so
+    each value is raised to just above the next smaller one where it is not already."""
     rng = np.random.default_rng(seed)
     scale = rng.choice([0.3, 1.0, 2.5, 6.0], size=(rows, 1))
-    return (rng.standard_normal((rows, V)) * scale).astype(np.float32)
+    logits = (rng.standard_normal((rows, V)) * scale).astype(np.float32)
+    order = np.argsort(logits, axis=-1, kind="stable")
+    ranked = np.take_along_axis(logits, order, -1)
+    for j in range(1, V):
+        ranked[:, j] = np.maximum(ranked[:, j], np.nextafter(ranked[:, j - 1], np.float32(np.inf)))
+    np.put_along_axis(logits, order, ranked, -1)
+    return logits
 
 
 # ---------------------------------------------------------------- greedy

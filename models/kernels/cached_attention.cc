@@ -165,17 +165,20 @@ inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_
   for (int r = 0; r < R; ++r) Store(scores + r * stride, SumEach(products[r]) * scale);
 }
 
-// out[r] = sum over t < length of p[r * stride + t] v[t] for R query rows, the sums held in
-// registers.
+// out[r] += sum over t in [t0, t1) of p[r * stride + t] v[t] for R query rows, the sums held
+// in registers; `ahead` steps once a position. Over consecutive ranges from t0 = 0 (out zeros)
+// it adds the same products in the same order as one call over them all: bitwise the same.
 template <int C, int R, typename KV, typename Ahead>
-void WeightedSum(const float* p, const KV* v, float* out, int64_t length, int64_t stride,
+void WeightedSum(const float* p, const KV* v, float* out, int64_t t0, int64_t t1, int64_t stride,
                  Ahead& ahead) {
   constexpr int64_t dim = 16 * C;
-  F16 acc[R][C] = {};
-  for (int64_t t = 0; t < length; ++t) {
+  F16 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Load(out + r * dim + 16 * c);
+  for (int64_t t = t0; t < t1; ++t) {
     F16 v_row[C];
     for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
-    if (t + 16 < length) __builtin_prefetch(v + (t + 16) * dim);
+    if (t + 16 < t1) __builtin_prefetch(v + (t + 16) * dim);
     for (int r = 0; r < R; ++r) {
       const F16 weight = Broadcast(p[r * stride + t]);
       for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
@@ -186,27 +189,10 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t length, int64_
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
-// WeightedSum over positions [t0, t1) only, the R rows' sums taken from `out` and put back:
-// called over consecutive ranges from t0 = 0 (out zeros), it adds the same products in the same
-// order as one WeightedSum over them all, so the result is bitwise the same.
-template <int C, int R, typename KV>
-void WeightedSumPart(const float* p, const KV* v, float* out, int64_t t0, int64_t t1,
-                     int64_t stride) {
-  constexpr int64_t dim = 16 * C;
-  F16 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Load(out + r * dim + 16 * c);
-  for (int64_t t = t0; t < t1; ++t) {
-    F16 v_row[C];
-    for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const F16 weight = Broadcast(p[r * stride + t]);
-      for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
-}
+// Nothing to fetch ahead.
+struct NoFetch {
+  void Step() {}
+};
 
 // One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
 template <typename KV>
@@ -266,7 +252,7 @@ constexpr int64_t ScoredBlocks(int64_t length) {
   return length / 16 + (length % 16 >= kBlockTail);
 }
 
-// AttendOneHead for head_dim = 16 * C (out is written, not added to), vectorized: scores 16
+// AttendOneHead for head_dim = 16 * C (out zeros, added to), vectorized: scores 16
 // positions at a time, a vector softmax, and the V sums of several query rows in registers.
 // Against the scalar path it ran 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory
 // (benchmarks/NOTES.md).
@@ -302,10 +288,10 @@ void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t gro
     const float* p = scores + g * stride;
     float* o = out + g * dim;
     switch (std::min(kRows, group - g)) {
-      case 1: WeightedSum<C, 1>(p, v, o, length, stride, ahead); break;
-      case 2: WeightedSum<C, 2>(p, v, o, length, stride, ahead); break;
-      case 3: WeightedSum<C, 3>(p, v, o, length, stride, ahead); break;
-      default: WeightedSum<C, 4>(p, v, o, length, stride, ahead); break;
+      case 1: WeightedSum<C, 1>(p, v, o, 0, length, stride, ahead); break;
+      case 2: WeightedSum<C, 2>(p, v, o, 0, length, stride, ahead); break;
+      case 3: WeightedSum<C, 3>(p, v, o, 0, length, stride, ahead); break;
+      default: WeightedSum<C, 4>(p, v, o, 0, length, stride, ahead); break;
     }
   }
 }
@@ -328,7 +314,7 @@ struct RunRow {
 
 // AttendOneHeadVec for the `count` rows of a run, all reading from k and v (outs zeros). Each
 // row's scores, softmax and sums are AttendOneHeadVec's operations in its order (the V sums
-// kept in `out` between blocks of positions: WeightedSumPart), so each row's result is bitwise
+// kept in `out` between blocks of positions), so each row's result is bitwise
 // what AttendOneHeadVec gives it alone.
 template <int C, typename KV>
 void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, int64_t group,
@@ -362,6 +348,7 @@ void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, i
       ScoreTailAndSoftmax<C>(k, rows[r].q + g * dim, rows[r].scores + g * stride,
                              16 * ScoredBlocks(length), length, scale);
   }
+  NoFetch none;  // the next item's rows come in once a block, below
   for (int64_t t0 = 0; t0 < longest; t0 += kVBlock) {
     for (int64_t i = 0; i < kVBlock * dim; i += 16)
       __builtin_prefetch(v + (t0 + kVBlock) * dim + i);
@@ -371,10 +358,10 @@ void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, i
         const float* p = rows[r].scores + g * stride;
         float* o = rows[r].out + g * dim;
         switch (std::min(kRows, group - g)) {
-          case 1: WeightedSumPart<C, 1>(p, v, o, t0, t1, stride); break;
-          case 2: WeightedSumPart<C, 2>(p, v, o, t0, t1, stride); break;
-          case 3: WeightedSumPart<C, 3>(p, v, o, t0, t1, stride); break;
-          default: WeightedSumPart<C, 4>(p, v, o, t0, t1, stride); break;
+          case 1: WeightedSum<C, 1>(p, v, o, t0, t1, stride, none); break;
+          case 2: WeightedSum<C, 2>(p, v, o, t0, t1, stride, none); break;
+          case 3: WeightedSum<C, 3>(p, v, o, t0, t1, stride, none); break;
+          default: WeightedSum<C, 4>(p, v, o, t0, t1, stride, none); break;
         }
       }
     }
