@@ -347,7 +347,8 @@ def test_a_pieces_rows_taken_together_give_bitwise_what_each_gives_alone(
     rng = np.random.default_rng(9)
     k_cache, v_cache = (jnp.asarray(rng.standard_normal((slots, kv_heads, max_len, head_dim)),
                                     cache_dtype) for _ in range(2))
-    piece = np.arange(19, 40, dtype=np.int32)  # lengths 19..39: 21 rows, runs of 8, 8 and 5
+    # A piece of lengths 19..39, then rows of 3 and 0 positions on its slot: runs of 8, 8 and 7.
+    piece = np.arange(19, 40, dtype=np.int32)
     row_slots = np.concatenate([np.full(piece.size, 1), [1, 1, 2, 2, 2, 0],
                                 np.full(12, 2)]).astype(np.int32)
     lengths = np.concatenate([piece, [3, 0, 60, 61, 62, 1], np.arange(66, 78)]).astype(np.int32)
