@@ -189,11 +189,6 @@ void WeightedSum(const float* p, const KV* v, float* out, int64_t t0, int64_t t1
     for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
 }
 
-// Nothing to fetch ahead.
-struct NoFetch {
-  void Step() {}
-};
-
 // One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
 template <typename KV>
 struct LiveRows {
@@ -348,7 +343,7 @@ void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, i
       ScoreTailAndSoftmax<C>(k, rows[r].q + g * dim, rows[r].scores + g * stride,
                              16 * ScoredBlocks(length), length, scale);
   }
-  NoFetch none;  // the next item's rows come in once a block, below
+  Prefetcher none = Prefetcher::Over(nullptr, 0, 1);  // the next item's rows: once a block, below
   for (int64_t t0 = 0; t0 < longest; t0 += kVBlock) {
     for (int64_t i = 0; i < kVBlock * dim; i += 16)
       __builtin_prefetch(v + (t0 + kVBlock) * dim + i);
@@ -390,7 +385,8 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
     return LiveRows<KV>{k_data + offset, v_data + offset, end - begin};
   };
   const bool vectorized = dim == 16 || dim == 32 || dim == 64 || dim == 128;
-  std::vector<int64_t> runs;  // each run's first row, then width
+  thread_local std::vector<int64_t> runs;  // each run's first row, then width; kept across calls
+  runs.clear();
   for (int64_t row = 0; row < width; ++row) {
     if (runs.empty() || !vectorized || row - runs.back() == kRunRows ||
         slot_data[row] != slot_data[row - 1] || first_data[row] != first_data[row - 1])
@@ -398,14 +394,15 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
   }
   runs.push_back(width);
   const int64_t items = (static_cast<int64_t>(runs.size()) - 1) * heads;
-  auto attend = [=, &runs](int64_t item, int64_t next) {
+  const int64_t* run_starts = runs.data();  // this thread's, read by the helpers
+  auto attend = [=](int64_t item, int64_t next) {
     thread_local std::vector<float> scores;  // each thread's own, kept across calls
     const int64_t run = item / heads, head = item % heads;
-    const int64_t first_row = runs[run], count = runs[run + 1] - first_row;
+    const int64_t first_row = run_starts[run], count = run_starts[run + 1] - first_row;
     // A decode step's items each read other rows, mostly from memory: the next one's are
     // fetched while this one computes. Not where the row before the next one read its slot
     // too (a prompt piece's tokens: the same rows, in cache already), nor past the last item.
-    const int64_t next_row = next < items ? runs[next / heads] : 0;
+    const int64_t next_row = next < items ? run_starts[next / heads] : 0;
     const bool fetch = next < items &&
                        (next_row == 0 || slot_data[next_row - 1] != slot_data[next_row]);
     const LiveRows<KV> ahead = fetch ? live_rows(next_row, next % heads) : LiveRows<KV>{};
