@@ -9,10 +9,13 @@
 // each (slot, KV head) reads its live K rows once for the scores and its live
 // V rows once for the output, so a step reads exactly the live KV bytes. In a decode step
 // those come from memory, (slot, KV head) after (slot, KV head): while a thread computes one,
-// it fetches the next one it will take into L2, paced over its work.
+// it fetches the next one it will take into L2, paced over its work. A prompt piece's
+// consecutive rows on one slot read the same K and V rows: up to 8 of them go together, each
+// block of K and V rows read from L2 once for all of them.
 //
-// Each (row, KV head) is computed alone, in a fixed order, so a row's result
-// does not depend on which other rows share the call (batch invariance).
+// Each (row, KV head) is computed in a fixed order, the same alone or beside the other rows
+// of its piece, so a row's result does not depend on which other rows share the call (batch
+// invariance).
 // The cache holds float32 or bfloat16 (or bfloat16's bits as uint16), widened to
 // float32 as it is read; the sums run in float32.
 // Common head sizes (16, 32, 64, 128) take a vectorized path; others a scalar one.
