@@ -20,10 +20,15 @@ if [ ! -x "$PEERS/llama.cpp/build/bin/llama-server" ]; then
   tar -xzf "$PEERS"/sdist/llama_cpp_python-*.tar.gz -C "$PEERS/sdist"
   mv "$PEERS"/sdist/llama_cpp_python-*/vendor/llama.cpp "$PEERS/llama.cpp"
   echo "llama.cpp from the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist" > "$PEERS/llama.cpp/SOURCE"
-  # The native build's AMX path crashes on this CPU (MACHINE.md): pin the ISA by hand.
-  cmake -S "$PEERS/llama.cpp" -B "$PEERS/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release \
-      -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+  # The native build's AMX path crashes on the Intel kind (MACHINE.md): there the ISA is pinned
+  # by hand; a CPU without AVX-512 (an AVX2 EPYC) takes the native build.
+  if grep -qw avx512f /proc/cpuinfo; then
+    ISA=(-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+         -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  else
+    ISA=(-DGGML_NATIVE=ON)
+  fi
+  cmake -S "$PEERS/llama.cpp" -B "$PEERS/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" \
       -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
   cmake --build "$PEERS/llama.cpp/build" -j "$(nproc)" --target llama-server llama-quantize
 fi

@@ -37,11 +37,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Lanes of a (0-15) and b (16-31), picked by constant indices.
+// Lanes of a (0 to kLanes - 1) and b (kLanes on), picked by constant indices.
 #if defined(__clang__) || __GNUC__ >= 12
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IV{__VA_ARGS__})
 #endif
 
 // A row of scores is padded to whole blocks of 16 positions.
@@ -64,30 +64,31 @@ inline float Dot(const KV* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Softmax over row[0, length), in place, in float32, 16 positions at a time: the row has room
-// for a whole last block (Padded(length) floats), whose lanes past length are scratch.
+// Softmax over row[0, length), in place, in float32, kLanes positions at a time: the row has
+// room for a whole last block (Padded(length) floats), whose lanes past length are scratch.
 inline void Softmax(float* row, int64_t length) {
   const int64_t padded = Padded(length);
   std::fill(row + length, row + padded, -INFINITY);
-  F16 lanes = Load(row);
-  for (int64_t t = 16; t < padded; t += 16) {
-    const F16 x = Load(row + t);
+  FV lanes = Load(row);
+  for (int64_t t = kLanes; t < padded; t += kLanes) {
+    const FV x = Load(row + t);
     lanes = x > lanes ? x : lanes;
   }
   float max = lanes[0];
-  for (int j = 1; j < 16; ++j) max = std::max(max, lanes[j]);
-  const I16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  F16 sums = {};
-  for (int64_t t = 0; t < padded; t += 16) {
-    F16 e = Exp<F16, I16>(Load(row + t) - max);
-    e = lane < static_cast<int32_t>(length - t) ? e : F16{};  // Exp clamps: -inf is not 0
+  for (int j = 1; j < kLanes; ++j) max = std::max(max, lanes[j]);
+  IV lane;
+  for (int j = 0; j < kLanes; ++j) lane[j] = j;
+  FV sums = {};
+  for (int64_t t = 0; t < padded; t += kLanes) {
+    FV e = Exp<FV, IV>(Load(row + t) - max);
+    e = lane < static_cast<int32_t>(length - t) ? e : FV{};  // Exp clamps: -inf is not 0
     Store(row + t, e);
     sums += e;
   }
   float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += sums[j];
-  const F16 inverse = Broadcast(1.0f / sum);
-  for (int64_t t = 0; t < padded; t += 16) Store(row + t, Load(row + t) * inverse);
+  for (int j = 0; j < kLanes; ++j) sum += sums[j];
+  const FV inverse = Broadcast(1.0f / sum);
+  for (int64_t t = 0; t < padded; t += kLanes) Store(row + t, Load(row + t) * inverse);
 }
 
 // The `group` query rows sharing one KV head against positions [0, length), length >= 1,
@@ -110,10 +111,13 @@ void AttendOneHead(const float* q, const KV* k, const KV* v, float* out,
   }
 }
 
-// Lane t of the result is the sum of the lanes of a[t]: one tree of shuffles and 15 adds for
-// 16 sums, instead of a horizontal sum for each. The order of the adds is fixed.
-inline F16 SumEach(const F16* a) {
-  F16 b[8], c[4], d[2];
+// Lane t of the result is the sum of the lanes of a[t], t < kLanes: one tree of shuffles and
+// kLanes - 1 adds for kLanes sums, instead of a horizontal sum for each. The order of the adds
+// is fixed. Each level adds halves of lanes, pairing vectors: a level's result holds, in
+// blocks, partial sums of two of its inputs.
+inline FV SumEach(const FV* a) {
+#if defined(__AVX512F__)
+  FV b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
     b[i] = SHUFFLE(a[2 * i], a[2 * i + 1],
                                    0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -133,39 +137,58 @@ inline F16 SumEach(const F16* a) {
                                  0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          SHUFFLE(d[0], d[1],
                                  1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif defined(__AVX__)
+  FV b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           SHUFFLE(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           SHUFFLE(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return SHUFFLE(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         SHUFFLE(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+  FV b[2];
+  for (int i = 0; i < 2; ++i)
+    b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 4, 5) + SHUFFLE(a[2 * i], a[2 * i + 1], 2, 3, 6, 7);
+  return SHUFFLE(b[0], b[1], 0, 2, 4, 6) + SHUFFLE(b[0], b[1], 1, 3, 5, 7);
+#endif
 }
 
-// The products of one K row and one query row, summed lane-wise over the head's C chunks.
+// The products of one K row and one query row, summed lane-wise over the head's C vectors
+// (a head of kLanes * C values).
 template <int C, typename KV>
-inline F16 RowProducts(const KV* k_row, const float* q_row) {
-  F16 acc = Widen(k_row) * Load(q_row);
-  for (int c = 1; c < C; ++c) acc += Widen(k_row + 16 * c) * Load(q_row + 16 * c);
+inline FV RowProducts(const KV* k_row, const float* q_row) {
+  FV acc = Widen(k_row) * Load(q_row);
+  for (int c = 1; c < C; ++c) acc += Widen(k_row + kLanes * c) * Load(q_row + kLanes * c);
   return acc;
 }
 
-// The scaled scores of R query rows (q, row stride 16 C) against `count` (at most 16) K rows,
+// The scaled scores of R query rows (q, row stride dim) against `count` (at most 16) K rows,
 // into scores[r * stride, + 16) (lanes past count: scratch): each K row widened once; each
-// score summed lane-wise over the head's C chunks (RowProducts' order), then over the lanes by
+// score summed lane-wise over the head's C vectors (RowProducts' order), then over the lanes by
 // SumEach.
 template <int C, int R, typename KV>
 inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_t stride,
                         float scale, int count = 16) {
-  constexpr int64_t dim = 16 * C;
-  F16 q_rows[R][C], products[R][16];
+  constexpr int64_t dim = kLanes * C;
+  FV q_rows[R][C], products[R][16];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) q_rows[r][c] = Load(q + r * dim + 16 * c);
+    for (int c = 0; c < C; ++c) q_rows[r][c] = Load(q + r * dim + kLanes * c);
   for (int t = count; t < 16; ++t)
-    for (int r = 0; r < R; ++r) products[r][t] = F16{};
+    for (int r = 0; r < R; ++r) products[r][t] = FV{};
   for (int t = 0; t < count; ++t) {
-    F16 k_row[C];
-    for (int c = 0; c < C; ++c) k_row[c] = Widen(k_block + t * dim + 16 * c);
+    FV k_row[C];
+    for (int c = 0; c < C; ++c) k_row[c] = Widen(k_block + t * dim + kLanes * c);
     for (int r = 0; r < R; ++r) {
-      F16 acc = k_row[0] * q_rows[r][0];
+      FV acc = k_row[0] * q_rows[r][0];
       for (int c = 1; c < C; ++c) acc += k_row[c] * q_rows[r][c];
       products[r][t] = acc;
     }
   }
-  for (int r = 0; r < R; ++r) Store(scores + r * stride, SumEach(products[r]) * scale);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 16; t += kLanes)
+      Store(scores + r * stride + t, SumEach(products[r] + t) * scale);
 }
 
 // out[r] += sum over t in [t0, t1) of p[r * stride + t] v[t] for R query rows, the sums held
@@ -174,22 +197,22 @@ inline void BlockScores(const KV* k_block, const float* q, float* scores, int64_
 template <int C, int R, typename KV, typename Ahead>
 void WeightedSum(const float* p, const KV* v, float* out, int64_t t0, int64_t t1, int64_t stride,
                  Ahead& ahead) {
-  constexpr int64_t dim = 16 * C;
-  F16 acc[R][C];
+  constexpr int64_t dim = kLanes * C;
+  FV acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Load(out + r * dim + 16 * c);
+    for (int c = 0; c < C; ++c) acc[r][c] = Load(out + r * dim + kLanes * c);
   for (int64_t t = t0; t < t1; ++t) {
-    F16 v_row[C];
-    for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + 16 * c);
+    FV v_row[C];
+    for (int c = 0; c < C; ++c) v_row[c] = Widen(v + t * dim + kLanes * c);
     if (t + 16 < t1) __builtin_prefetch(v + (t + 16) * dim);
     for (int r = 0; r < R; ++r) {
-      const F16 weight = Broadcast(p[r * stride + t]);
+      const FV weight = Broadcast(p[r * stride + t]);
       for (int c = 0; c < C; ++c) acc[r][c] += weight * v_row[c];
     }
     ahead.Step();
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) Store(out + r * dim + 16 * c, acc[r][c]);
+    for (int c = 0; c < C; ++c) Store(out + r * dim + kLanes * c, acc[r][c]);
 }
 
 // One (row, KV head)'s live K and V rows, `length` of them from k and v (none: null).
@@ -206,12 +229,12 @@ struct NextItem {
   void Step() { k.Step(), v.Step(); }
 };
 
-// The scores of `group` query rows (q, row stride 16 C) against one block of `count` K rows,
+// The scores of `group` query rows (q, row stride kLanes C) against one block of `count` K rows,
 // into scores[g * stride, + 16), up to 4 query rows per pass over the block.
 template <int C, typename KV>
 inline void GroupScores(const KV* k_block, const float* q, float* scores, int64_t stride,
                         int64_t group, float scale, int count) {
-  constexpr int64_t dim = 16 * C;
+  constexpr int64_t dim = kLanes * C;
   for (int64_t g = 0; g < group; g += 4) {
     float* block_scores = scores + g * stride;
     const float* q_rows = q + g * dim;
@@ -233,11 +256,11 @@ inline void GroupScores(const KV* k_block, const float* q, float* scores, int64_
 template <int C, typename KV>
 inline void ScoreTailAndSoftmax(const KV* k, const float* q_row, float* row, int64_t from,
                                 int64_t length, float scale) {
-  constexpr int64_t dim = 16 * C;
+  constexpr int64_t dim = kLanes * C;
   for (int64_t t = from; t < length; ++t) {
-    const F16 products = RowProducts<C>(k + t * dim, q_row);
+    const FV products = RowProducts<C>(k + t * dim, q_row);
     float sum = 0.0f;
-    for (int j = 0; j < 16; ++j) sum += products[j];
+    for (int j = 0; j < kLanes; ++j) sum += products[j];
     row[t] = sum * scale;
   }
   Softmax(row, length);
@@ -250,14 +273,14 @@ constexpr int64_t ScoredBlocks(int64_t length) {
   return length / 16 + (length % 16 >= kBlockTail);
 }
 
-// AttendOneHead for head_dim = 16 * C (out zeros, added to), vectorized: scores 16
+// AttendOneHead for head_dim = kLanes * C (out zeros, added to), vectorized: scores 16
 // positions at a time, a vector softmax, and the V sums of several query rows in registers.
 // Against the scalar path it ran 2.2-3.1x as fast with the KV in cache and 1.3-3x from memory
 // (benchmarks/NOTES.md).
 template <int C, typename KV>
 void AttendOneHeadVec(const float* q, LiveRows<KV> live, float* out, int64_t group, float scale,
                       float* scores, LiveRows<KV> next) {
-  constexpr int64_t dim = 16 * C;
+  constexpr int64_t dim = kLanes * C;
   constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V: sums in registers
   const KV *k = live.k, *v = live.v;
   const int64_t length = live.length, stride = Padded(length);
@@ -317,7 +340,7 @@ struct RunRow {
 template <int C, typename KV>
 void AttendRunVec(const RunRow* rows, int64_t count, const KV* k, const KV* v, int64_t group,
                   float scale, LiveRows<KV> next) {
-  constexpr int64_t dim = 16 * C;
+  constexpr int64_t dim = kLanes * C;
   constexpr int64_t kRows = C <= 4 ? 4 : 2;  // query rows per pass over V, as AttendOneHeadVec
   int64_t longest = 0, blocks = 0;
   for (int64_t r = 0; r < count; ++r) {
@@ -430,19 +453,19 @@ void Attend(ffi::ThreadPool& pool, const float* q_data, const KV* k_data, const 
       const float* q = rows[0].q;
       float *out = rows[0].out, *s = rows[0].scores;
       switch (dim) {
-        case 16: AttendOneHeadVec<1>(q, live, out, group, scale, s, ahead); break;
-        case 32: AttendOneHeadVec<2>(q, live, out, group, scale, s, ahead); break;
-        case 64: AttendOneHeadVec<4>(q, live, out, group, scale, s, ahead); break;
-        case 128: AttendOneHeadVec<8>(q, live, out, group, scale, s, ahead); break;
+        case 16: AttendOneHeadVec<16 / kLanes>(q, live, out, group, scale, s, ahead); break;
+        case 32: AttendOneHeadVec<32 / kLanes>(q, live, out, group, scale, s, ahead); break;
+        case 64: AttendOneHeadVec<64 / kLanes>(q, live, out, group, scale, s, ahead); break;
+        case 128: AttendOneHeadVec<128 / kLanes>(q, live, out, group, scale, s, ahead); break;
         default: AttendOneHead(q, live.k, live.v, out, live.length, group, dim, scale, s);
       }
       return;
     }
     switch (dim) {  // runs of several rows have one of these head sizes
-      case 16: AttendRunVec<1>(rows, live_count, live.k, live.v, group, scale, ahead); break;
-      case 32: AttendRunVec<2>(rows, live_count, live.k, live.v, group, scale, ahead); break;
-      case 64: AttendRunVec<4>(rows, live_count, live.k, live.v, group, scale, ahead); break;
-      default: AttendRunVec<8>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      case 16: AttendRunVec<16 / kLanes>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      case 32: AttendRunVec<32 / kLanes>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      case 64: AttendRunVec<64 / kLanes>(rows, live_count, live.k, live.v, group, scale, ahead); break;
+      default: AttendRunVec<128 / kLanes>(rows, live_count, live.k, live.v, group, scale, ahead); break;
     }
   };
   ParallelFor(pool, items, attend);

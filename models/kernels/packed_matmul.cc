@@ -5,9 +5,9 @@
 // FLOPs, as if the two took turns; a step then costs far more than its bytes.
 // Here W is stored once, at load time, as column panels of 48 columns: each
 // panel is one contiguous stream the hardware prefetcher follows, and its 48
-// columns stay in registers (3 vectors of 16) while every k is read once. The
+// columns stay in registers (3 vectors of 16, or 6 of 8) while every k is read once. The
 // cores take panels from a shared counter, so both stream and compute at once.
-// The panel is read once per group of 8 rows, from L2 (all but each core's
+// The panel is read once per tile of rows (kTileRows), from L2 (all but each core's
 // first panel of a call): while a core computes one panel it prefetches the
 // next one it will take into L2, so at 16-32 rows the weight streams in while
 // the FMAs run instead of in turns (each panel's first group of rows would
@@ -65,7 +65,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats
+constexpr int64_t kPanel = 48;  // columns per panel: 3 vectors of 16 floats (6 of 8)
 constexpr int64_t kRowBlock = 64;  // rows per work item: bounds a prompt's item size
 constexpr int64_t kGroup = 64;  // inputs per int8 scale, as models/layers.quantize groups them
 constexpr int64_t kChunk = 64;  // inputs per chunk where several tiles of rows share a panel (Panel)
@@ -79,69 +79,92 @@ constexpr int64_t PanelSize(int64_t k) {
 }
 
 // R rows of x (row stride k) against inputs [i0, i1) of one panel, added to the rows' 48 sums
-// in `sums` (row stride 48). int8 panels: `scales` [ceil(k / 64), 48], the panel's scales by
-// group of inputs. i0 is even for bfloat16 pairs.
+// in `sums` (row stride 48), which stay in registers meanwhile. int8 panels: `scales`
+// [ceil(k / 64), 48], the panel's scales by group of inputs. i0 is even for bfloat16 pairs.
+constexpr int kVectors = kPanel / kLanes;  // a panel row: 3 vectors with AVX-512, 6 with AVX2
+
 template <int R, typename W>
 void Tile(const float* x, const W* panel, const float* scales, int64_t k, int64_t i0, int64_t i1,
           float* sums, Prefetcher& ahead) {
-  F16 acc[R][3];
+  FV acc[R][kVectors];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < 3; ++c) acc[r][c] = Load(sums + r * kPanel + 16 * c);
+    for (int c = 0; c < kVectors; ++c) acc[r][c] = Load(sums + r * kPanel + kLanes * c);
   }
   if constexpr (std::is_same_v<W, uint16_t>) {  // bfloat16 pairs: inputs i and i + 1
+    // Every row's even input, then every row's odd one: each sum adds them in that order, and
+    // only one input's widened values take registers at a time.
     for (int64_t i = i0; i < i1; i += 2) {
-      F16 even[3], odd[3];
-      for (int c = 0; c < 3; ++c) WidenPairs(panel + i * kPanel + 32 * c, even[c], odd[c]);
       const bool has_odd = i + 1 < k;
-      for (int r = 0; r < R; ++r) {
-        const float x_even = x[r * k + i], x_odd = has_odd ? x[r * k + i + 1] : 0.0f;
-        for (int c = 0; c < 3; ++c) acc[r][c] += x_even * even[c], acc[r][c] += x_odd * odd[c];
+      for (int odd = 0; odd < 2; ++odd) {
+        FV wide[kVectors];
+        for (int c = 0; c < kVectors; ++c) wide[c] = WidenPair(panel + i * kPanel + 2 * kLanes * c, odd);
+        for (int r = 0; r < R; ++r) {
+          const float xv = odd ? (has_odd ? x[r * k + i + 1] : 0.0f) : x[r * k + i];
+          for (int c = 0; c < kVectors; ++c) acc[r][c] += xv * wide[c];
+        }
       }
       ahead.Step();
     }
   } else {
     for (int64_t i = i0; i < i1; ++i) {
       const W* w = panel + i * kPanel;
-      F16 w0 = Widen(w), w1 = Widen(w + 16), w2 = Widen(w + 32);
+      FV wide[kVectors];
+      for (int c = 0; c < kVectors; ++c) wide[c] = Widen(w + kLanes * c);
       if constexpr (std::is_same_v<W, int8_t>) {
         const float* s = scales + (i / kGroup) * kPanel;
-        w0 *= Load(s), w1 *= Load(s + 16), w2 *= Load(s + 32);
+        for (int c = 0; c < kVectors; ++c) wide[c] *= Load(s + kLanes * c);
       }
       for (int r = 0; r < R; ++r) {
         const float xv = x[r * k + i];
-        acc[r][0] += xv * w0;
-        acc[r][1] += xv * w1;
-        acc[r][2] += xv * w2;
+        for (int c = 0; c < kVectors; ++c) acc[r][c] += xv * wide[c];
       }
       ahead.Step();
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < 3; ++c) Store(sums + r * kPanel + 16 * c, acc[r][c]);
+    for (int c = 0; c < kVectors; ++c) Store(sums + r * kPanel + kLanes * c, acc[r][c]);
   }
 }
 
-// Rows [0, rows) (at most kRowBlock) of x against one panel, 8 at a time, then 4, 2, 1, into
-// sums [rows, 48], prefetching `next_panel` (null: none) over the tiles. Where several tiles
-// of rows read the panel, they take its inputs a chunk at a time (kChunk), each tile's sums
-// put aside between chunks: every tile but the first reads the chunk from L1, where a whole
-// panel (tens to hundreds of kB) would come from L2. Each sum still runs over k in order, so
-// the chunks change no bit of the result.
+// Rows per tile: AVX-512's 32 registers hold 8 rows' sums (3 vectors each); AVX2's 16 hold 2
+// rows' (6 each). Measured on AVX2 (benchmarks/NOTES.md): 4 rows of half a panel's columns, or
+// 4 rows of all, ran slower.
+constexpr int kTileRows = kVectors <= 3 ? 8 : 2;
+
+// Rows [0, rows) of x against inputs [i0, i1) of one panel, kTileRows at a time, then the rest
+// in tiles of halving size (4, 2, 1); returns the tiles it takes (computing none where `ahead`
+// is null: a count only).
+template <typename W>
+int64_t Tiles(const float* x, int64_t rows, const W* panel, const float* scales, int64_t k,
+              int64_t i0, int64_t i1, float (*sums)[kPanel], Prefetcher* ahead) {
+  int64_t r = 0, tiles = 0;
+  auto take = [&](auto size) {
+    constexpr int R = decltype(size)::value;
+    if (ahead) Tile<R>(x + r * k, panel, scales, k, i0, i1, sums[r], *ahead);
+    r += R, ++tiles;
+  };
+  while (r + kTileRows <= rows) take(std::integral_constant<int, kTileRows>{});
+  if constexpr (kTileRows > 4) if (r + 4 <= rows) take(std::integral_constant<int, 4>{});
+  if constexpr (kTileRows > 2) if (r + 2 <= rows) take(std::integral_constant<int, 2>{});
+  if constexpr (kTileRows > 1) if (r < rows) take(std::integral_constant<int, 1>{});
+  return tiles;
+}
+
+// Rows [0, rows) (at most kRowBlock) of x against one panel, into sums [rows, 48], prefetching
+// `next_panel` (null: none) over the tiles. Where several tiles of rows read the panel, they
+// take its inputs a chunk at a time (kChunk), each tile's sums put aside between chunks: every
+// tile but the first reads the chunk from L1, where a whole panel (tens to hundreds of kB) would
+// come from L2. Each sum still runs over k in order, so the chunks change no bit of the result.
 template <typename W>
 void Panel(const float* x, int64_t rows, const W* panel, const W* next_panel,
            const float* scales, int64_t k, float (*sums)[kPanel]) {
-  const int64_t tiles = rows / 8 + (rows % 8 >= 4) + (rows % 4 >= 2) + rows % 2;
+  const int64_t tiles = Tiles<W>(x, rows, panel, scales, k, 0, 0, sums, nullptr);
   const int64_t steps = tiles * (std::is_same_v<W, uint16_t> ? (k + 1) / 2 : k);
   Prefetcher ahead = Prefetcher::Over(next_panel, PanelSize<W>(k) * sizeof(W), steps);
   std::fill(sums[0], sums[rows], 0.0f);
   const int64_t chunk = tiles > 1 ? kChunk : k;
   for (int64_t i0 = 0; i0 < k; i0 += chunk) {
-    const int64_t i1 = std::min(k, i0 + chunk);
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) Tile<8>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead);
-    if (r + 4 <= rows) Tile<4>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead), r += 4;
-    if (r + 2 <= rows) Tile<2>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead), r += 2;
-    if (r < rows) Tile<1>(x + r * k, panel, scales, k, i0, i1, sums[r], ahead);
+    Tiles<W>(x, rows, panel, scales, k, i0, std::min(k, i0 + chunk), sums, &ahead);
   }
 }
 
@@ -248,9 +271,9 @@ struct Items {
 
 // gate = silu(gate) * up = gate / (1 + e^-gate) * up, over one row's 48 columns.
 inline void SiluTimesUp(float* gate, const float* up) {
-  for (int c = 0; c < 3; ++c) {
-    const F16 g = Load(gate + 16 * c);
-    Store(gate + 16 * c, g / (1.0f + Exp<F16, I16>(-g)) * Load(up + 16 * c));
+  for (int c = 0; c < kVectors; ++c) {
+    const FV g = Load(gate + kLanes * c);
+    Store(gate + kLanes * c, g / (1.0f + Exp<FV, IV>(-g)) * Load(up + kLanes * c));
   }
 }
 
@@ -293,7 +316,7 @@ void Multiply(ffi::ThreadPool& pool, const float* x, const W* panels, const floa
 
 #if FLOVER_TILES
 // float32 bits rounded to bfloat16's, to nearest even (a NaN stays a NaN), as XLA's convert
-// rounds: one value's or 16 lanes'.
+// rounds: one value's or a vector's.
 template <typename U>
 inline U NearestBfloat16(U bits, U is_nan) {
   const U nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
@@ -306,14 +329,14 @@ inline U NearestBfloat16(U bits, U is_nan) {
 // weights' bfloat16 rounding, as on the FMAs.
 inline void SplitBfloat16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const F16 v = Load(x + i);
-    const U32x16 top = NearestBfloat16<U32x16>(BitCast<U32x16>(v), (U32x16)(v != v));
-    const F16 rest = v - BitCast<F16>(top << 16);
-    const U32x16 bottom = NearestBfloat16<U32x16>(BitCast<U32x16>(rest), (U32x16)(rest != rest));
-    const U32x16 finite = (U32x16)((top & 0x7F80) != 0x7F80);
-    *reinterpret_cast<Bf16x16*>(hi + i) = __builtin_convertvector(top, Bf16x16);
-    *reinterpret_cast<Bf16x16*>(lo + i) = __builtin_convertvector(bottom & finite, Bf16x16);
+  for (; i + kLanes <= n; i += kLanes) {
+    const FV v = Load(x + i);
+    const UV top = NearestBfloat16<UV>(BitCast<UV>(v), (UV)(v != v));
+    const FV rest = v - BitCast<FV>(top << 16);
+    const UV bottom = NearestBfloat16<UV>(BitCast<UV>(rest), (UV)(rest != rest));
+    const UV finite = (UV)((top & 0x7F80) != 0x7F80);
+    *reinterpret_cast<BfV*>(hi + i) = __builtin_convertvector(top, BfV);
+    *reinterpret_cast<BfV*>(lo + i) = __builtin_convertvector(bottom & finite, BfV);
   }
   for (; i < n; ++i) {
     uint32_t bits, rest_bits;

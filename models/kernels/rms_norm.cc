@@ -19,24 +19,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float F8 __attribute__((vector_size(32), aligned(4)));
-typedef double D8 __attribute__((vector_size(64)));
+typedef float F4 __attribute__((vector_size(16), aligned(4)));
+typedef double D4 __attribute__((vector_size(32)));
 
 // Rows of x [rows, d] into y, the scale ([d]: float32, or bfloat16's bits) widened as read.
 template <typename S>
 void Normalize(const float* x, const S* scale, float eps, int64_t rows, int64_t d, float* y) {
-  const int64_t whole = d / 16 * 16, eights = d / 8 * 8;
+  const int64_t whole = d / kLanes * kLanes, eights = d / 8 * 8;
   for (int64_t r = 0; r < rows; ++r, x += d, y += d) {
-    D8 lanes = {};
+    D4 lanes[2] = {};  // 8 lanes of float64, as two vectors of 4 (32 bytes: in registers on AVX2)
     for (int64_t i = 0; i < eights; i += 8) {
-      const D8 wide = __builtin_convertvector(*reinterpret_cast<const F8*>(x + i), D8);
-      lanes += wide * wide;
+      for (int h = 0; h < 2; ++h) {
+        const D4 wide = __builtin_convertvector(*reinterpret_cast<const F4*>(x + i + 4 * h), D4);
+        lanes[h] += wide * wide;
+      }
     }
     double sum = 0.0;
-    for (int j = 0; j < 8; ++j) sum += lanes[j];
+    for (int j = 0; j < 8; ++j) sum += lanes[j / 4][j % 4];
     for (int64_t i = eights; i < d; ++i) sum += double{x[i]} * x[i];
     const float inverse = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(d) + eps));
-    for (int64_t i = 0; i < whole; i += 16) Store(y + i, Widen(scale + i) * (Load(x + i) * inverse));
+    for (int64_t i = 0; i < whole; i += kLanes)
+      Store(y + i, Widen(scale + i) * (Load(x + i) * inverse));
     for (int64_t i = whole; i < d; ++i) y[i] = ToFloat(scale[i]) * (x[i] * inverse);
   }
 }

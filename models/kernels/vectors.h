@@ -1,4 +1,4 @@
-// 16 float lanes as GCC/Clang vector types, shared by the kernels: they compile to whatever
+// Float vectors as GCC/Clang vector types, shared by the kernels: they compile to whatever
 // -march=native offers (AVX-512, AVX2, NEON), so the vectorized paths need no intrinsics
 // (but for widening int8, below, where GCC's portable conversion is scalar).
 #pragma once
@@ -11,50 +11,58 @@
 #include <immintrin.h>
 #endif
 
-typedef float F16 __attribute__((vector_size(64), aligned(4)));  // unaligned access allowed
-typedef int32_t I16 __attribute__((vector_size(64), aligned(4)));  // F16's lane indices
+// The widest vector the target keeps in registers: 16 float lanes with AVX-512, 8 with AVX, 4
+// elsewhere (SSE, NEON). A wider vector type than the target's is no error, but GCC keeps it
+// in memory and moves it piece by piece: the kernels ran at a scalar's speed on AVX2 while
+// their vectors were 16 lanes wide everywhere (benchmarks/NOTES.md).
+#if defined(__AVX512F__)
+#define FLOVER_LANES 16
+#elif defined(__AVX__)
+#define FLOVER_LANES 8
+#else
+#define FLOVER_LANES 4
+#endif
+constexpr int kLanes = FLOVER_LANES;
+typedef float FV __attribute__((vector_size(4 * FLOVER_LANES), aligned(4)));  // unaligned access allowed
+typedef int32_t IV __attribute__((vector_size(4 * FLOVER_LANES), aligned(4)));  // FV's lane indices
+typedef uint32_t UV __attribute__((vector_size(4 * FLOVER_LANES), aligned(4)));
+typedef uint16_t BfV __attribute__((vector_size(2 * FLOVER_LANES), aligned(2)));  // bfloat16 bits
+#undef FLOVER_LANES
 
 // Loads and stores dereference the vector types rather than memcpy them: where GCC tunes for a
 // CPU it takes to prefer 256-bit moves (-march=native on some virtual Sapphire Rapids says
 // rocketlake), a 64-byte memcpy becomes two 32-byte stores and a 64-byte reload, a stall on
 // every load (benchmarks/NOTES.md has what it cost).
-inline F16 Load(const float* p) { return *reinterpret_cast<const F16*>(p); }
-inline void Store(float* p, F16 x) { *reinterpret_cast<F16*>(p) = x; }
-inline F16 Broadcast(float x) { return F16{} + x; }
+inline FV Load(const float* p) { return *reinterpret_cast<const FV*>(p); }
+inline void Store(float* p, FV x) { *reinterpret_cast<FV*>(p) = x; }
+inline FV Broadcast(float x) { return FV{} + x; }
 
-// 16 consecutive stored values as float32 lanes: float32, bfloat16 (uint16_t bits: the high
-// half of a float32) or int8, and one such value as a float.
-typedef uint16_t Bf16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t U32x16 __attribute__((vector_size(64), aligned(4)));
-
-inline F16 Widen(const float* p) { return Load(p); }
-inline F16 Widen(const uint16_t* p) {
-  const Bf16x16 half = *reinterpret_cast<const Bf16x16*>(p);
-  return (F16)(__builtin_convertvector(half, U32x16) << 16);  // a cast between vectors keeps the bits
+// kLanes consecutive stored values as float32 lanes: float32, bfloat16 (uint16_t bits: the
+// high half of a float32) or int8, and one such value as a float.
+inline FV Widen(const float* p) { return Load(p); }
+inline FV Widen(const uint16_t* p) {
+  const BfV half = *reinterpret_cast<const BfV*>(p);
+  return (FV)(__builtin_convertvector(half, UV) << 16);  // a cast between vectors keeps the bits
 }
-inline F16 Widen(const int8_t* p) {
-  F16 x;
-#if defined(__AVX512F__)  // GCC turns the portable conversion below into scalar code
-  x = (F16)_mm512_cvtepi32_ps(
+inline FV Widen(const int8_t* p) {  // GCC turns the portable conversion into scalar code
+#if defined(__AVX512F__)
+  return (FV)_mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-  for (int half = 0; half < 2; ++half) {
-    const __m256 wide = _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * half))));
-    std::memcpy(reinterpret_cast<float*>(&x) + 8 * half, &wide, sizeof wide);
-  }
+  return (FV)_mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
-  for (int i = 0; i < 16; ++i) x[i] = p[i];
-#endif
+  FV x;
+  for (int i = 0; i < kLanes; ++i) x[i] = p[i];
   return x;
+#endif
 }
 
-// 16 columns' bfloat16 pairs (inputs 2i and 2i + 1 of a column side by side, the even one
-// first) as the even inputs' and the odd inputs' float32 lanes.
-inline void WidenPairs(const uint16_t* p, F16& even, F16& odd) {
-  const U32x16 bits = *reinterpret_cast<const U32x16*>(p);
-  even = (F16)(bits << 16);
-  odd = (F16)(bits & 0xFFFF0000u);
+// kLanes columns' bfloat16 pairs (inputs 2i and 2i + 1 of a column side by side, the even one
+// first) as the even (odd = 0) or the odd inputs' float32 lanes.
+inline FV WidenPair(const uint16_t* p, int odd) {
+  const UV bits = *reinterpret_cast<const UV*>(p);
+  return (FV)(odd ? bits & 0xFFFF0000u : bits << 16);
 }
 
 inline float ToFloat(float x) { return x; }
@@ -79,7 +87,7 @@ inline To BitCast(From x) {
   }
 }
 
-// e^x for a float or 16 lanes (F = float, I = int32_t or F16, I16): std::exp does not
+// e^x for a float or a vector (F = float, I = int32_t or FV, IV): std::exp does not
 // vectorize without -ffast-math. x = n ln2 + r with |r| <= ln2 / 2, e^r by the Cephes expf
 // polynomial, 2^n built in the exponent bits. At most 1.4 ulp from e^x; x is taken into
 // [-87, 88] (e^-87 is 1.6e-38, e^88 1.7e38: 2^n stays a normal float).
