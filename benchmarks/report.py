@@ -209,8 +209,9 @@ def _measured_on(workload: dict) -> str:
     return f" (measured {workload['date']})" if "date" in workload else ""
 
 
-def peers_section(peers: dict, machine: str = "") -> str:
-    """compare_peers.py's tables; `machine` names an earlier run's machine (its own section)."""
+def peers_section(peers: dict, machine: str = "", image: str = "peers_concurrency") -> str:
+    """compare_peers.py's tables; `machine` names another run's machine (its own section, its
+    plot saved as `image`)."""
     systems = [s for s in SYSTEMS if s in peers["systems"]]
     runs = peers["systems"]
     ours = runs.get("flover", {}).get("headline")
@@ -249,7 +250,7 @@ def peers_section(peers: dict, machine: str = "") -> str:
                title="Throughput against concurrency")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.legend(fontsize=8)
-        image = _save(fig, "peers_concurrency" + ("_earlier" if machine else ""))
+        image = _save(fig, image)
         length = peers["workloads"][f"concurrency/{sizes[0]}"]["output_len"]
         parts.append(
             f"### Throughput against concurrency: n requests at once, {length} tokens each"
@@ -696,9 +697,14 @@ def main() -> None:
             parts.append(section(paper))
     if (RESULTS / "peers.json").exists():
         parts.append(peers_section(json.loads((RESULTS / "peers.json").read_text())))
+    if (RESULTS / "peers_amd_avx2.json").exists():  # the AMD kind without AVX-512
+        parts.append(peers_section(json.loads((RESULTS / "peers_amd_avx2.json").read_text()),
+                                   " on an AMD EPYC without AVX-512 (family 25 model 1, Zen 3)",
+                                   "peers_concurrency_amd_avx2"))
     if (RESULTS / "peers_amd.json").exists():  # an earlier run on the other machine kind
         parts.append(peers_section(json.loads((RESULTS / "peers_amd.json").read_text()),
-                                   " on the AMD EPYC machine, an earlier run"))
+                                   " on the AMD EPYC machine, an earlier run",
+                                   "peers_concurrency_earlier"))
     if (RESULTS / "gpu_h200.json").exists():
         parts.append(gpu_section(json.loads((RESULTS / "gpu_h200.json").read_text())))
     if (RESULTS / "gpu_h200_headline.json").exists():
