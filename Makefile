@@ -29,10 +29,11 @@ run: $(VENV)/.runtime
 serve: $(VENV)/.runtime
 	$(PY) main.py --mode=serve $(ARGS)
 
-# Two workers: the tests mostly compile (one core each); they share the compilation cache.
+# Two workers: the tests mostly compile (one core each); they share the compilation cache. Each
+# file's tests go to one worker, so a module's fixtures (an engine, a reference model) load once.
 TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV)

@@ -21,7 +21,9 @@ def run_two_processes(tmp_path, args: list[str], output_flag: str, follower_args
     """main.py with args in two processes at tp=4; process i writes output_flag=out{i}.
     follower_args: process 1's own (later flags win): inputs and outputs are process 0's."""
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join([*xla_flags, "--xla_force_host_platform_device_count=2"]))
     processes = [
         subprocess.Popen(
             [sys.executable, "main.py", *args, "--tp=4", f"{output_flag}={tmp_path / f'out{i}'}",
