@@ -4,7 +4,7 @@ import os
 
 # The suite compiles far more than it runs, and XLA's LLVM backend at -O0 compiles about a third
 # faster (benchmarks/NOTES.md). The same properties hold at the default level, which is what
-# users run: test_engine.py checks fused equals solo there too, in a process of its own.
+# users run: test_optimized_build.py checks fused equals solo there, in a process of its own.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -2,10 +2,6 @@
 compaction, bounded compiles, cancel, and bad input through the API."""
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -120,19 +116,6 @@ def test_fused_equals_solo_greedy(request, policy, ops):
             np.testing.assert_allclose(output.logprobs, alone.logprobs, rtol=1e-5, atol=1e-5)
         else:
             assert output.logprobs is None
-
-
-def test_fused_equals_solo_at_xla_default_optimization_level():
-    """The suite compiles with XLA's backend at -O0 (conftest.py); users' programs are optimized.
-    Fused equals solo there too: the test above, both op paths, in a process of its own."""
-    flags = [f for f in os.environ["XLA_FLAGS"].split()
-             if not f.startswith("--xla_backend_optimization_level")]
-    tests = [f"tests/test_engine.py::test_fused_equals_solo_greedy[flover-{ops}]"
-             for ops in ("cpu_kernels", "xla")]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                            env=dict(os.environ, XLA_FLAGS=" ".join(flags)), timeout=600)
-    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]
 
 
 FAMILY_CONFIGS = {
